@@ -1,0 +1,58 @@
+"""orchestra: run multi-agent AI systems in production.
+
+Define a graph over a typed state, compile it (every problem reported at once), run it in
+supersteps. Everything public is importable from here or from a named subpackage
+(``orchestra.errors``, ``orchestra.events``).
+"""
+
+from ._version import __version__ as __version__
+from .compile import CompiledGraph as CompiledGraph
+from .context import NodeContext as NodeContext
+from .errors import GraphValidationError as GraphValidationError
+from .errors import NodeError as NodeError
+from .errors import OrchestraError as OrchestraError
+from .errors import RunError as RunError
+from .errors import StateConflictError as StateConflictError
+from .graph import END as END
+from .graph import START as START
+from .graph import Command as Command
+from .graph import Graph as Graph
+from .graph import RetryPolicy as RetryPolicy
+from .graph import Send as Send
+from .outcome import RunOutcome as RunOutcome
+from .outcome import RunStatus as RunStatus
+from .outcome import Usage as Usage
+from .reducers import Reducer as Reducer
+from .reducers import add as add
+from .reducers import append as append
+from .reducers import extend as extend
+from .reducers import merge as merge
+from .reducers import reducer as reducer
+from .safeguards.budgets import Budget as Budget
+
+__all__ = (
+    "END",
+    "START",
+    "Budget",
+    "Command",
+    "CompiledGraph",
+    "Graph",
+    "GraphValidationError",
+    "NodeContext",
+    "NodeError",
+    "OrchestraError",
+    "Reducer",
+    "RetryPolicy",
+    "RunError",
+    "RunOutcome",
+    "RunStatus",
+    "Send",
+    "StateConflictError",
+    "Usage",
+    "__version__",
+    "add",
+    "append",
+    "extend",
+    "merge",
+    "reducer",
+)

@@ -1,0 +1,389 @@
+"""Compile a Graph: check everything with networkx, report every problem at once.
+
+A :class:`CompiledGraph` is frozen: its nodes, edges and routes are fixed, so a run and its
+replay always see the same structure (``structure_hash`` names it).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import inspect
+import json
+import secrets
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import GraphValidationError, InputValidationError
+from .events import Event
+from .graph import END, START, EdgeSpec, NodeSpec, RetryPolicy, RouteSpec
+from .outcome import RunOutcome
+from .safeguards.budgets import Budget
+from .state import StateSchema
+
+if TYPE_CHECKING:
+    from .graph import Graph
+
+__all__ = ("CompiledGraph",)
+
+StateT = TypeVar("StateT", bound=BaseModel)
+
+
+class CompiledGraph(Generic[StateT]):
+    """A validated, frozen graph, ready to run."""
+
+    __slots__ = (
+        "_frozen",
+        "budget",
+        "edges",
+        "joins",
+        "max_concurrency",
+        "name",
+        "nodes",
+        "routes",
+        "schema",
+        "state_model",
+        "structure_hash",
+        "successors",
+    )
+
+    name: str
+    state_model: type[StateT]
+    schema: StateSchema
+    nodes: Mapping[str, NodeSpec]
+    edges: tuple[EdgeSpec, ...]
+    successors: Mapping[str, tuple[str, ...]]
+    joins: tuple[EdgeSpec, ...]
+    routes: Mapping[str, tuple[RouteSpec, ...]]
+    budget: Budget
+    max_concurrency: int | None
+    structure_hash: str
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        state_model: type[StateT],
+        schema: StateSchema,
+        nodes: Mapping[str, NodeSpec],
+        edges: Iterable[EdgeSpec],
+        routes: Iterable[RouteSpec],
+        budget: Budget,
+        max_concurrency: int | None,
+    ) -> None:
+        set_ = object.__setattr__
+        set_(self, "name", name)
+        set_(self, "state_model", state_model)
+        set_(self, "schema", schema)
+        set_(self, "nodes", dict(nodes))
+        edges = tuple(edges)
+        set_(self, "edges", edges)
+        successors: dict[str, list[str]] = defaultdict(list)
+        for edge in edges:
+            if not edge.is_join and edge.target not in successors[edge.sources[0]]:
+                successors[edge.sources[0]].append(edge.target)
+        set_(self, "successors", {k: tuple(v) for k, v in successors.items()})
+        set_(self, "joins", tuple(e for e in edges if e.is_join))
+        by_source: dict[str, list[RouteSpec]] = defaultdict(list)
+        for route in routes:
+            by_source[route.source].append(route)
+        set_(self, "routes", {k: tuple(v) for k, v in by_source.items()})
+        set_(self, "budget", budget)
+        set_(self, "max_concurrency", max_concurrency)
+        set_(self, "structure_hash", self._hash())
+        set_(self, "_frozen", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"CompiledGraph is frozen; cannot set {name!r}")
+
+    def __repr__(self) -> str:
+        return f"<CompiledGraph {self.name!r} nodes={len(self.nodes)} hash={self.structure_hash}>"
+
+    def _hash(self) -> str:
+        """Hash what a checkpoint depends on: nodes, edges, routes and the state schema."""
+        description = {
+            "state": self.state_model.model_json_schema(mode="serialization"),
+            "reducers": {
+                k: f.reducer.kind if f.reducer else None for k, f in self.schema.fields.items()
+            },
+            "nodes": sorted((n.name, n.kind, sorted(n.targets)) for n in self.nodes.values()),
+            "edges": sorted((list(e.sources), e.target) for e in self.edges),
+            "routes": sorted(
+                (r.source, sorted(r.targets)) for rs in self.routes.values() for r in rs
+            ),
+        }
+        blob = json.dumps(description, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def render(self) -> str:
+        """Return a Mermaid flowchart of the graph (solid: edges, dotted: routes/targets)."""
+
+        def ident(name: str) -> str:
+            return {START: "__start__", END: "__end__"}.get(name, name)
+
+        lines = ["flowchart TD"]
+        lines.append(f"    {ident(START)}([start])")
+        for name in self.nodes:
+            lines.append(f"    {ident(name)}[{json.dumps(name)}]")
+        lines.append(f"    {ident(END)}([end])")
+        for edge in self.edges:
+            if edge.is_join:
+                join = "join_" + "_".join(edge.sources) + "__" + edge.target
+                lines.append(f"    {join}(( ))")
+                for source in edge.sources:
+                    lines.append(f"    {ident(source)} --> {join}")
+                lines.append(f"    {join} --> {ident(edge.target)}")
+            else:
+                lines.append(f"    {ident(edge.sources[0])} --> {ident(edge.target)}")
+        for routes in self.routes.values():
+            for route in routes:
+                label = getattr(route.fn, "__name__", "route")
+                for target in route.targets:
+                    lines.append(f"    {ident(route.source)} -.->|{label}| {ident(target)}")
+        for node in self.nodes.values():
+            for target in node.targets:
+                lines.append(f"    {ident(node.name)} -.-> {ident(target)}")
+        return "\n".join(lines)
+
+    def validate_input(self, data: StateT | Mapping[str, Any]) -> StateT:
+        """Return ``data`` as a valid state, or raise :class:`InputValidationError`."""
+        model = self.state_model
+        try:
+            if isinstance(data, model):
+                return model.model_validate(data.model_dump())
+            if isinstance(data, BaseModel):
+                raise InputValidationError(
+                    model.__name__, f"got a {type(data).__name__} instance, not {model.__name__}"
+                )
+            return model.model_validate(data)
+        except ValidationError as exc:
+            details = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise InputValidationError(model.__name__, details) from exc
+
+    async def run(
+        self, input: StateT | Mapping[str, Any], *, run_id: str | None = None
+    ) -> RunOutcome[StateT]:
+        """Run the graph from ``input`` until it completes or stops; return the outcome.
+
+        A node failure does not raise: the outcome has status ``failed`` and the error
+        (``outcome.raise_for_status()`` raises it). Invalid input raises
+        :class:`InputValidationError` before anything runs.
+        """
+        from .executor import Execution, run_to_end
+
+        state = self.validate_input(input)
+        return await run_to_end(Execution(self, state, run_id=run_id or new_run_id()))
+
+    async def stream(
+        self, input: StateT | Mapping[str, Any], *, run_id: str | None = None
+    ) -> AsyncIterator[Event]:
+        """Run the graph and yield its events as each step passes its barrier.
+
+        The last event is :class:`~orchestra.events.RunFinished` carrying the outcome.
+        """
+        from .executor import Execution, stream_events
+
+        state = self.validate_input(input)
+        execution = Execution(self, state, run_id=run_id or new_run_id())
+        async for event in stream_events(execution):
+            yield event
+
+
+def new_run_id() -> str:
+    """Return a new random run id (16 hex digits)."""
+    return secrets.token_hex(8)
+
+
+def compile_graph(
+    graph: Graph[Any], *, budget: Budget | None, max_concurrency: int | None
+) -> CompiledGraph[Any]:
+    definition = graph._definition
+    problems: list[str] = list(definition.problems)
+    state = graph.state
+    schema: StateSchema | None = None
+    if not (isinstance(state, type) and issubclass(state, BaseModel)):
+        problems.append(f"state must be a pydantic BaseModel subclass, got {state!r}")
+    else:
+        schema = StateSchema(state)
+        problems.extend(schema.problems)
+        serialization = schema.serialization_problem()
+        if serialization is not None:
+            problems.append(serialization)
+
+    nodes: dict[str, NodeSpec] = {}
+    counts = Counter(node.name for node in definition.nodes)
+    for name, count in counts.items():
+        if count > 1:
+            problems.append(f"node name {name!r} is used by {count} nodes; names must be unique")
+    for node in definition.nodes:
+        problems.extend(_node_problems(node))
+        nodes.setdefault(node.name, node)
+
+    known = set(nodes)
+    problems.extend(_reference_problems(definition.edges, definition.routes, nodes, known))
+
+    if budget is not None and not isinstance(budget, Budget):
+        problems.append(f"budget must be a Budget, got {type(budget).__name__}")
+    if max_concurrency is not None and (
+        not isinstance(max_concurrency, int) or max_concurrency < 1
+    ):
+        problems.append(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
+
+    problems.extend(_structure_problems(definition.edges, definition.routes, nodes))
+
+    if problems:
+        raise GraphValidationError(graph.name, problems)
+    assert schema is not None
+    return CompiledGraph(
+        name=graph.name,
+        state_model=state,
+        schema=schema,
+        nodes=nodes,
+        edges=definition.edges,
+        routes=definition.routes,
+        budget=budget if budget is not None else Budget(),
+        max_concurrency=max_concurrency,
+    )
+
+
+def _node_problems(node: NodeSpec) -> list[str]:
+    problems: list[str] = []
+    name = node.name
+    if not name or not isinstance(name, str):
+        problems.append(f"node name {name!r} is invalid; use a non-empty string")
+    elif name in (START, END):
+        problems.append(f"node name {name!r} is reserved")
+    if node.fn is None:
+        problems.append(f"node {name!r} has no function; add_node('{name}', fn)")
+    elif not callable(node.fn):
+        problems.append(f"node {name!r}: {node.fn!r} is not callable")
+    elif not _is_async(node.fn):
+        problems.append(
+            f"node {name!r}: {getattr(node.fn, '__name__', node.fn)!r} is not an async function; "
+            f"define it with 'async def' (run blocking code with anyio.to_thread.run_sync)"
+        )
+    if node.timeout is not None and (
+        not isinstance(node.timeout, int | float) or node.timeout <= 0
+    ):
+        problems.append(f"node {name!r}: timeout must be a positive number, got {node.timeout!r}")
+    if node.retry is not None and not isinstance(node.retry, RetryPolicy):
+        problems.append(
+            f"node {name!r}: retry must be a RetryPolicy or a number of attempts, "
+            f"got {node.retry!r}"
+        )
+    return problems
+
+
+def _is_async(fn: Any) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004
+    )
+
+
+def _unknown(name: str, known: set[str], role: str) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{role} refers to unknown node {name!r}{hint}"
+
+
+def _reference_problems(
+    edges: Iterable[EdgeSpec],
+    routes: Iterable[RouteSpec],
+    nodes: Mapping[str, NodeSpec],
+    known: set[str],
+) -> list[str]:
+    problems: list[str] = []
+    for edge in edges:
+        label = f"edge {' + '.join(edge.sources)} -> {edge.target}"
+        if not edge.sources:
+            problems.append(f"{label}: an edge needs at least one source")
+        for source in edge.sources:
+            if source == END:
+                problems.append(f"{label}: END has no outgoing edges")
+            elif source == START and edge.is_join:
+                problems.append(f"{label}: START cannot be part of a join")
+            elif source != START and source not in known:
+                problems.append(_unknown(source, known, label))
+        if edge.is_join and len(set(edge.sources)) != len(edge.sources):
+            problems.append(f"{label}: a join lists the same source twice")
+        if edge.target == START:
+            problems.append(f"{label}: nothing can lead to START")
+        elif edge.target != END and edge.target not in known:
+            problems.append(_unknown(edge.target, known, label))
+    for route in routes:
+        label = f"route after {route.source!r}"
+        if route.source == END:
+            problems.append(f"{label}: END has no outgoing routes")
+        elif route.source != START and route.source not in known:
+            problems.append(_unknown(route.source, known, label))
+        if not callable(route.fn):
+            problems.append(f"{label}: {route.fn!r} is not callable")
+        if not route.targets:
+            problems.append(f"{label}: targets is empty; declare every node it can return")
+        for target in route.targets:
+            if target == START:
+                problems.append(f"{label}: nothing can lead to START")
+            elif target != END and target not in known:
+                problems.append(_unknown(target, known, f"{label} target"))
+    for node in nodes.values():
+        for target in node.targets:
+            if target == START:
+                problems.append(f"node {node.name!r} targets: nothing can lead to START")
+            elif target != END and target not in known:
+                problems.append(_unknown(target, known, f"node {node.name!r} targets"))
+    return problems
+
+
+def _structure_problems(
+    edges: Iterable[EdgeSpec], routes: Iterable[RouteSpec], nodes: Mapping[str, NodeSpec]
+) -> list[str]:
+    import networkx as nx
+
+    edges = list(edges)
+    routes = list(routes)
+    known = set(nodes) | {START, END}
+    flow = nx.DiGraph()
+    flow.add_nodes_from(known)
+    static = nx.DiGraph()
+    for edge in edges:
+        for source in edge.sources:
+            if source in known and edge.target in known:
+                flow.add_edge(source, edge.target)
+                if not edge.is_join:
+                    static.add_edge(source, edge.target)
+    for route in routes:
+        for target in route.targets:
+            if route.source in known and target in known:
+                flow.add_edge(route.source, target)
+    for node in nodes.values():
+        for target in node.targets:
+            if target in known:
+                flow.add_edge(node.name, target)
+
+    problems: list[str] = []
+    if flow.out_degree(START) == 0:
+        problems.append("START has no outgoing edge or route; add_edge(START, 'first_node')")
+    reachable = nx.descendants(flow, START)
+    for name in sorted(set(nodes) - reachable):
+        problems.append(f"node {name!r} is unreachable from START")
+    finishing = nx.ancestors(flow, END)
+    for name in sorted(set(nodes) & reachable - finishing):
+        problems.append(f"node {name!r} cannot reach END (every path from it goes on forever)")
+    for component in nx.strongly_connected_components(static):
+        if len(component) == 1:
+            (only,) = component
+            if not static.has_edge(only, only):
+                continue
+        cycle = nx.find_cycle(static.subgraph(component))
+        path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
+        problems.append(
+            f"cycle {path} is made only of unconditional edges, so it never ends; "
+            f"replace one edge with a route that can leave the cycle"
+        )
+    return problems

@@ -1,0 +1,151 @@
+"""The one exception tree of orchestra.
+
+Every error a user can catch derives from :class:`OrchestraError`::
+
+    OrchestraError
+    ├── DefinitionError                 the graph or its configuration is wrong
+    │   └── GraphValidationError        every problem found by compile, at once (.problems)
+    ├── InputValidationError            the input state of a run does not fit the state model
+    └── RunError                        a run stopped on an error (.run_id, .step, .node)
+        ├── NodeError                   a node raised; the original is chained as __cause__
+        │   └── NodeTimeoutError        a node attempt ran past its timeout
+        ├── RouteError                  a route function raised; the original is __cause__
+        ├── InvalidUpdateError          a node or route returned something the graph refuses
+        └── StateConflictError          two writers set one plain field in one step
+
+Messages are built in ``__init__`` from typed arguments; the context stays available as
+attributes so callers never parse a message. Control flow (interrupts, aborts) is not part of
+this tree: it is never an ordinary ``Exception`` that user code could swallow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = (
+    "DefinitionError",
+    "GraphValidationError",
+    "InputValidationError",
+    "InvalidUpdateError",
+    "NodeError",
+    "NodeTimeoutError",
+    "OrchestraError",
+    "RouteError",
+    "RunError",
+    "StateConflictError",
+)
+
+
+class OrchestraError(Exception):
+    """Base class of every error raised by orchestra."""
+
+
+class DefinitionError(OrchestraError):
+    """The graph, a node or a configuration value is defined wrongly."""
+
+
+class GraphValidationError(DefinitionError):
+    """Compile found problems; ``problems`` lists every one of them."""
+
+    def __init__(self, graph: str, problems: Sequence[str]) -> None:
+        self.graph = graph
+        self.problems = tuple(problems)
+        count = len(self.problems)
+        noun = "problem" if count == 1 else "problems"
+        lines = "\n".join(f"  - {problem}" for problem in self.problems)
+        super().__init__(f"graph {graph!r} has {count} {noun}:\n{lines}")
+
+
+class InputValidationError(OrchestraError):
+    """The input of a run does not validate against the graph's state model."""
+
+    def __init__(self, state_model: str, detail: str) -> None:
+        self.state_model = state_model
+        self.detail = detail
+        super().__init__(f"input does not fit state model {state_model}: {detail}")
+
+
+class RunError(OrchestraError):
+    """A run stopped on an error; names the run, and the step and node where there is one."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        run_id: str,
+        step: int | None = None,
+        node: str | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.step = step
+        self.node = node
+        self.reason = message
+        where = [f"run {run_id}"]
+        if step is not None:
+            where.append(f"step {step}")
+        if node is not None:
+            where.append(f"node {node!r}")
+        super().__init__(f"{', '.join(where)}: {message}")
+
+
+class NodeError(RunError):
+    """A node raised an exception (after its retries); the original is ``__cause__``."""
+
+    def __init__(
+        self, *, run_id: str, step: int, node: str, attempts: int, error: BaseException
+    ) -> None:
+        self.attempts = attempts
+        tries = "" if attempts == 1 else f" after {attempts} attempts"
+        super().__init__(
+            f"node failed{tries}: {type(error).__name__}: {error}",
+            run_id=run_id,
+            step=step,
+            node=node,
+        )
+
+
+class NodeTimeoutError(NodeError):
+    """A node attempt did not finish within the node's timeout."""
+
+    def __init__(self, *, run_id: str, step: int, node: str, attempts: int, timeout: float) -> None:
+        self.timeout = timeout
+        super().__init__(
+            run_id=run_id,
+            step=step,
+            node=node,
+            attempts=attempts,
+            error=TimeoutError(f"no result within {timeout:g}s"),
+        )
+
+
+class RouteError(RunError):
+    """A route function raised an exception; the original is ``__cause__``."""
+
+    def __init__(self, *, run_id: str, step: int, node: str, error: BaseException) -> None:
+        super().__init__(
+            f"route after this node failed: {type(error).__name__}: {error}",
+            run_id=run_id,
+            step=step,
+            node=node,
+        )
+
+
+class InvalidUpdateError(RunError):
+    """A node or route returned an update, target or value the graph does not accept."""
+
+
+class StateConflictError(RunError):
+    """Two writers set the same plain (reducer-less) field in one step."""
+
+    def __init__(self, *, run_id: str, step: int, field: str, writers: Sequence[str]) -> None:
+        self.field = field
+        self.writers = tuple(writers)
+        names = " and ".join(repr(w) for w in self.writers)
+        super().__init__(
+            f"field {field!r} has no reducer but was written by {names} in the same step; "
+            f"give it a reducer (Annotated[..., append] or a custom function) or let one "
+            f"node write it",
+            run_id=run_id,
+            step=step,
+            node=self.writers[0],
+        )

@@ -1,0 +1,99 @@
+"""Typed events: what a run reports as it goes.
+
+``app.stream(...)`` yields them; the same objects are logged through structlog (debug level for
+per-node and per-step events, info for the run's start and end), so what a caller watches and
+what the log says never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from .outcome import RunOutcome
+
+__all__ = (
+    "Event",
+    "NodeFinished",
+    "NodeRetried",
+    "NodeStarted",
+    "RunFinished",
+    "RunStarted",
+    "StepCommitted",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Base of every event: which run, and when (seconds since the epoch)."""
+
+    kind: ClassVar[str] = "event"
+    run_id: str
+    at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the event as a plain dict (the fields plus ``event``: its kind)."""
+        data = asdict(self)
+        data.pop("outcome", None)
+        return {"event": self.kind, **data}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunStarted(Event):
+    kind: ClassVar[str] = "run_started"
+    graph: str
+    step: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeStarted(Event):
+    kind: ClassVar[str] = "node_started"
+    step: int
+    node: str
+    task: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeRetried(Event):
+    kind: ClassVar[str] = "node_retried"
+    step: int
+    node: str
+    task: int
+    attempt: int
+    error: str
+    delay: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeFinished(Event):
+    kind: ClassVar[str] = "node_finished"
+    step: int
+    node: str
+    task: int
+    duration: float
+    attempts: int
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepCommitted(Event):
+    """A step's barrier passed: its writes are merged and the next tasks are known."""
+
+    kind: ClassVar[str] = "step_committed"
+    step: int
+    nodes: tuple[str, ...]
+    changed: tuple[str, ...]
+    next: tuple[str, ...]
+    duration: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunFinished(Event):
+    """The run stopped; ``outcome`` is what ``app.run`` would have returned."""
+
+    kind: ClassVar[str] = "run_finished"
+    status: str
+    steps: int
+    error: str | None = None
+    outcome: RunOutcome[Any] | None = field(default=None, repr=False, compare=False)
