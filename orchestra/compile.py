@@ -6,18 +6,20 @@ replay always see the same structure (``structure_hash`` names it).
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import inspect
 import json
+import os
 import secrets
+import sys
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import GraphValidationError, InputValidationError
+from .errors import GraphValidationError, InputValidationError, StoreError
 from .events import Event
 from .graph import END, START, EdgeSpec, NodeSpec, RetryPolicy, RouteSpec
 from .outcome import RunOutcome
@@ -25,7 +27,9 @@ from .safeguards.budgets import Budget
 from .state import StateSchema
 
 if TYPE_CHECKING:
+    from .executor import Execution
     from .graph import Graph
+    from .store.base import RunRecord, Store
 
 __all__ = ("CompiledGraph",)
 
@@ -36,7 +40,9 @@ class CompiledGraph(Generic[StateT]):
     """A validated, frozen graph, ready to run."""
 
     __slots__ = (
+        "_app_ref",
         "_frozen",
+        "_origin",
         "budget",
         "edges",
         "joins",
@@ -46,6 +52,7 @@ class CompiledGraph(Generic[StateT]):
         "routes",
         "schema",
         "state_model",
+        "store",
         "structure_hash",
         "successors",
     )
@@ -61,6 +68,9 @@ class CompiledGraph(Generic[StateT]):
     budget: Budget
     max_concurrency: int | None
     structure_hash: str
+    store: Store | None
+    _app_ref: str | None
+    _origin: tuple[str | None, str | None]
 
     def __init__(
         self,
@@ -73,6 +83,9 @@ class CompiledGraph(Generic[StateT]):
         routes: Iterable[RouteSpec],
         budget: Budget,
         max_concurrency: int | None,
+        store: Store | None = None,
+        app_ref: str | None = None,
+        origin: tuple[str | None, str | None] = (None, None),
     ) -> None:
         set_ = object.__setattr__
         set_(self, "name", name)
@@ -94,6 +107,9 @@ class CompiledGraph(Generic[StateT]):
         set_(self, "budget", budget)
         set_(self, "max_concurrency", max_concurrency)
         set_(self, "structure_hash", self._hash())
+        set_(self, "store", store)
+        set_(self, "_app_ref", app_ref)
+        set_(self, "_origin", origin)
         set_(self, "_frozen", True)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -102,10 +118,47 @@ class CompiledGraph(Generic[StateT]):
     def __repr__(self) -> str:
         return f"<CompiledGraph {self.name!r} nodes={len(self.nodes)} hash={self.structure_hash}>"
 
+    def with_store(self, store: Store | str | os.PathLike[str]) -> CompiledGraph[StateT]:
+        """Return the same graph bound to another store (the CLI's ``--db``)."""
+        from .store import as_store
+
+        return CompiledGraph(
+            name=self.name,
+            state_model=self.state_model,
+            schema=self.schema,
+            nodes=self.nodes,
+            edges=self.edges,
+            routes=[r for rs in self.routes.values() for r in rs],
+            budget=self.budget,
+            max_concurrency=self.max_concurrency,
+            store=as_store(store),
+            app_ref=self.app_ref,
+        )
+
+    @property
+    def app_ref(self) -> str | None:
+        """``module:attribute`` (or ``path/file.py:attribute``) that holds this app, if known.
+
+        Stored with each run so ``orchestra resume RUN`` can import the graph again.
+        """
+        if self._app_ref is not None:
+            return self._app_ref
+        module_name, file = self._origin
+        module = sys.modules.get(module_name or "")
+        if module is None:
+            return None
+        for attribute, value in vars(module).items():
+            if value is self:
+                where = os.path.abspath(file) if module_name == "__main__" and file else module_name
+                ref = f"{where}:{attribute}"
+                object.__setattr__(self, "_app_ref", ref)
+                return ref
+        return None
+
     def _hash(self) -> str:
         """Hash what a checkpoint depends on: nodes, edges, routes and the state schema."""
         description = {
-            "state": self.state_model.model_json_schema(mode="serialization"),
+            "state": _shape(self.state_model.model_json_schema(mode="serialization")),
             "reducers": {
                 k: f.reducer.kind if f.reducer else None for k, f in self.schema.fields.items()
             },
@@ -175,24 +228,88 @@ class CompiledGraph(Generic[StateT]):
         (``outcome.raise_for_status()`` raises it). Invalid input raises
         :class:`InputValidationError` before anything runs.
         """
-        from .executor import Execution, run_to_end
+        from .executor import run_to_end
 
-        state = self.validate_input(input)
-        return await run_to_end(Execution(self, state, run_id=run_id or new_run_id()))
+        return await run_to_end(self._execution(input, run_id, events=False))
 
     async def stream(
         self, input: StateT | Mapping[str, Any], *, run_id: str | None = None
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Run the graph and yield its events as each step passes its barrier.
 
-        The last event is :class:`~orchestra.events.RunFinished` carrying the outcome.
+        The last event is :class:`~orchestra.events.RunFinished` carrying the outcome. Invalid
+        input raises on the first iteration, before any node runs. To stop early, close the
+        stream (``contextlib.aclosing``): no further node runs.
         """
-        from .executor import Execution, stream_events
+        from .executor import stream_events
+
+        execution = self._execution(input, run_id, events=True)
+        async with aclosing(stream_events(execution)) as events:
+            async for event in events:
+                yield event
+
+    def _execution(
+        self, input: StateT | Mapping[str, Any], run_id: str | None, *, events: bool
+    ) -> Execution:
+        from .executor import Execution
+        from .recorder import Recorder
+        from .store.base import new_owner_id
 
         state = self.validate_input(input)
-        execution = Execution(self, state, run_id=run_id or new_run_id())
-        async for event in stream_events(execution):
-            yield event
+        run_id = run_id or new_run_id()
+        recorder = None
+        if self.store is not None:
+            recorder = Recorder(self.store, self, run_id, new_owner_id())
+        return Execution(self, state, run_id=run_id, recorder=recorder, events=events)
+
+    async def resume(self, run_id: str, *, allow_graph_change: bool = False) -> RunOutcome[StateT]:
+        """Continue an unfinished run from its last checkpoint; return the new outcome.
+
+        Works for crashed, interrupted, aborted, failed and budget-stopped runs. Tasks that
+        finished in the step that was in flight are not run again. Refused with a clear
+        error for an unknown or completed run, a run another live process owns, or a graph
+        whose structure changed (unless ``allow_graph_change``).
+        """
+        from .executor import run_to_end
+        from .runs import prepare_resume
+
+        execution = await prepare_resume(self, run_id, allow_graph_change=allow_graph_change)
+        return await run_to_end(execution)
+
+    async def abort(self, run_id: str, reason: str = "aborted by operator") -> RunRecord:
+        """Ask a run to stop: its owner cancels it within one poll interval and records
+        ``aborted``; a run with no live owner is marked ``aborted`` at once."""
+        return await self._require_store().request_abort(run_id, reason)
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        """Return the stored record of a run."""
+        return await self._require_store().get_run(run_id)
+
+    async def load_state(self, run_id: str, step: int | None = None) -> StateT:
+        """Return the state of a run at ``step`` (default: its last checkpoint)."""
+        from .checkpoint import load_state
+
+        chain = await self._require_store().checkpoint_chain(run_id, step)
+        return load_state(self.schema, chain)  # type: ignore[return-value]
+
+    def _require_store(self) -> Store:
+        if self.store is None:
+            raise StoreError(
+                f"graph {self.name!r} has no store; compile it with store='runs.db' to keep, "
+                f"resume and abort runs"
+            )
+        return self.store
+
+
+def _shape(schema: Any) -> Any:
+    """Drop what does not change a state's shape (titles, descriptions, examples)."""
+    if isinstance(schema, dict):
+        return {
+            k: _shape(v) for k, v in schema.items() if k not in ("title", "description", "examples")
+        }
+    if isinstance(schema, list):
+        return [_shape(v) for v in schema]
+    return schema
 
 
 def new_run_id() -> str:
@@ -201,7 +318,13 @@ def new_run_id() -> str:
 
 
 def compile_graph(
-    graph: Graph[Any], *, budget: Budget | None, max_concurrency: int | None
+    graph: Graph[Any],
+    *,
+    store: Any = None,
+    budget: Budget | None,
+    max_concurrency: int | None,
+    app_ref: str | None = None,
+    origin: tuple[str | None, str | None] = (None, None),
 ) -> CompiledGraph[Any]:
     definition = graph._definition
     problems: list[str] = list(definition.problems)
@@ -237,6 +360,17 @@ def compile_graph(
 
     problems.extend(_structure_problems(definition.edges, definition.routes, nodes))
 
+    resolved_store = None
+    if store is not None:
+        from .store import as_store
+
+        try:
+            resolved_store = as_store(store)
+        except TypeError as exc:
+            problems.append(str(exc))
+    if app_ref is not None and (not isinstance(app_ref, str) or ":" not in app_ref):
+        problems.append(f"app_ref must look like 'package.module:attribute', got {app_ref!r}")
+
     if problems:
         raise GraphValidationError(graph.name, problems)
     assert schema is not None
@@ -249,6 +383,9 @@ def compile_graph(
         routes=definition.routes,
         budget=budget if budget is not None else Budget(),
         max_concurrency=max_concurrency,
+        store=resolved_store,
+        app_ref=app_ref,
+        origin=origin,
     )
 
 
@@ -287,6 +424,8 @@ def _is_async(fn: Any) -> bool:
 
 
 def _unknown(name: str, known: set[str], role: str) -> str:
+    import difflib
+
     close = difflib.get_close_matches(name, sorted(known), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"{role} refers to unknown node {name!r}{hint}"

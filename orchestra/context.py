@@ -5,13 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import structlog
-
+from ._logging import get_logger
 from .outcome import Usage
 
 __all__ = ("NodeContext",)
-
-_log = structlog.get_logger("orchestra.node")
 
 
 class NodeContext:
@@ -51,7 +48,9 @@ class NodeContext:
     def log(self) -> Any:
         """A structlog logger bound to ``run_id``, ``step`` and ``node``."""
         if self._log is None:
-            self._log = _log.bind(run_id=self.run_id, step=self.step, node=self.node)
+            self._log = get_logger("orchestra.node").bind(
+                run_id=self.run_id, step=self.step, node=self.node
+            )
         return self._log
 
     def __repr__(self) -> str:

@@ -11,7 +11,15 @@ Every error a user can catch derives from :class:`OrchestraError`::
         │   └── NodeTimeoutError        a node attempt ran past its timeout
         ├── RouteError                  a route function raised; the original is __cause__
         ├── InvalidUpdateError          a node or route returned something the graph refuses
-        └── StateConflictError          two writers set one plain field in one step
+        ├── StateConflictError          two writers set one plain field in one step
+        └── LeaseLostError              another process took the run over; this one is fenced
+    StoreError                          the run store refused or failed (.path where known)
+    ├── StoreFileError                  not an orchestra database, corrupted, or a newer schema
+    ├── RunNotFoundError                no run with that id
+    ├── RunStatusError                  the run's status does not allow that (resume completed)
+    ├── GraphChangedError               the graph's structure differs from the stored run's
+    ├── LeaseHeldError                  another live process owns the run (.owner)
+    └── StopAllActiveError              `orchestra stop-all` is in force; no run may start
 
 Messages are built in ``__init__`` from typed arguments; the context stays available as
 attributes so callers never parse a message. Control flow (interrupts, aborts) is not part of
@@ -24,20 +32,42 @@ from collections.abc import Sequence
 
 __all__ = (
     "DefinitionError",
+    "GraphChangedError",
     "GraphValidationError",
     "InputValidationError",
     "InvalidUpdateError",
+    "LeaseHeldError",
+    "LeaseLostError",
     "NodeError",
     "NodeTimeoutError",
     "OrchestraError",
     "RouteError",
     "RunError",
+    "RunNotFoundError",
+    "RunStatusError",
     "StateConflictError",
+    "StopAllActiveError",
+    "StoreError",
+    "StoreFileError",
 )
 
 
 class OrchestraError(Exception):
     """Base class of every error raised by orchestra."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # subclasses take keyword-only arguments, so rebuild from the message and attributes
+        # instead of calling __init__(*args): outcomes can then be pickled and deep-copied
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(
+    cls: type[OrchestraError], args: tuple[object, ...], state: dict[str, object]
+) -> OrchestraError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class DefinitionError(OrchestraError):
@@ -148,4 +178,85 @@ class StateConflictError(RunError):
             run_id=run_id,
             step=step,
             node=self.writers[0],
+        )
+
+
+class LeaseLostError(RunError):
+    """Another process took this run over (its lease expired); this process may not write."""
+
+    def __init__(self, *, run_id: str, step: int | None, epoch: int) -> None:
+        self.epoch = epoch
+        super().__init__(
+            f"lost ownership of the run (epoch {epoch} was fenced off by a newer owner); "
+            f"nothing more was written",
+            run_id=run_id,
+            step=step,
+        )
+
+
+class StoreError(OrchestraError):
+    """The run store refused an operation or failed."""
+
+
+class StoreFileError(StoreError):
+    """The database file cannot be used: not orchestra's, corrupted, or a newer schema."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(f"{path}: {detail}")
+
+
+class RunNotFoundError(StoreError):
+    """No run with that id exists in the store."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"run {run_id} not found")
+
+
+class RunStatusError(StoreError):
+    """The run's status does not allow the operation (e.g. resuming a completed run)."""
+
+    def __init__(self, run_id: str, status: str, action: str) -> None:
+        self.run_id = run_id
+        self.status = status
+        super().__init__(f"run {run_id} is {status}; cannot {action}")
+
+
+class GraphChangedError(StoreError):
+    """The graph's structure hash differs from the one stored with the run."""
+
+    def __init__(self, run_id: str, stored: str, current: str) -> None:
+        self.run_id = run_id
+        self.stored = stored
+        self.current = current
+        super().__init__(
+            f"run {run_id} was started by a graph with structure {stored}, this graph is "
+            f"{current}; its checkpoints may not fit. Pass allow_graph_change=True "
+            f"(--allow-graph-change) to resume anyway"
+        )
+
+
+class LeaseHeldError(StoreError):
+    """Another live process owns the run."""
+
+    def __init__(self, run_id: str, owner: str, expires_in: float) -> None:
+        self.run_id = run_id
+        self.owner = owner
+        self.expires_in = expires_in
+        super().__init__(
+            f"run {run_id} is owned by {owner} (lease valid for {max(expires_in, 0):.1f}s "
+            f"more); abort it or wait for the lease to expire"
+        )
+
+
+class StopAllActiveError(StoreError):
+    """``stop-all`` is in force: no run may start or resume until it is released."""
+
+    def __init__(self, reason: str | None) -> None:
+        self.reason = reason
+        why = f" ({reason})" if reason else ""
+        super().__init__(
+            f"stop-all is in force{why}; no run may start until `orchestra stop-all --release`"
         )

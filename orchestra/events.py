@@ -7,7 +7,7 @@ what the log says never disagree.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -34,9 +34,11 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         """Return the event as a plain dict (the fields plus ``event``: its kind)."""
-        data = asdict(self)
-        data.pop("outcome", None)
-        return {"event": self.kind, **data}
+        data: dict[str, Any] = {"event": self.kind}
+        for item in fields(self):
+            if item.name != "outcome":
+                data[item.name] = getattr(self, item.name)
+        return data
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,6 +46,8 @@ class RunStarted(Event):
     kind: ClassVar[str] = "run_started"
     graph: str
     step: int
+    resumed: bool = False
+    next: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,4 +100,5 @@ class RunFinished(Event):
     status: str
     steps: int
     error: str | None = None
+    reason: str | None = None
     outcome: RunOutcome[Any] | None = field(default=None, repr=False, compare=False)

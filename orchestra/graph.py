@@ -6,7 +6,9 @@ Every check happens in :meth:`Graph.compile`, which reports all problems at once
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -16,6 +18,7 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     from .compile import CompiledGraph
     from .safeguards.budgets import Budget
+    from .store.base import Store
 
 __all__ = ("END", "START", "Command", "Graph", "RetryPolicy", "Send")
 
@@ -195,13 +198,31 @@ class Graph(Generic[StateT]):
     def compile(
         self,
         *,
+        store: Store | str | os.PathLike[str] | None = None,
         budget: Budget | None = None,
         max_concurrency: int | None = None,
+        app_ref: str | None = None,
     ) -> CompiledGraph[StateT]:
         """Validate the graph and return a frozen, runnable :class:`CompiledGraph`.
+
+        ``store``: a database path (an embedded :class:`~orchestra.store.SQLiteStore`) or a
+        Store; without one, runs are not checkpointed. ``budget``: hard limits per run
+        (default: ``Budget()``). ``max_concurrency``: most tasks of one run running at once.
+        ``app_ref``: how an operator's ``orchestra resume`` imports this app again
+        (``"package.module:attribute"``); found automatically when the compiled graph is a
+        module-level attribute.
 
         Raises :class:`~orchestra.errors.GraphValidationError` listing every problem found.
         """
         from .compile import compile_graph
 
-        return compile_graph(self, budget=budget, max_concurrency=max_concurrency)
+        caller = sys._getframe(1).f_globals
+        origin = (caller.get("__name__"), caller.get("__file__"))
+        return compile_graph(
+            self,
+            store=store,
+            budget=budget,
+            max_concurrency=max_concurrency,
+            app_ref=app_ref,
+            origin=origin,
+        )

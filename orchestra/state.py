@@ -40,6 +40,7 @@ class FieldSpec:
     reducer: Reducer | None
     delta_adapter: TypeAdapter[Any] | None
     validate_result: bool
+    items_adapter: TypeAdapter[Any] | None = None
 
 
 def _as_reducer(item: Any) -> Reducer | None:
@@ -85,8 +86,9 @@ class StateSchema:
                 )
                 return FieldSpec(name, reducer, None, validate_result=True)
             item = _item_type(annotation)
-            adapter = TypeAdapter(item if kind == "append" else list[item])  # type: ignore[valid-type]
-            return FieldSpec(name, reducer, adapter, validate_result=False)
+            items = TypeAdapter(list[item])  # type: ignore[valid-type]
+            adapter = TypeAdapter(item) if kind == "append" else items
+            return FieldSpec(name, reducer, adapter, validate_result=False, items_adapter=items)
         if kind == "merge":
             if origin not in _DICT_ORIGINS:
                 self.problems.append(
@@ -124,7 +126,7 @@ class StateSchema:
         """
         values = dict(state.__dict__)
         plain: dict[str, tuple[str, Any]] = {}
-        deltas: dict[str, FieldDelta] = {}
+        added: dict[str, list[Any]] = {}  # append/extend: items gathered, joined once
         revalidate: dict[str, str] = {}
         for writer, update in writes:
             for key, value in update.items():
@@ -147,6 +149,16 @@ class StateSchema:
                     continue
                 if spec.delta_adapter is not None:
                     value = self._validate(spec.delta_adapter, value, key, writer, run_id, step)
+                kind = reducer.kind
+                if kind == "append" or kind == "extend":
+                    items = added.get(key)
+                    if items is None:
+                        items = added[key] = []
+                    if kind == "append":
+                        items.append(value)
+                    else:
+                        items.extend(value)
+                    continue
                 try:
                     values[key] = reducer(values[key], value)
                 except Exception as exc:
@@ -157,29 +169,22 @@ class StateSchema:
                         step=step,
                         node=writer,
                     ) from exc
-                if reducer.kind == "append":
-                    previous = deltas.get(key)
-                    items = previous.value if previous is not None else []
-                    items.append(value)
-                    deltas[key] = FieldDelta("append", items)
-                elif reducer.kind == "extend":
-                    previous = deltas.get(key)
-                    items = previous.value if previous is not None else []
-                    items.extend(value)
-                    deltas[key] = FieldDelta("append", items)
+                if spec.validate_result:
+                    revalidate[key] = writer
                 else:
-                    deltas[key] = FieldDelta("set", None)
-                    if spec.validate_result:
-                        revalidate[key] = writer
+                    revalidate.setdefault(key, "")
+        deltas: dict[str, FieldDelta] = {}
+        for key, items in added.items():
+            values[key] = [*(values[key] or ()), *items]
+            deltas[key] = FieldDelta("append", items)
         new = _copy_with(state, values)
         for key, (writer, value) in plain.items():
             self._assign(new, key, value, writer, run_id, step)
-            deltas[key] = FieldDelta("set", None)
         for key, writer in revalidate.items():
-            self._assign(new, key, new.__dict__[key], writer, run_id, step)
-        for key, delta in deltas.items():
-            if delta.kind == "set":
-                deltas[key] = FieldDelta("set", new.__dict__[key])
+            if writer:  # custom and add reducers: validate the combined value once
+                self._assign(new, key, new.__dict__[key], writer, run_id, step)
+        for key in (*plain, *revalidate):
+            deltas[key] = FieldDelta("set", new.__dict__[key])
         return new, deltas
 
     def _assign(

@@ -1,0 +1,129 @@
+"""Turn states, deltas and tasks into the JSON a store keeps, and back.
+
+A checkpoint is either a snapshot (the whole state) or a delta: for each field a step changed,
+its new value, or for append/extend fields only the items added. Loading a checkpoint is the
+nearest snapshot plus every later delta, applied in JSON form, then validated once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import to_json, to_jsonable_python
+
+from ._tasks import NO_PAYLOAD, Task, TaskResult
+from .graph import Send
+from .state import FieldDelta, StateSchema
+from .store.base import CheckpointRow
+
+__all__ = (
+    "dump_delta",
+    "dump_result",
+    "dump_state",
+    "dump_tasks",
+    "load_result",
+    "load_state",
+    "load_tasks",
+    "replay_json",
+)
+
+
+def _compact(value: Any) -> str:
+    return to_json(value, fallback=str).decode()
+
+
+_TASKS_CACHE: dict[tuple[tuple[str, int, str], ...], str] = {}
+
+
+def dump_state(state: BaseModel) -> str:
+    """Serialize the whole state (a snapshot)."""
+    return state.model_dump_json()
+
+
+def dump_delta(schema: StateSchema, state: BaseModel, deltas: Mapping[str, FieldDelta]) -> str:
+    """Serialize what one step changed: set fields' values, appended items."""
+    parts = []
+    sets = {name for name, d in deltas.items() if d.kind == "set"}
+    if sets:
+        parts.append('"set":' + state.model_dump_json(include=sets))
+    appended = {}
+    for name, delta in deltas.items():
+        if delta.kind == "append":
+            adapter = schema.fields[name].items_adapter
+            assert adapter is not None
+            appended[name] = adapter.dump_python(delta.value, mode="json")
+    if appended:
+        parts.append('"append":' + _compact(appended))
+    return "{" + ",".join(parts) + "}"
+
+
+def load_state(schema: StateSchema, chain: Sequence[CheckpointRow]) -> BaseModel:
+    """Rebuild the state from a snapshot and the deltas after it (oldest first)."""
+    return schema.model.model_validate(replay_json(chain))
+
+
+def replay_json(chain: Sequence[CheckpointRow]) -> dict[str, Any]:
+    """Apply a chain's deltas to its snapshot in JSON form (no validation)."""
+    if not chain or chain[0].snapshot is None:
+        raise ValueError("a checkpoint chain starts with a snapshot")
+    data: dict[str, Any] = json.loads(chain[0].snapshot)
+    for row in chain[1:]:
+        if row.snapshot is not None:
+            data = json.loads(row.snapshot)
+            continue
+        if not row.delta:
+            continue
+        delta = json.loads(row.delta)
+        data.update(delta.get("set", {}))
+        for name, items in delta.get("append", {}).items():
+            data[name] = [*(data.get(name) or ()), *items]
+    return data
+
+
+def dump_tasks(tasks: Sequence[Task]) -> str:
+    """Serialize the tasks a step leaves ready (edge-started task lists are cached)."""
+    if all(task.payload is NO_PAYLOAD for task in tasks):
+        key = tuple((task.node, task.index, task.label) for task in tasks)
+        text = _TASKS_CACHE.get(key)
+        if text is None:
+            if len(_TASKS_CACHE) > 4096:
+                _TASKS_CACHE.clear()
+            text = _TASKS_CACHE[key] = _compact(
+                [{"node": n, "index": i, "label": label} for n, i, label in key]
+            )
+        return text
+    out = []
+    for task in tasks:
+        item: dict[str, Any] = {"node": task.node, "index": task.index, "label": task.label}
+        if task.payload is not NO_PAYLOAD:
+            item["payload"] = to_jsonable_python(task.payload)
+        out.append(item)
+    return _compact(out)
+
+
+def load_tasks(text: str) -> list[Task]:
+    return [
+        Task(item["node"], item["index"], item.get("payload", NO_PAYLOAD), item["label"])
+        for item in json.loads(text)
+    ]
+
+
+def dump_result(result: TaskResult) -> str:
+    """Serialize a finished task's result (a pending write)."""
+    goto = [
+        {"send": g.node, "payload": to_jsonable_python(g.payload)} if isinstance(g, Send) else g
+        for g in result.goto
+    ]
+    update = None if result.update is None else to_jsonable_python(dict(result.update))
+    return _compact({"update": update, "goto": goto})
+
+
+def load_result(text: str) -> TaskResult:
+    data = json.loads(text)
+    goto = tuple(
+        Send(g["send"], g.get("payload")) if isinstance(g, dict) else g for g in data["goto"]
+    )
+    return TaskResult(update=data["update"], goto=goto)

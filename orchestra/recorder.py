@@ -1,0 +1,188 @@
+"""The run's link to its store: the run row, one commit per step, pending writes, the end.
+
+The executor calls a Recorder only when the graph has a store; without one nothing here runs.
+Checkpoints are deltas with a full snapshot whenever the deltas written since the last one
+outweigh it (or every ``SNAPSHOT_EVERY`` steps), so storage follows what changed, and loading
+replays at most that many deltas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+from pydantic_core import to_json
+
+from . import _faults
+from ._tasks import Task, TaskResult
+from .checkpoint import dump_delta, dump_result, dump_state, dump_tasks
+from .events import Event, NodeStarted
+from .state import FieldDelta
+from .store.base import (
+    ACTIVE,
+    CheckpointRow,
+    EventRow,
+    PendingWrite,
+    RunRecord,
+    StepCommit,
+    Store,
+)
+
+if TYPE_CHECKING:
+    from .compile import CompiledGraph
+
+__all__ = ("Recorder",)
+
+SNAPSHOT_EVERY = 1_000
+
+
+def _compact(value: Any) -> str:
+    return to_json(value, fallback=str).decode()
+
+
+_SKIP = frozenset({"run_id", "at", "outcome"})
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _event_fields(cls: type) -> tuple[str, ...]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = tuple(f.name for f in dataclasses.fields(cls) if f.name not in _SKIP)
+        _FIELDS[cls] = names
+    return names
+
+
+def event_row(event: Event, step: int | None) -> EventRow:
+    """Make the stored form of a run-level event (run_id and time are columns)."""
+    data = {name: getattr(event, name) for name in _event_fields(type(event))}
+    return EventRow(step=step, kind=event.kind, at=event.at, data=_compact(data))
+
+
+def step_events(events: Sequence[Event]) -> str | None:
+    """Serialize a step's events into one JSON array kept in its checkpoint row."""
+    items = []
+    for event in events:
+        if isinstance(event, NodeStarted):
+            continue  # its time is the finish time minus the duration
+        item: dict[str, Any] = {"event": event.kind, "at": event.at}
+        for name in _event_fields(type(event)):
+            item[name] = getattr(event, name)
+        items.append(item)
+    return _compact(items) if items else None
+
+
+class Recorder:
+    """Writes one run's history to a store, fenced by the run's lease epoch."""
+
+    def __init__(self, store: Store, graph: CompiledGraph[Any], run_id: str, owner: str) -> None:
+        self.store = store
+        self.graph = graph
+        self.run_id = run_id
+        self.owner = owner
+        self.epoch = 1
+        self._snapshot_size = 0
+        self._since_bytes = 0
+        self._since_steps = 0
+        self._had_pending = False
+
+    def resumed(self, record: RunRecord, chain: Sequence[CheckpointRow]) -> Recorder:
+        """Continue after ``chain`` (as loaded for resume) under the lease in ``record``."""
+        self.epoch = record.epoch
+        self._snapshot_size = chain[0].size
+        self._since_bytes = sum(row.size for row in chain[1:])
+        self._since_steps = len(chain) - 1
+        self._had_pending = True  # the crashed step may have left some
+        return self
+
+    async def begin(self, state: BaseModel, tasks: Sequence[Task], events: Sequence[Event]) -> None:
+        """Write the run row and checkpoint 0 (the input) before any node runs."""
+        now = time.time()
+        snapshot = dump_state(state)
+        self._snapshot_size = len(snapshot)
+        record = RunRecord(
+            run_id=self.run_id,
+            graph=self.graph.name,
+            structure_hash=self.graph.structure_hash,
+            app_ref=self.graph.app_ref,
+            status=ACTIVE,
+            step=0,
+            owner=self.owner,
+            epoch=1,
+            lease_expires_at=now + self.store.lease_seconds,
+            created_at=now,
+            updated_at=now,
+            usage={},
+        )
+        checkpoint = CheckpointRow(
+            step=0, snapshot=snapshot, delta=None, tasks=dump_tasks(tasks), created_at=now
+        )
+        await self.store.create_run(record, checkpoint, [event_row(e, 0) for e in events])
+        if _faults.ACTIVE:
+            _faults.reach("after_run_created")
+
+    async def pending(self, step: int, task: Task, result: TaskResult) -> None:
+        """Keep a finished task of the step in flight, so a crash does not redo it."""
+        write = PendingWrite(step=step, task=task.label, result=dump_result(result))
+        await self.store.put_pending_write(self.run_id, self.epoch, write)
+        self._had_pending = True
+        if _faults.ACTIVE:
+            _faults.reach("after_pending_write", step)
+
+    async def commit(
+        self,
+        step: int,
+        state: BaseModel,
+        deltas: Mapping[str, FieldDelta],
+        tasks: Sequence[Task],
+        events: Sequence[Event],
+    ) -> None:
+        """Commit one step in one transaction: the checkpoint with the step's events."""
+        delta = dump_delta(self.graph.schema, state, deltas) if deltas else None
+        self._since_bytes += len(delta or "")
+        self._since_steps += 1
+        snapshot = None
+        if self._since_bytes > self._snapshot_size or self._since_steps >= SNAPSHOT_EVERY:
+            snapshot = dump_state(state)
+            delta = None
+            self._snapshot_size = len(snapshot)
+            self._since_bytes = self._since_steps = 0
+        checkpoint = CheckpointRow(
+            step=step,
+            snapshot=snapshot,
+            delta=delta,
+            tasks=dump_tasks(tasks),
+            created_at=time.time(),
+            events=step_events(events),
+        )
+        commit = StepCommit(step=step, checkpoint=checkpoint, had_pending=self._had_pending)
+        self._had_pending = False
+        if _faults.ACTIVE:
+            _faults.reach("before_commit", step)
+        await self.store.commit_step(self.run_id, self.epoch, commit)
+        if _faults.ACTIVE:
+            _faults.reach("after_commit", step)
+
+    async def finish(
+        self,
+        *,
+        status: str,
+        reason: str | None,
+        error: str | None,
+        usage: dict[str, Any],
+        events: Sequence[Event],
+        step: int,
+    ) -> None:
+        await self.store.finish_run(
+            self.run_id,
+            self.epoch,
+            status=status,
+            reason=reason,
+            error=error,
+            usage=usage,
+            events=[event_row(e, step) for e in events],
+        )

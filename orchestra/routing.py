@@ -1,0 +1,190 @@
+"""What comes out of a node, and what runs next.
+
+``normalize`` splits a node's return value into an update and its goto targets, refusing
+anything else; ``next_tasks`` finds the next step's tasks from static edges, routes (evaluated
+on the merged state), goto and joins, ordered by node name so a replay schedules identically.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from ._tasks import NO_PAYLOAD, Task, TaskResult
+from .errors import InvalidUpdateError, RouteError
+from .graph import END, START, Command, NodeSpec, RouteSpec, Send
+
+if TYPE_CHECKING:
+    from .compile import CompiledGraph
+
+__all__ = ("initial_tasks", "make_tasks", "next_tasks", "normalize")
+
+
+def normalize(
+    graph: CompiledGraph[Any], run_id: str, out: Any, node: NodeSpec, step: int
+) -> tuple[Mapping[str, Any] | None, tuple[str | Send, ...]]:
+    """Split what a node returned into (update, goto), refusing anything else."""
+    if out is None:
+        return None, ()
+    if isinstance(out, Mapping):
+        return out or None, ()
+    if isinstance(out, Command):
+        update = None if out.update is None else _as_update(graph, run_id, out.update, node, step)
+        goto = out.goto
+        items = (goto,) if isinstance(goto, str | Send) else tuple(goto)
+        return update, _check_goto(run_id, items, node, step)
+    if isinstance(out, Send):
+        return None, _check_goto(run_id, (out,), node, step)
+    if isinstance(out, list | tuple) and out and all(isinstance(x, Send) for x in out):
+        return None, _check_goto(run_id, tuple(out), node, step)
+    return _as_update(graph, run_id, out, node, step), ()
+
+
+def _as_update(
+    graph: CompiledGraph[Any], run_id: str, value: Any, node: NodeSpec, step: int
+) -> Mapping[str, Any] | None:
+    if isinstance(value, Mapping):
+        return value or None
+    if isinstance(value, graph.state_model):
+        return {name: getattr(value, name) for name in value.model_fields_set} or None
+    raise InvalidUpdateError(
+        f"node returned {type(value).__name__} {value!r:.80}; return a dict of field "
+        f"updates, a {graph.state_model.__name__}, a Command, Send objects or None",
+        run_id=run_id,
+        step=step,
+        node=node.name,
+    )
+
+
+def _check_goto(
+    run_id: str, items: Sequence[Any], node: NodeSpec, step: int
+) -> tuple[str | Send, ...]:
+    for item in items:
+        target = item.node if isinstance(item, Send) else item
+        if not isinstance(target, str):
+            raise InvalidUpdateError(
+                f"goto holds {item!r}; use node names, END or Send objects",
+                run_id=run_id,
+                step=step,
+                node=node.name,
+            )
+        if target not in node.targets:
+            declared = ", ".join(repr(t) for t in node.targets) or "none"
+            raise InvalidUpdateError(
+                f"goto {target!r} is not a declared target (declared: {declared}); "
+                f"add it with add_node(..., targets=[...])",
+                run_id=run_id,
+                step=step,
+                node=node.name,
+            )
+    return tuple(items)
+
+
+# -- routing ----------------------------------------------------------------------------
+
+
+async def initial_tasks(graph: CompiledGraph[Any], run_id: str, state: BaseModel) -> list[Task]:
+    """Find the first step's tasks: START's edges and routes, on the input state."""
+    triggered = set(graph.successors.get(START, ()))
+    sends: list[Send] = []
+    for route in graph.routes.get(START, ()):
+        await _follow(run_id, route, state, 0, triggered, sends)
+    return make_tasks(triggered, sends)
+
+
+async def next_tasks(
+    graph: CompiledGraph[Any],
+    run_id: str,
+    state: BaseModel,
+    tasks: Sequence[Task],
+    results: Sequence[TaskResult],
+    step: int,
+) -> list[Task]:
+    """Find the next step's tasks: static edges, routes, goto, then joins."""
+    ran = sorted({t.node for t in tasks}) if len(tasks) > 1 else [tasks[0].node]
+    triggered: set[str] = set()
+    sends: list[Send] = []
+    for name in ran:
+        triggered.update(graph.successors.get(name, ()))
+        for route in graph.routes.get(name, ()):
+            await _follow(run_id, route, state, step, triggered, sends)
+    for result in results:
+        for item in result.goto:
+            if isinstance(item, Send):
+                sends.append(item)
+            else:
+                triggered.add(item)
+    if graph.joins:
+        done = set(ran)
+        for join in graph.joins:
+            if done.issuperset(join.sources):
+                triggered.add(join.target)
+    return make_tasks(triggered, sends)
+
+
+async def _follow(
+    run_id: str,
+    route: RouteSpec,
+    state: BaseModel,
+    step: int,
+    triggered: set[str],
+    sends: list[Send],
+) -> None:
+    """Evaluate one route on the merged state and collect what it chose."""
+    try:
+        out = route.fn(state)
+        if inspect.isawaitable(out):
+            out = await out
+    except Exception as exc:
+        raise RouteError(run_id=run_id, step=step, node=route.source, error=exc) from exc
+    items = out if isinstance(out, list | tuple) else (out,)
+    for item in items:
+        if isinstance(item, Send):
+            target = item.node
+        elif isinstance(item, str):
+            target = item
+        else:
+            raise InvalidUpdateError(
+                f"route returned {item!r}; return a declared target, END, Send objects "
+                f"or a list of them",
+                run_id=run_id,
+                step=step,
+                node=route.source,
+            )
+        if target not in route.targets:
+            declared = ", ".join(repr(t) for t in route.targets)
+            raise InvalidUpdateError(
+                f"route returned {target!r}, which is not among its declared targets ({declared})",
+                run_id=run_id,
+                step=step,
+                node=route.source,
+            )
+        if isinstance(item, Send):
+            sends.append(item)
+        else:
+            triggered.add(item)
+
+
+def make_tasks(triggered: set[str], sends: list[Send]) -> list[Task]:
+    """Order the next step's tasks by node name; a node's Send tasks follow its edge task."""
+    triggered.discard(END)
+    if not sends:
+        if len(triggered) == 1:
+            (name,) = triggered
+            return [Task(name, 0, NO_PAYLOAD, name)]
+        return [Task(name, 0, NO_PAYLOAD, name) for name in sorted(triggered)]
+    payloads: dict[str, list[Any]] = defaultdict(list)
+    for send in sends:
+        if send.node != END:
+            payloads[send.node].append(send.payload)
+    tasks: list[Task] = []
+    for name in sorted(triggered | payloads.keys()):
+        inputs = ([NO_PAYLOAD] if name in triggered else []) + payloads.get(name, [])
+        many = len(inputs) > 1
+        for index, payload in enumerate(inputs):
+            tasks.append(Task(name, index, payload, f"{name}[{index}]" if many else name))
+    return tasks

@@ -1,0 +1,232 @@
+"""The Store contract: a small async interface with a run-status lifecycle.
+
+A store keeps runs (one row each, written before the first step), their checkpoints (one per
+step: a full snapshot every so often, per-field deltas in between), the pending writes of an
+unfinished step, and the events. Every write by a run's owner carries the owner's lease
+*epoch*; a write whose epoch is no longer current is refused (:class:`LeaseLostError`), so a
+stale owner that wakes up can never fork a run's history.
+
+Serialization is the caller's: the store moves JSON text. Implementations: ``SQLiteStore``
+(embedded, durable) and ``MemoryStore`` (tests, same contract).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = (
+    "CheckpointRow",
+    "EventRow",
+    "PendingWrite",
+    "RunRecord",
+    "StepCommit",
+    "Store",
+    "merge_events",
+    "new_owner_id",
+)
+
+ACTIVE = "running"
+"""The only status with an owner; every other status is at rest."""
+
+
+def new_owner_id() -> str:
+    """Name this process as a run owner: host, pid and a random tag."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunRecord:
+    """One run as stored."""
+
+    run_id: str
+    graph: str
+    structure_hash: str
+    app_ref: str | None
+    status: str
+    step: int
+    owner: str | None
+    epoch: int
+    lease_expires_at: float | None
+    created_at: float
+    updated_at: float
+    usage: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+    error: str | None = None
+    abort_requested: str | None = None
+    parent_run_id: str | None = None
+    parent_step: int | None = None
+
+    def lease_live(self, now: float) -> bool:
+        """Tell whether an owner holds an unexpired lease at time ``now``."""
+        return (
+            self.owner is not None
+            and self.lease_expires_at is not None
+            and self.lease_expires_at > now
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointRow:
+    """One step's checkpoint: a snapshot (full state JSON) or a delta, the next tasks, and
+    the step's events (a JSON array), so a step is one row."""
+
+    step: int
+    snapshot: str | None
+    delta: str | None
+    tasks: str
+    created_at: float
+    events: str | None = None
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PendingWrite:
+    """A finished task of a step that has not committed yet."""
+
+    step: int
+    task: str
+    result: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventRow:
+    step: int | None
+    kind: str
+    at: float
+    data: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepCommit:
+    """Everything one step writes, in one transaction: the checkpoint (with its events)."""
+
+    step: int
+    checkpoint: CheckpointRow
+    had_pending: bool = False
+
+
+@runtime_checkable
+class Store(Protocol):
+    """The async contract every run store implements."""
+
+    path: str
+    lease_seconds: float
+    poll_seconds: float
+
+    async def create_run(
+        self, record: RunRecord, checkpoint: CheckpointRow, events: Sequence[EventRow]
+    ) -> None:
+        """Write a new run row, owned by ``record.owner`` at epoch 1, with checkpoint 0."""
+        ...
+
+    async def commit_step(self, run_id: str, epoch: int, commit: StepCommit) -> None:
+        """Commit one step atomically; raise LeaseLostError if ``epoch`` was fenced off."""
+        ...
+
+    async def put_pending_write(self, run_id: str, epoch: int, write: PendingWrite) -> None:
+        """Store one finished task of the step in flight (fenced like a commit)."""
+        ...
+
+    async def finish_run(
+        self,
+        run_id: str,
+        epoch: int,
+        *,
+        status: str,
+        reason: str | None,
+        error: str | None,
+        usage: dict[str, Any],
+        events: Sequence[EventRow],
+    ) -> None:
+        """Record the run's final status for now and release its lease."""
+        ...
+
+    async def acquire(self, run_id: str, owner: str) -> RunRecord:
+        """Take the lease of a run at rest or whose owner's lease expired; bump the epoch."""
+        ...
+
+    async def renew(self, run_id: str, epoch: int, *, step: int, usage: dict[str, Any]) -> bool:
+        """Extend the lease and refresh the run row's step and usage; return False if
+        ``epoch`` was fenced off."""
+        ...
+
+    async def abort_requested(self, run_id: str) -> str | None:
+        """Return the reason if an abort (or stop-all) was requested for the run."""
+        ...
+
+    async def request_abort(self, run_id: str, reason: str) -> RunRecord:
+        """Ask the run's owner to abort, or mark a run without a live owner aborted."""
+        ...
+
+    async def stop_all(self, reason: str) -> list[str]:
+        """Abort every running run and refuse new runs; return the affected run ids."""
+        ...
+
+    async def release_stop_all(self) -> bool:
+        """Let runs start again; return whether stop-all was in force."""
+        ...
+
+    async def stop_all_reason(self) -> str | None:
+        """Return why stop-all is in force, or None."""
+        ...
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        """Return one run; raise RunNotFoundError."""
+        ...
+
+    async def list_runs(
+        self, *, statuses: Sequence[str] = (), limit: int | None = None
+    ) -> list[RunRecord]:
+        """Return runs, newest first, optionally only those with the given statuses."""
+        ...
+
+    async def checkpoints(self, run_id: str) -> list[CheckpointRow]:
+        """Return every checkpoint of a run, oldest first."""
+        ...
+
+    async def checkpoint_chain(self, run_id: str, step: int | None = None) -> list[CheckpointRow]:
+        """Return the rows needed to rebuild the state at ``step`` (default: the latest):
+        the nearest snapshot at or before it and every delta after, oldest first."""
+        ...
+
+    async def pending_writes(self, run_id: str, step: int) -> list[PendingWrite]:
+        """Return the finished tasks stored for ``step``."""
+        ...
+
+    async def events(self, run_id: str) -> list[EventRow]:
+        """Return a run's events in order: the steps' and the run's own (start, end,
+        operator actions)."""
+        ...
+
+    async def fork(
+        self, record: RunRecord, checkpoint: CheckpointRow, events: Sequence[EventRow]
+    ) -> None:
+        """Write a new run at rest (status interrupted) starting from ``checkpoint``."""
+        ...
+
+    async def prune(self, *, older_than: float, statuses: Sequence[str]) -> int:
+        """Delete runs last updated before ``older_than`` with one of ``statuses``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the store's resources."""
+        ...
+
+
+def merge_events(own: Sequence[EventRow], steps: Sequence[tuple[int, str]]) -> list[EventRow]:
+    """Merge a run's own events with the step events kept in its checkpoints, by time."""
+    import json
+
+    rows = list(own)
+    for step, text in steps:
+        for item in json.loads(text):
+            kind = item.pop("event")
+            at = item.pop("at")
+            rows.append(EventRow(step=step, kind=kind, at=at, data=json.dumps(item)))
+    rows.sort(key=lambda r: r.at)
+    return rows

@@ -1,0 +1,261 @@
+"""MemoryStore: the Store contract in process memory, for tests and examples.
+
+Same semantics as SQLiteStore (leases, epochs, fencing, stop-all), nothing survives the
+process. Checkpoints, deltas and snapshots are kept exactly as SQLiteStore keeps them, so
+tests of resume and forking exercise the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from ..errors import (
+    LeaseHeldError,
+    LeaseLostError,
+    RunNotFoundError,
+    RunStatusError,
+    StopAllActiveError,
+    StoreError,
+)
+from .base import (
+    ACTIVE,
+    CheckpointRow,
+    EventRow,
+    PendingWrite,
+    RunRecord,
+    StepCommit,
+    merge_events,
+)
+
+__all__ = ("MemoryStore",)
+
+
+class MemoryStore:
+    """Runs kept in memory (see the module doc)."""
+
+    def __init__(self, *, lease_seconds: float = 30.0, poll_seconds: float = 0.2) -> None:
+        if lease_seconds <= 0 or poll_seconds <= 0:
+            raise ValueError("lease_seconds and poll_seconds must be positive")
+        self.path = ":memory:"
+        self.lease_seconds = float(lease_seconds)
+        self.poll_seconds = float(poll_seconds)
+        self._runs: dict[str, RunRecord] = {}
+        self._checkpoints: dict[str, dict[int, CheckpointRow]] = {}
+        self._pending: dict[str, dict[tuple[int, str], PendingWrite]] = {}
+        self._events: dict[str, list[EventRow]] = {}
+        self._stop_all: str | None = None
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(runs={len(self._runs)})"
+
+    def _get(self, run_id: str) -> RunRecord:
+        try:
+            return self._runs[run_id]
+        except KeyError:
+            raise RunNotFoundError(run_id) from None
+
+    def _fenced(self, run_id: str, epoch: int, step: int | None) -> RunRecord:
+        record = self._runs.get(run_id)
+        if record is None or record.epoch != epoch:
+            raise LeaseLostError(run_id=run_id, step=step, epoch=epoch)
+        return record
+
+    async def create_run(
+        self, record: RunRecord, checkpoint: CheckpointRow, events: Sequence[EventRow]
+    ) -> None:
+        if self._stop_all is not None:
+            raise StopAllActiveError(self._stop_all)
+        await self.fork(record, checkpoint, events)
+
+    async def fork(
+        self, record: RunRecord, checkpoint: CheckpointRow, events: Sequence[EventRow]
+    ) -> None:
+        if record.run_id in self._runs:
+            raise StoreError(f"run {record.run_id} already exists in {self.path}")
+        self._runs[record.run_id] = record
+        self._checkpoints[record.run_id] = {checkpoint.step: _sized(checkpoint)}
+        self._pending[record.run_id] = {}
+        self._events[record.run_id] = list(events)
+
+    async def commit_step(self, run_id: str, epoch: int, commit: StepCommit) -> None:
+        record = self._fenced(run_id, epoch, commit.step)
+        self._runs[run_id] = replace(record, step=commit.step)
+        self._checkpoints[run_id][commit.step] = _sized(commit.checkpoint)
+        pending = self._pending[run_id]
+        for key in [k for k in pending if k[0] <= commit.step]:
+            del pending[key]
+
+    async def put_pending_write(self, run_id: str, epoch: int, write: PendingWrite) -> None:
+        self._fenced(run_id, epoch, write.step)
+        self._pending[run_id][(write.step, write.task)] = write
+
+    async def finish_run(
+        self,
+        run_id: str,
+        epoch: int,
+        *,
+        status: str,
+        reason: str | None,
+        error: str | None,
+        usage: dict[str, Any],
+        events: Sequence[EventRow],
+    ) -> None:
+        record = self._fenced(run_id, epoch, None)
+        self._runs[run_id] = replace(
+            record,
+            status=status,
+            reason=reason,
+            error=error,
+            usage=dict(usage),
+            owner=None,
+            lease_expires_at=None,
+            abort_requested=None,
+            updated_at=time.time(),
+        )
+        self._events[run_id].extend(events)
+
+    async def acquire(self, run_id: str, owner: str) -> RunRecord:
+        if self._stop_all is not None:
+            raise StopAllActiveError(self._stop_all)
+        record = self._get(run_id)
+        now = time.time()
+        if record.status == "completed":
+            raise RunStatusError(run_id, record.status, "resume it")
+        if record.lease_live(now):
+            assert record.owner is not None
+            assert record.lease_expires_at is not None
+            raise LeaseHeldError(run_id, record.owner, record.lease_expires_at - now)
+        record = replace(
+            record,
+            owner=owner,
+            epoch=record.epoch + 1,
+            lease_expires_at=now + self.lease_seconds,
+            status=ACTIVE,
+            abort_requested=None,
+            updated_at=now,
+        )
+        self._runs[run_id] = record
+        return record
+
+    async def renew(self, run_id: str, epoch: int, *, step: int, usage: dict[str, Any]) -> bool:
+        record = self._runs.get(run_id)
+        if record is None or record.epoch != epoch:
+            return False
+        now = time.time()
+        self._runs[run_id] = replace(
+            record,
+            lease_expires_at=now + self.lease_seconds,
+            step=step,
+            usage=dict(usage),
+            updated_at=now,
+        )
+        return True
+
+    async def abort_requested(self, run_id: str) -> str | None:
+        record = self._runs.get(run_id)
+        return None if record is None else record.abort_requested
+
+    async def request_abort(self, run_id: str, reason: str) -> RunRecord:
+        self._abort(self._get(run_id), reason, time.time())
+        return self._runs[run_id]
+
+    def _abort(self, record: RunRecord, reason: str, now: float) -> None:
+        if record.status == "completed":
+            raise RunStatusError(record.run_id, record.status, "abort it")
+        if record.status == ACTIVE and record.lease_live(now):
+            record = replace(record, abort_requested=reason)
+        else:
+            record = replace(
+                record,
+                status="aborted",
+                reason=reason,
+                owner=None,
+                lease_expires_at=None,
+                abort_requested=None,
+                updated_at=now,
+            )
+        self._runs[record.run_id] = record
+        self._events[record.run_id].append(
+            EventRow(
+                step=record.step,
+                kind="abort_requested",
+                at=now,
+                data=json.dumps({"reason": reason}),
+            )
+        )
+
+    async def stop_all(self, reason: str) -> list[str]:
+        self._stop_all = reason
+        now = time.time()
+        affected = [r for r in self._runs.values() if r.status == ACTIVE]
+        for record in affected:
+            self._abort(record, reason, now)
+        return [r.run_id for r in affected]
+
+    async def release_stop_all(self) -> bool:
+        was, self._stop_all = self._stop_all is not None, None
+        return was
+
+    async def stop_all_reason(self) -> str | None:
+        return self._stop_all
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        return self._get(run_id)
+
+    async def list_runs(
+        self, *, statuses: Sequence[str] = (), limit: int | None = None
+    ) -> list[RunRecord]:
+        runs = [r for r in self._runs.values() if not statuses or r.status in statuses]
+        runs.sort(key=lambda r: (-r.created_at, r.run_id))
+        return runs if limit is None else runs[:limit]
+
+    async def checkpoints(self, run_id: str) -> list[CheckpointRow]:
+        self._get(run_id)
+        rows = self._checkpoints[run_id]
+        return [rows[step] for step in sorted(rows)]
+
+    async def checkpoint_chain(self, run_id: str, step: int | None = None) -> list[CheckpointRow]:
+        rows = await self.checkpoints(run_id)
+        if step is None:
+            step = rows[-1].step
+        upto = [r for r in rows if r.step <= step]
+        if not upto or upto[-1].step != step:
+            raise StoreError(f"run {run_id} has no checkpoint at step {step}")
+        base = max((i for i, r in enumerate(upto) if r.snapshot is not None), default=None)
+        if base is None:
+            raise StoreError(f"run {run_id} has no checkpoint at or before step {step}")
+        return upto[base:]
+
+    async def pending_writes(self, run_id: str, step: int) -> list[PendingWrite]:
+        pending = self._pending.get(run_id, {})
+        return [pending[k] for k in sorted(pending) if k[0] == step]
+
+    async def events(self, run_id: str) -> list[EventRow]:
+        steps = [
+            (row.step, row.events)
+            for row in (await self.checkpoints(run_id))
+            if row.events is not None
+        ]
+        return merge_events(self._events.get(run_id, ()), steps)
+
+    async def prune(self, *, older_than: float, statuses: Sequence[str]) -> int:
+        doomed = [
+            r.run_id
+            for r in self._runs.values()
+            if r.updated_at < older_than and r.status in statuses
+        ]
+        for run_id in doomed:
+            for table in (self._runs, self._checkpoints, self._pending, self._events):
+                table.pop(run_id, None)
+        return len(doomed)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _sized(row: CheckpointRow) -> CheckpointRow:
+    return replace(row, size=len(row.snapshot or row.delta or ""))

@@ -1,0 +1,717 @@
+"""SQLiteStore: the embedded default store, one database file, WAL mode.
+
+Durability (``durability=``):
+
+``"full"`` (default)
+    ``PRAGMA synchronous=FULL``: every commit fsyncs the write-ahead log before it returns.
+    A committed step survives a process kill *and* a power loss or OS crash, on storage that
+    honours fsync. Costs one fsync per step (~150 µs on this machine class).
+``"normal"``
+    ``PRAGMA synchronous=NORMAL``: commits reach the operating system but the WAL is fsynced
+    only at checkpoints. A committed step survives the process being killed (SIGKILL, OOM,
+    a crash); after a power loss or OS crash the last few steps may be lost (never corrupted:
+    the run resumes from an earlier checkpoint).
+
+sqlite-utils owns the schema and its migrations (``Migrations("orchestra")``). Writes use
+``BEGIN IMMEDIATE`` on the store's one connection: a deferred transaction that reads before
+it writes can fail at once with "database is locked" when another process commits in
+between, without waiting for ``busy_timeout``; an immediate one waits its turn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import (
+    LeaseHeldError,
+    LeaseLostError,
+    RunNotFoundError,
+    RunStatusError,
+    StopAllActiveError,
+    StoreError,
+    StoreFileError,
+)
+from .base import (
+    ACTIVE,
+    CheckpointRow,
+    EventRow,
+    PendingWrite,
+    RunRecord,
+    StepCommit,
+    merge_events,
+)
+
+__all__ = ("SQLiteStore",)
+
+MIGRATION_SET = "orchestra"
+KNOWN_MIGRATIONS = ("m001_initial",)
+CHECKPOINT_COLUMNS = (
+    "step, snapshot, delta, tasks, created_at, events, length(coalesce(snapshot, delta, ''))"
+)
+RUN_COLUMNS = (
+    "run_id, graph, structure_hash, app_ref, status, step, owner, epoch, lease_expires_at, "
+    "created_at, updated_at, usage, reason, error, abort_requested, parent_run_id, parent_step"
+)
+# A checkpoint's id is (run_no << 32) + step: the table's own rowid, so a step is one plain
+# b-tree insert with no second index, and a run's checkpoints are one rowid range.
+STEP_MASK = 0xFFFFFFFF
+# a running run's row is refreshed only when its lease is renewed; its checkpoints are current
+READ_COLUMNS = RUN_COLUMNS.replace(
+    "status, step,",
+    "status, coalesce((SELECT max(c.id) FROM checkpoints c WHERE c.id BETWEEN "
+    "runs.run_no << 32 AND (runs.run_no << 32) + 4294967295) & 4294967295, step),",
+)
+
+
+def _migrations() -> Any:
+    from sqlite_utils import Migrations
+
+    migrations = Migrations(MIGRATION_SET)
+
+    @migrations(name="m001_initial")
+    def m001_initial(db: Any) -> None:
+        db.execute(
+            """
+            CREATE TABLE runs (
+                run_no INTEGER PRIMARY KEY,
+                run_id TEXT NOT NULL UNIQUE,
+                graph TEXT NOT NULL,
+                structure_hash TEXT NOT NULL,
+                app_ref TEXT,
+                status TEXT NOT NULL,
+                step INTEGER NOT NULL,
+                owner TEXT,
+                epoch INTEGER NOT NULL,
+                lease_expires_at REAL,
+                created_at REAL NOT NULL,
+                updated_at REAL NOT NULL,
+                usage TEXT NOT NULL,
+                reason TEXT,
+                error TEXT,
+                abort_requested TEXT,
+                parent_run_id TEXT,
+                parent_step INTEGER
+            )"""
+        )
+        db.execute("CREATE INDEX runs_by_status ON runs (status)")
+        db.execute(
+            """
+            CREATE TABLE checkpoints (
+                id INTEGER PRIMARY KEY,
+                step INTEGER NOT NULL,
+                snapshot TEXT,
+                delta TEXT,
+                tasks TEXT NOT NULL,
+                events TEXT,
+                created_at REAL NOT NULL
+            )"""
+        )
+        db.execute(
+            """
+            CREATE TABLE pending_writes (
+                run_id TEXT NOT NULL,
+                step INTEGER NOT NULL,
+                task TEXT NOT NULL,
+                result TEXT NOT NULL,
+                PRIMARY KEY (run_id, step, task)
+            ) WITHOUT ROWID"""
+        )
+        db.execute(
+            """
+            CREATE TABLE events (
+                id INTEGER PRIMARY KEY,
+                run_id TEXT NOT NULL,
+                step INTEGER,
+                kind TEXT NOT NULL,
+                at REAL NOT NULL,
+                data TEXT NOT NULL
+            )"""
+        )
+        db.execute("CREATE INDEX events_by_run ON events (run_id, id)")
+        db.execute("CREATE TABLE control (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID")
+
+    return migrations
+
+
+class SQLiteStore:
+    """Runs, checkpoints and events in one SQLite file (see the module doc for durability)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Literal["full", "normal"] = "full",
+        lease_seconds: float = 30.0,
+        poll_seconds: float = 0.2,
+        busy_timeout: float = 10.0,
+    ) -> None:
+        if durability not in ("full", "normal"):
+            raise ValueError(f"durability must be 'full' or 'normal', got {durability!r}")
+        if lease_seconds <= 0 or poll_seconds <= 0:
+            raise ValueError("lease_seconds and poll_seconds must be positive")
+        self.path = os.fspath(path)
+        self.durability = durability
+        self.lease_seconds = float(lease_seconds)
+        self.poll_seconds = float(poll_seconds)
+        self.busy_timeout = float(busy_timeout)
+        self._conn: sqlite3.Connection | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r}, durability={self.durability!r})"
+
+    # -- connection, schema ---------------------------------------------------------------
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = self._open()
+        return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        from sqlite_utils import Database
+
+        path = self.path
+        if Path(path).is_dir():
+            raise StoreFileError(path, "is a directory, not a database file")
+        try:
+            conn = sqlite3.connect(path, timeout=self.busy_timeout, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreFileError(path, f"cannot open: {exc}") from exc
+        try:
+            conn.execute("PRAGMA schema_version").fetchone()
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreFileError(path, f"cannot switch to WAL mode (got {mode})")
+            sync = "FULL" if self.durability == "full" else "NORMAL"
+            conn.execute(f"PRAGMA synchronous={sync}")
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            db = Database(conn, execute_plugins=False)
+            self._check_schema(conn)
+            migrations = _migrations()
+            if migrations.pending(db):
+                # under the write lock, so two processes opening a new file cannot both
+                # migrate it; sqlite-utils nests its own transactions as savepoints
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._check_schema(conn)
+                    migrations.apply(db)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+        except StoreFileError:
+            conn.close()
+            raise
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreFileError(path, _describe(exc)) from exc
+        return conn
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        tables = {
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if not tables:
+            return
+        if "_sqlite_migrations" not in tables:
+            raise StoreFileError(
+                self.path, f"not an orchestra database (it holds tables {sorted(tables)})"
+            )
+        applied = [
+            row[0]
+            for row in conn.execute(
+                "SELECT name FROM _sqlite_migrations WHERE migration_set = ? ORDER BY rowid",
+                [MIGRATION_SET],
+            )
+        ]
+        if not applied and "runs" not in tables:
+            raise StoreFileError(self.path, "not an orchestra database (no orchestra schema)")
+        unknown = [name for name in applied if name not in KNOWN_MIGRATIONS]
+        if unknown:
+            raise StoreFileError(
+                self.path,
+                f"written by a newer orchestra (schema {unknown[-1]}); upgrade orchestra "
+                f"to open it",
+            )
+
+    def schema_version(self) -> str:
+        """Return the name of the newest migration applied to the file."""
+        row = self.conn.execute(
+            "SELECT name FROM _sqlite_migrations WHERE migration_set = ? "
+            "ORDER BY rowid DESC LIMIT 1",
+            [MIGRATION_SET],
+        ).fetchone()
+        return row[0] if row else "none"
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as exc:
+            raise self._error(exc) from exc
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise self._error(exc) from exc
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        try:
+            yield self.conn
+        except sqlite3.DatabaseError as exc:
+            raise self._error(exc) from exc
+
+    def _error(self, exc: sqlite3.DatabaseError) -> StoreError:
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            return StoreError(
+                f"{self.path}: database is locked after waiting {self.busy_timeout:g}s "
+                f"(another process holds a long write transaction)"
+            )
+        return StoreFileError(self.path, _describe(exc))
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def integrity_check(self) -> str:
+        """Run ``PRAGMA integrity_check``; return "ok" or what is wrong."""
+        with self._read() as conn:
+            rows = conn.execute("PRAGMA integrity_check").fetchall()
+        return "\n".join(str(r[0]) for r in rows)
+
+    # -- runs -----------------------------------------------------------------------------
+
+    async def create_run(
+        self, record: RunRecord, checkpoint: CheckpointRow, events: Sequence[EventRow]
+    ) -> None:
+        with self._write() as conn:
+            self._refuse_if_stopped(conn)
+            try:
+                conn.execute(
+                    f"INSERT INTO runs ({RUN_COLUMNS}) "
+                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _run_values(record),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise StoreError(f"run {record.run_id} already exists in {self.path}") from exc
+            self._insert_checkpoint(conn, record.run_id, checkpoint)
+            self._insert_events(conn, record.run_id, events)
+
+    async def fork(
+        self, record: RunRecord, checkpoint: CheckpointRow, events: Sequence[EventRow]
+    ) -> None:
+        with self._write() as conn:
+            try:
+                conn.execute(
+                    f"INSERT INTO runs ({RUN_COLUMNS}) "
+                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _run_values(record),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise StoreError(f"run {record.run_id} already exists in {self.path}") from exc
+            self._insert_checkpoint(conn, record.run_id, checkpoint)
+            self._insert_events(conn, record.run_id, events)
+
+    async def commit_step(self, run_id: str, epoch: int, commit: StepCommit) -> None:
+        row = commit.checkpoint
+        # fenced: the row goes in only while this owner's epoch is current
+        insert = (
+            "INSERT INTO checkpoints (id, step, snapshot, delta, tasks, events, created_at) "
+            "SELECT (run_no << 32) + ?, ?, ?, ?, ?, ?, ? FROM runs "
+            "WHERE run_id = ? AND epoch = ?"
+        )
+        values = (
+            row.step,
+            row.step,
+            row.snapshot,
+            row.delta,
+            row.tasks,
+            row.events,
+            row.created_at,
+            run_id,
+            epoch,
+        )
+        if not commit.had_pending:
+            # one statement is one transaction: no BEGIN/COMMIT round trips on the hot path
+            try:
+                cursor = self.conn.execute(insert, values)
+            except sqlite3.DatabaseError as exc:
+                raise self._error(exc) from exc
+            if cursor.rowcount != 1:
+                raise LeaseLostError(run_id=run_id, step=commit.step, epoch=epoch)
+            return
+        with self._write() as conn:
+            if conn.execute(insert, values).rowcount != 1:
+                raise LeaseLostError(run_id=run_id, step=commit.step, epoch=epoch)
+            conn.execute(
+                "DELETE FROM pending_writes WHERE run_id = ? AND step <= ?",
+                (run_id, commit.step),
+            )
+
+    async def put_pending_write(self, run_id: str, epoch: int, write: PendingWrite) -> None:
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT OR REPLACE INTO pending_writes (run_id, step, task, result) "
+                "SELECT ?, ?, ?, ? WHERE EXISTS "
+                "(SELECT 1 FROM runs WHERE run_id = ? AND epoch = ?)",
+                (run_id, write.step, write.task, write.result, run_id, epoch),
+            )
+            if cursor.rowcount != 1:
+                raise LeaseLostError(run_id=run_id, step=write.step, epoch=epoch)
+
+    async def finish_run(
+        self,
+        run_id: str,
+        epoch: int,
+        *,
+        status: str,
+        reason: str | None,
+        error: str | None,
+        usage: dict[str, Any],
+        events: Sequence[EventRow],
+    ) -> None:
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE runs SET status = ?, reason = ?, error = ?, usage = ?, owner = NULL, "
+                "lease_expires_at = NULL, abort_requested = NULL, updated_at = ?, "
+                "step = coalesce((SELECT max(id) FROM checkpoints WHERE id BETWEEN "
+                "runs.run_no << 32 AND (runs.run_no << 32) + 4294967295) & 4294967295, step) "
+                "WHERE run_id = ? AND epoch = ?",
+                (status, reason, error, json.dumps(usage), time.time(), run_id, epoch),
+            )
+            if cursor.rowcount != 1:
+                raise LeaseLostError(run_id=run_id, step=None, epoch=epoch)
+            self._insert_events(conn, run_id, events)
+
+    async def acquire(self, run_id: str, owner: str) -> RunRecord:
+        now = time.time()
+        with self._write() as conn:
+            self._refuse_if_stopped(conn)
+            record = self._get(conn, run_id)
+            if record.status == "completed":
+                raise RunStatusError(run_id, record.status, "resume it")
+            if record.lease_live(now):
+                assert record.owner is not None
+                assert record.lease_expires_at is not None
+                raise LeaseHeldError(run_id, record.owner, record.lease_expires_at - now)
+            conn.execute(
+                "UPDATE runs SET owner = ?, epoch = epoch + 1, lease_expires_at = ?, "
+                "status = ?, abort_requested = NULL, updated_at = ? WHERE run_id = ?",
+                (owner, now + self.lease_seconds, ACTIVE, now, run_id),
+            )
+            return self._get(conn, run_id)
+
+    async def renew(self, run_id: str, epoch: int, *, step: int, usage: dict[str, Any]) -> bool:
+        now = time.time()
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE runs SET lease_expires_at = ?, step = ?, usage = ?, updated_at = ? "
+                "WHERE run_id = ? AND epoch = ?",
+                (now + self.lease_seconds, step, json.dumps(usage), now, run_id, epoch),
+            )
+            return cursor.rowcount == 1
+
+    async def abort_requested(self, run_id: str) -> str | None:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT abort_requested FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+        return None if row is None else row[0]
+
+    async def request_abort(self, run_id: str, reason: str) -> RunRecord:
+        now = time.time()
+        with self._write() as conn:
+            record = self._get(conn, run_id)
+            self._abort(conn, record, reason, now)
+            return self._get(conn, run_id)
+
+    def _abort(self, conn: sqlite3.Connection, record: RunRecord, reason: str, now: float) -> None:
+        if record.status == "completed":
+            raise RunStatusError(record.run_id, record.status, "abort it")
+        event = EventRow(
+            step=record.step,
+            kind="abort_requested",
+            at=now,
+            data=json.dumps({"reason": reason}),
+        )
+        if record.status == ACTIVE and record.lease_live(now):
+            conn.execute(
+                "UPDATE runs SET abort_requested = ? WHERE run_id = ?", (reason, record.run_id)
+            )
+        else:
+            conn.execute(
+                "UPDATE runs SET status = 'aborted', reason = ?, owner = NULL, "
+                "lease_expires_at = NULL, abort_requested = NULL, updated_at = ? "
+                "WHERE run_id = ?",
+                (reason, now, record.run_id),
+            )
+        self._insert_events(conn, record.run_id, [event])
+
+    async def stop_all(self, reason: str) -> list[str]:
+        now = time.time()
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO control (key, value) VALUES ('stop_all', ?)",
+                (json.dumps({"reason": reason, "at": now}),),
+            )
+            rows = conn.execute(
+                f"SELECT {READ_COLUMNS} FROM runs WHERE status = ?", (ACTIVE,)
+            ).fetchall()
+            records = [_record(row) for row in rows]
+            for record in records:
+                self._abort(conn, record, reason, now)
+        return [r.run_id for r in records]
+
+    async def release_stop_all(self) -> bool:
+        with self._write() as conn:
+            cursor = conn.execute("DELETE FROM control WHERE key = 'stop_all'")
+            return cursor.rowcount == 1
+
+    async def stop_all_reason(self) -> str | None:
+        with self._read() as conn:
+            return self._stop_reason(conn)
+
+    def _stop_reason(self, conn: sqlite3.Connection) -> str | None:
+        row = conn.execute("SELECT value FROM control WHERE key = 'stop_all'").fetchone()
+        if row is None:
+            return None
+        return str(json.loads(row[0]).get("reason") or "stop-all")
+
+    def _refuse_if_stopped(self, conn: sqlite3.Connection) -> None:
+        reason = self._stop_reason(conn)
+        if reason is not None:
+            raise StopAllActiveError(reason)
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        with self._read() as conn:
+            return self._get(conn, run_id)
+
+    def _get(self, conn: sqlite3.Connection, run_id: str) -> RunRecord:
+        row = conn.execute(
+            f"SELECT {READ_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        if row is None:
+            raise RunNotFoundError(run_id)
+        return _record(row)
+
+    async def list_runs(
+        self, *, statuses: Sequence[str] = (), limit: int | None = None
+    ) -> list[RunRecord]:
+        sql = f"SELECT {READ_COLUMNS} FROM runs"
+        params: list[Any] = []
+        if statuses:
+            sql += f" WHERE status IN ({', '.join('?' for _ in statuses)})"
+            params.extend(statuses)
+        sql += " ORDER BY created_at DESC, run_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self._read() as conn:
+            return [_record(row) for row in conn.execute(sql, params)]
+
+    # -- checkpoints, pending writes, events ----------------------------------------------
+
+    @staticmethod
+    def _insert_checkpoint(conn: sqlite3.Connection, run_id: str, row: CheckpointRow) -> None:
+        conn.execute(
+            "INSERT INTO checkpoints (id, step, snapshot, delta, tasks, events, created_at) "
+            "SELECT (run_no << 32) + ?, ?, ?, ?, ?, ?, ? FROM runs WHERE run_id = ?",
+            (
+                row.step,
+                row.step,
+                row.snapshot,
+                row.delta,
+                row.tasks,
+                row.events,
+                row.created_at,
+                run_id,
+            ),
+        )
+
+    @staticmethod
+    def _bounds(conn: sqlite3.Connection, run_id: str) -> tuple[int, int]:
+        row = conn.execute("SELECT run_no FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise RunNotFoundError(run_id)
+        low = row[0] << 32
+        return low, low + STEP_MASK
+
+    @staticmethod
+    def _insert_events(conn: sqlite3.Connection, run_id: str, events: Sequence[EventRow]) -> None:
+        conn.executemany(
+            "INSERT INTO events (run_id, step, kind, at, data) VALUES (?, ?, ?, ?, ?)",
+            [(run_id, e.step, e.kind, e.at, e.data) for e in events],
+        )
+
+    async def checkpoints(self, run_id: str) -> list[CheckpointRow]:
+        with self._read() as conn:
+            low, high = self._bounds(conn, run_id)
+            rows = conn.execute(
+                f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE id BETWEEN ? AND ? "
+                f"ORDER BY id",
+                (low, high),
+            ).fetchall()
+        return [_checkpoint(row) for row in rows]
+
+    async def checkpoint_chain(self, run_id: str, step: int | None = None) -> list[CheckpointRow]:
+        with self._read() as conn:
+            low, high = self._bounds(conn, run_id)
+            if step is not None:
+                high = low + step
+            top = conn.execute(
+                "SELECT max(id) FROM checkpoints WHERE id BETWEEN ? AND ?", (low, high)
+            ).fetchone()[0]
+            if top is None or (step is not None and top != high):
+                at = "" if step is None else f" at step {step}"
+                raise StoreError(f"run {run_id} has no checkpoint{at} in {self.path}")
+            base = conn.execute(
+                "SELECT id FROM checkpoints WHERE id BETWEEN ? AND ? AND snapshot IS NOT NULL "
+                "ORDER BY id DESC LIMIT 1",
+                (low, top),
+            ).fetchone()
+            if base is None:
+                raise StoreError(f"run {run_id} has no snapshot at or before step {top - low}")
+            rows = conn.execute(
+                f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE id BETWEEN ? AND ? "
+                f"ORDER BY id",
+                (base[0], top),
+            ).fetchall()
+        return [_checkpoint(row) for row in rows]
+
+    async def pending_writes(self, run_id: str, step: int) -> list[PendingWrite]:
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT step, task, result FROM pending_writes WHERE run_id = ? AND step = ? "
+                "ORDER BY task",
+                (run_id, step),
+            ).fetchall()
+        return [PendingWrite(step=r[0], task=r[1], result=r[2]) for r in rows]
+
+    async def events(self, run_id: str) -> list[EventRow]:
+        with self._read() as conn:
+            own = conn.execute(
+                "SELECT step, kind, at, data FROM events WHERE run_id = ? ORDER BY id", (run_id,)
+            ).fetchall()
+            low, high = self._bounds(conn, run_id)
+            steps = conn.execute(
+                "SELECT step, events FROM checkpoints WHERE id BETWEEN ? AND ? "
+                "AND events IS NOT NULL ORDER BY id",
+                (low, high),
+            ).fetchall()
+        rows = [EventRow(step=r[0], kind=r[1], at=r[2], data=r[3]) for r in own]
+        return merge_events(rows, steps)
+
+    async def prune(self, *, older_than: float, statuses: Sequence[str]) -> int:
+        if not statuses:
+            return 0
+        marks = ", ".join("?" for _ in statuses)
+        with self._write() as conn:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT run_id FROM runs WHERE updated_at < ? AND status IN ({marks})",
+                    (older_than, *statuses),
+                )
+            ]
+            for run_id in ids:
+                low, high = self._bounds(conn, run_id)
+                conn.execute("DELETE FROM checkpoints WHERE id BETWEEN ? AND ?", (low, high))
+            for table in ("pending_writes", "events", "runs"):
+                conn.executemany(f"DELETE FROM {table} WHERE run_id = ?", [(i,) for i in ids])
+        return len(ids)
+
+    def vacuum(self) -> None:
+        """Give the space of deleted rows back to the file system."""
+        with self._read() as conn:
+            conn.execute("VACUUM")
+
+    def file_size(self) -> int:
+        """Return the bytes used by the database file and its WAL."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with suppress(OSError):
+                total += os.path.getsize(self.path + suffix)
+        return total
+
+
+def _describe(exc: sqlite3.DatabaseError) -> str:
+    text = str(exc)
+    if "file is not a database" in text:
+        return "not a SQLite database (or it is encrypted or corrupted)"
+    if "malformed" in text:
+        return f"the database file is corrupted ({text}); restore it from a backup"
+    return f"database error: {text}"
+
+
+def _run_values(record: RunRecord) -> tuple[Any, ...]:
+    return (
+        record.run_id,
+        record.graph,
+        record.structure_hash,
+        record.app_ref,
+        record.status,
+        record.step,
+        record.owner,
+        record.epoch,
+        record.lease_expires_at,
+        record.created_at,
+        record.updated_at,
+        json.dumps(record.usage),
+        record.reason,
+        record.error,
+        record.abort_requested,
+        record.parent_run_id,
+        record.parent_step,
+    )
+
+
+def _record(row: Sequence[Any]) -> RunRecord:
+    return RunRecord(
+        run_id=row[0],
+        graph=row[1],
+        structure_hash=row[2],
+        app_ref=row[3],
+        status=row[4],
+        step=row[5],
+        owner=row[6],
+        epoch=row[7],
+        lease_expires_at=row[8],
+        created_at=row[9],
+        updated_at=row[10],
+        usage=json.loads(row[11]) if row[11] else {},
+        reason=row[12],
+        error=row[13],
+        abort_requested=row[14],
+        parent_run_id=row[15],
+        parent_step=row[16],
+    )
+
+
+def _checkpoint(row: Sequence[Any]) -> CheckpointRow:
+    return CheckpointRow(
+        step=row[0],
+        snapshot=row[1],
+        delta=row[2],
+        tasks=row[3],
+        created_at=row[4],
+        events=row[5],
+        size=row[6],
+    )
