@@ -103,6 +103,7 @@ class Execution:
         self._watched = events or self._debug
         self._events = self._watched or recorder is not None
         self._limiter: anyio.CapacityLimiter | None = None
+        self._carried: list[Event] = []
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -128,7 +129,9 @@ class Execution:
             next=tuple(t.label for t in self.tasks),
         )
         self.log.info("run_resumed" if self.resumed else "run_started", step=self.step)
-        if not self.resumed and self.recorder is not None:
+        if self.resumed:
+            self._carried.append(event)  # stored with the first step this owner commits
+        elif self.recorder is not None:
             await self.recorder.begin(self.state, self.tasks, [event])
         return [event]
 
@@ -198,7 +201,7 @@ class Execution:
                 reason=self.reason,
                 error=str(error) if error else None,
                 usage=_usage_dict(usage),
-                events=[event],
+                events=[*self._carried, event],
                 step=self.step,
             )
         level = "info" if error is None else "error"
@@ -268,7 +271,9 @@ class Execution:
             )
             self._emit(event, buffer)
         if self.recorder is not None:
-            await self.recorder.commit(step, state, deltas, following, buffer)
+            recorded = [*self._carried, *buffer] if self._carried else buffer
+            await self.recorder.commit(step, state, deltas, following, recorded)
+            self._carried.clear()
         # the commit: nothing below awaits
         self.state, self.step, self.tasks = state, step, following
         self.tasks_run += len(tasks)
