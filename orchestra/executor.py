@@ -104,6 +104,7 @@ class Execution:
         self._events = self._watched or recorder is not None
         self._limiter: anyio.CapacityLimiter | None = None
         self._carried: list[Event] = []
+        self._checked = self._renewed = time.monotonic()
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -223,16 +224,20 @@ class Execution:
         assert self.recorder is not None
         store, run_id = self.recorder.store, self.run_id
         renew_every = store.lease_seconds / 3
-        renewed = time.monotonic()
+        # the clocks belong to the run, not to this task: a stream starts one watcher per
+        # step, and short steps must still be checked and renewed on time
         while True:
-            await anyio.sleep(store.poll_seconds)
+            wait = self._checked + store.poll_seconds - time.monotonic()
+            if wait > 0:
+                await anyio.sleep(wait)
+            self._checked = time.monotonic()
             reason = await store.abort_requested(run_id)
             if reason is not None:
                 self.abort_reason = reason
                 self.log.warning("abort_noticed", reason=reason, step=self.step)
                 scope.cancel()
                 return
-            if time.monotonic() - renewed >= renew_every:
+            if time.monotonic() - self._renewed >= renew_every:
                 usage = _usage_dict(self._usage())
                 if not await store.renew(run_id, self.recorder.epoch, step=self.step, usage=usage):
                     self.error = LeaseLostError(
@@ -240,7 +245,7 @@ class Execution:
                     )
                     scope.cancel()
                     return
-                renewed = time.monotonic()
+                self._renewed = time.monotonic()
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -462,12 +467,26 @@ async def _supervised(execution: Execution) -> AsyncIterator[None]:
 async def run_to_end(execution: Execution) -> RunOutcome[Any]:
     """Drive a run to its end; one supervised scope for the whole run."""
     await execution.start()
-    async with _supervised(execution):
-        while await execution.advance() is not None:
-            pass
+    try:
+        async with _supervised(execution):
+            while await execution.advance() is not None:
+                pass
+    except anyio.get_cancelled_exc_class():
+        await _cancelled_by_caller(execution)
+        raise
     outcome = (await execution.finish()).outcome
     assert outcome is not None
     return outcome
+
+
+async def _cancelled_by_caller(execution: Execution) -> None:
+    """The caller cancelled the run: record it as aborted so it can be resumed at once."""
+    if execution.recorder is None or isinstance(execution.error, LeaseLostError):
+        return
+    execution.status = RunStatus.ABORTED
+    execution.reason = execution.reason or "cancelled by the caller"
+    with anyio.CancelScope(shield=True):
+        await execution.finish()
 
 
 async def stream_events(execution: Execution) -> AsyncGenerator[Event, None]:
@@ -480,10 +499,20 @@ async def stream_events(execution: Execution) -> AsyncGenerator[Event, None]:
         yield event
     while True:
         events = None
-        async with _supervised(execution):
-            events = await execution.advance()
+        try:
+            async with _supervised(execution):
+                events = await execution.advance()
+        except anyio.get_cancelled_exc_class():
+            await _cancelled_by_caller(execution)
+            raise
         if events is None:
             break
-        for event in events:
-            yield event
+        try:
+            for event in events:
+                yield event
+        except GeneratorExit:
+            # the consumer closed the stream: nothing more runs; say so in the store
+            execution.reason = "the event stream was closed by its reader"
+            await _cancelled_by_caller(execution)
+            raise
     yield await execution.finish()
