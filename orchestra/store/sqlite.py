@@ -304,31 +304,31 @@ class SQLiteStore:
     ) -> None:
         with self._write() as conn:
             self._refuse_if_stopped(conn)
-            try:
-                conn.execute(
-                    f"INSERT INTO runs ({RUN_COLUMNS}) "
-                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    _run_values(record),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise StoreError(f"run {record.run_id} already exists in {self.path}") from exc
-            self._insert_checkpoint(conn, record.run_id, checkpoint)
-            self._insert_events(conn, record.run_id, events)
+            self._insert_run(conn, record, checkpoint, events)
 
     async def fork(
         self, record: RunRecord, checkpoint: CheckpointRow, events: Sequence[EventRow]
     ) -> None:
         with self._write() as conn:
-            try:
-                conn.execute(
-                    f"INSERT INTO runs ({RUN_COLUMNS}) "
-                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    _run_values(record),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise StoreError(f"run {record.run_id} already exists in {self.path}") from exc
-            self._insert_checkpoint(conn, record.run_id, checkpoint)
-            self._insert_events(conn, record.run_id, events)
+            self._insert_run(conn, record, checkpoint, events)
+
+    def _insert_run(
+        self,
+        conn: sqlite3.Connection,
+        record: RunRecord,
+        checkpoint: CheckpointRow,
+        events: Sequence[EventRow],
+    ) -> None:
+        try:
+            conn.execute(
+                f"INSERT INTO runs ({RUN_COLUMNS}) "
+                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _run_values(record),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"run {record.run_id} already exists in {self.path}") from exc
+        self._insert_checkpoint(conn, record.run_id, checkpoint)
+        self._insert_events(conn, record.run_id, events)
 
     async def commit_step(self, run_id: str, epoch: int, commit: StepCommit) -> None:
         row = commit.checkpoint
