@@ -302,13 +302,14 @@ class Execution:
                     result = await self._run_task(task, step, buffer)
             else:
                 result = await self._run_task(task, step, buffer)
-            if result.error is not None:
-                results[i] = result
-                group.cancel_scope.cancel()
-                return
-            if recorder is not None:
-                await recorder.pending(step, task, result)
+            if result.error is None and recorder is not None:
+                try:
+                    await recorder.pending(step, task, result)
+                except RunError as exc:  # fenced off: stop the step, write nothing more
+                    result = TaskResult(error=exc)
             results[i] = result
+            if result.error is not None:
+                group.cancel_scope.cancel()
 
         async with anyio.create_task_group() as group:
             for i, task in enumerate(tasks):

@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import load_result, load_state, load_tasks, replay_json
-from .errors import GraphChangedError, RunStatusError
+from .errors import GraphChangedError, OrchestraError, RunStatusError, StoreError
 from .store.base import CheckpointRow, EventRow, RunRecord, Store, new_owner_id
 
 if TYPE_CHECKING:
@@ -40,17 +40,20 @@ async def prepare_resume(
         step = chain[-1].step
         pending = await store.pending_writes(run_id, step + 1)
         done = {write.task: load_result(write.result) for write in pending}
-    except BaseException as exc:
+    except Exception as exc:
+        message = f"could not load the run to resume it: {type(exc).__name__}: {exc}"
         await store.finish_run(
             run_id,
             record.epoch,
             status="failed",
             reason=None,
-            error=f"could not load the run to resume it: {type(exc).__name__}: {exc}",
+            error=message,
             usage=record.usage,
             events=[],
         )
-        raise
+        if isinstance(exc, OrchestraError):
+            raise
+        raise StoreError(f"run {run_id}: {message}") from exc
     recorder = Recorder(store, app, run_id, owner).resumed(record, chain)
     return Execution(
         app,

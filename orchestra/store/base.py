@@ -206,7 +206,7 @@ class Store(Protocol):
     async def fork(
         self, record: RunRecord, checkpoint: CheckpointRow, events: Sequence[EventRow]
     ) -> None:
-        """Write a new run at rest (status interrupted) starting from ``checkpoint``."""
+        """Write a new run at rest (status ``pending``) starting from ``checkpoint``."""
         ...
 
     async def prune(self, *, older_than: float, statuses: Sequence[str]) -> int:

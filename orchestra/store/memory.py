@@ -54,9 +54,14 @@ class MemoryStore:
 
     def _get(self, run_id: str) -> RunRecord:
         try:
-            return self._runs[run_id]
+            record = self._runs[run_id]
         except KeyError:
             raise RunNotFoundError(run_id) from None
+        # like SQLiteStore: a run's step is its latest checkpoint, whatever renew said
+        steps = self._checkpoints.get(run_id)
+        if steps and max(steps) != record.step:
+            record = replace(record, step=max(steps))
+        return record
 
     def _fenced(self, run_id: str, epoch: int, step: int | None) -> RunRecord:
         record = self._runs.get(run_id)
@@ -85,9 +90,10 @@ class MemoryStore:
         record = self._fenced(run_id, epoch, commit.step)
         self._runs[run_id] = replace(record, step=commit.step)
         self._checkpoints[run_id][commit.step] = _sized(commit.checkpoint)
-        pending = self._pending[run_id]
-        for key in [k for k in pending if k[0] <= commit.step]:
-            del pending[key]
+        if commit.had_pending:
+            pending = self._pending[run_id]
+            for key in [k for k in pending if k[0] <= commit.step]:
+                del pending[key]
 
     async def put_pending_write(self, run_id: str, epoch: int, write: PendingWrite) -> None:
         self._fenced(run_id, epoch, write.step)
@@ -209,7 +215,9 @@ class MemoryStore:
     async def list_runs(
         self, *, statuses: Sequence[str] = (), limit: int | None = None
     ) -> list[RunRecord]:
-        runs = [r for r in self._runs.values() if not statuses or r.status in statuses]
+        runs = [
+            self._get(r) for r in self._runs if not statuses or self._runs[r].status in statuses
+        ]
         runs.sort(key=lambda r: (-r.created_at, r.run_id))
         return runs if limit is None else runs[:limit]
 
