@@ -465,9 +465,9 @@ def format_owner(record: RunRecord, now: float, *, gone: bool = False) -> str:
     """Name a run's owner and the state of its lease, or "" for a run at rest."""
     if record.owner is None:
         return ""
-    ended = "process ended; " if gone else ""
     if record.lease_expires_at is None:
-        return f"{record.owner} ({ended.removesuffix('; ')})" if gone else record.owner
+        return f"{record.owner} (process ended)" if gone else record.owner
+    ended = "process ended; " if gone else ""
     left = record.lease_expires_at - now
     if left > 0:
         return f"{record.owner} ({ended}lease {format_age(left)} left)"
@@ -542,6 +542,13 @@ def runs_table(records: Sequence[RunRecord], now: float, *, gone: Collection[str
         ]
         table.add_row(*cells)
     return table
+
+
+def format_run_counts(records: Sequence[RunRecord], now: float) -> str:
+    """Count runs by status: ``5: completed 3, running 1, running (stale lease) 1``."""
+    counts = Counter(run_status(r, now) for r in records)
+    parts = ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
+    return f"{len(records)}: {parts}" if records else "0"
 
 
 def format_stop_all(reason: str) -> str:
@@ -688,7 +695,7 @@ def timeline_table(entries: Sequence[TimelineEntry]) -> Table:
             Text(entry.what, style=entry.style),
             "" if entry.duration is None else format_duration(entry.duration),
             ", ".join(entry.changed),
-            Text(entry.notes, style="red" if "failed" in entry.style else ""),
+            Text(entry.notes, style="red" if "red" in entry.style else ""),
         )
     return table
 
@@ -837,12 +844,22 @@ def format_resumed(outcome: RunOutcome[Any], from_step: int) -> list[str]:
     return lines
 
 
-def format_abort(record: RunRecord, previous: str, now: float) -> str:
-    """Say what an abort request did: told a live owner, or marked the run aborted at once."""
+def format_abort(record: RunRecord, previous: str, now: float, *, gone: bool = False) -> str:
+    """Say what an abort request did: told a live owner, or marked the run aborted at once.
+
+    ``gone``: the owner holding the lease is known to have ended, so nobody will act on the
+    request until the lease expires.
+    """
     if record.status == ACTIVE and record.abort_requested is not None:
+        if gone and record.lease_expires_at is not None:
+            return (
+                f"abort requested, but run {record.run_id}'s owner {record.owner} has ended: "
+                f"once its lease expires (in {format_age(record.lease_expires_at - now)}) "
+                f"`orchestra abort` marks it aborted at once; --wait does that for you"
+            )
         return (
-            f"abort requested: run {record.run_id} is owned by {record.owner}, which will stop "
-            f"it at its next check (within its poll interval)"
+            f"abort requested: run {record.run_id} is owned by {record.owner}, a live process, "
+            f"which stops it at its next check and keeps the last checkpoint"
         )
     why = {
         _STALE: "its owner's lease had expired, so no process was running it",
@@ -1219,14 +1236,15 @@ def runs(settings: Settings, statuses: tuple[str, ...], limit: int, as_json: boo
     """List runs, newest first: status, step, age and who owns them.
 
     A running run whose owner's lease expired shows as "running (stale lease)": its process
-    crashed or hangs, and `orchestra resume RUN` takes it over."""
+    crashed or hangs, and `orchestra resume RUN` takes it over.
+    """
 
-    async def main() -> tuple[list[RunRecord], str | None]:
+    async def work() -> tuple[list[RunRecord], str | None]:
         async with open_store(settings) as store:
             records = await store.list_runs(statuses=statuses, limit=limit + 1)
             return records, await store.stop_all_reason()
 
-    records, stopped = _run(main)
+    records, stopped = _run(work)
     now = time.time()
     more = len(records) > limit
     records = records[:limit]
@@ -1252,12 +1270,12 @@ def runs(settings: Settings, statuses: tuple[str, ...], limit: int, as_json: boo
 def show(settings: Settings, run_id: str, as_json: bool) -> None:
     """Show a run: status, owner, usage and a timeline of its steps."""
 
-    async def main() -> tuple[RunRecord, list[EventRow]]:
+    async def work() -> tuple[RunRecord, list[EventRow]]:
         async with open_store(settings) as store:
             record = await find_run(store, run_id)
             return record, await store.events(record.run_id)
 
-    record, events = _run(main)
+    record, events = _run(work)
     now = time.time()
     gone = owner_gone(record.owner)
     entries = timeline(events)
@@ -1304,16 +1322,16 @@ def resume(settings: Settings, run_id: str, app_ref: str | None, allow_graph_cha
     """
     path = _db_path(settings)
 
-    async def main() -> tuple[RunOutcome[Any], int]:
+    async def work() -> tuple[RunOutcome[Any], int]:
+        # the store refuses all of these too; checking first keeps the app unimported
         async with open_store(settings) as store:
             record = await find_run(store, run_id)
+            stopped = await store.stop_all_reason()
         if record.status == "completed":
             raise RunStatusError(record.run_id, record.status, "resume it")
-        _refuse_live_owner(record, time.time())
-        async with open_store(settings) as store:
-            stopped = await store.stop_all_reason()
         if stopped is not None:
             raise StopAllActiveError(stopped)
+        _refuse_live_owner(record, time.time())
         ref = app_ref or record.app_ref
         if ref is None:
             raise click.ClickException(
@@ -1333,7 +1351,7 @@ def resume(settings: Settings, run_id: str, app_ref: str | None, allow_graph_cha
             await store.aclose()
         return outcome, record.step
 
-    outcome, from_step = _run(main)
+    outcome, from_step = _run(work)
     for line in format_resumed(outcome, from_step):
         click.echo(line)
     problem = format_outcome_error(outcome)
@@ -1365,7 +1383,7 @@ def _refuse_live_owner(record: RunRecord, now: float) -> None:
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
+    default=60.0,
     show_default=True,
     help="With --wait: give up after this many seconds (exit 1).",
 )
@@ -1378,12 +1396,17 @@ def abort(settings: Settings, run_id: str, reason: str, wait: bool, timeout: flo
     forked) is marked aborted at once. Either way it can be resumed later.
     """
 
-    async def main() -> None:
+    async def work() -> None:
         async with open_store(settings) as store:
             record = await find_run(store, run_id)
-            previous = run_status(record, time.time())
+            if record.status == "aborted":
+                why = f": {record.reason}" if record.reason else ""
+                click.echo(f"run {record.run_id} is already aborted{why}")
+                return
+            gone = owner_gone(record.owner)
+            previous = run_status(record, time.time(), gone=gone)
             record = await store.request_abort(record.run_id, reason)
-            click.echo(format_abort(record, previous, time.time()))
+            click.echo(format_abort(record, previous, time.time(), gone=gone))
             if wait and record.status == ACTIVE:
                 with anyio.move_on_after(timeout):
                     record = await wait_until_stopped(store, record.run_id, reason)
@@ -1397,7 +1420,7 @@ def abort(settings: Settings, run_id: str, reason: str, wait: bool, timeout: flo
                     f"run {record.run_id} stopped at step {record.step}: {record.status}{problem}"
                 )
 
-    _run(main)
+    _run(work)
 
 
 async def wait_until_stopped(
@@ -1443,23 +1466,27 @@ def stop_all(settings: Settings, reason: str, release: bool, yes: bool) -> None:
             abort=True,
         )
 
-    async def main() -> list[tuple[RunRecord, str]]:
+    async def work() -> list[tuple[RunRecord, str, bool]]:
         async with open_store(settings) as store:
-            before = {
-                r.run_id: run_status(r, time.time())
-                for r in await store.list_runs(statuses=[ACTIVE])
-            }
+            before = {r.run_id: r for r in await store.list_runs(statuses=[ACTIVE])}
             stopped = await store.stop_all(reason)
-            return [(await store.get_run(i), before.get(i, ACTIVE)) for i in stopped]
+            now = time.time()
+            results = []
+            for run_id in stopped:
+                previous = before.get(run_id)
+                gone = previous is not None and owner_gone(previous.owner)
+                status = ACTIVE if previous is None else run_status(previous, now, gone=gone)
+                results.append((await store.get_run(run_id), status, gone))
+            return results
 
-    results = _run(main)
+    results = _run(work)
     now = time.time()
     click.echo(
         f"stop-all in force ({reason}): {len(results)} running "
         f"run{'' if len(results) == 1 else 's'} told to stop"
     )
-    for record, previous in results:
-        click.echo(f"  {format_abort(record, previous, now)}")
+    for record, previous, gone in results:
+        click.echo(f"  {format_abort(record, previous, now, gone=gone)}")
     click.echo("new runs and resumes are refused until `orchestra stop-all --release`")
 
 
@@ -1470,12 +1497,12 @@ def stop_all(settings: Settings, reason: str, release: bool, yes: bool) -> None:
 def checkpoints(settings: Settings, run_id: str, as_json: bool) -> None:
     """List a run's checkpoints: kind, size, changed fields, next tasks."""
 
-    async def main() -> tuple[RunRecord, list[CheckpointRow]]:
+    async def work() -> tuple[RunRecord, list[CheckpointRow]]:
         async with open_store(settings) as store:
             record = await find_run(store, run_id)
             return record, await store.checkpoints(record.run_id)
 
-    record, rows = _run(main)
+    record, rows = _run(work)
     infos = [checkpoint_info(row) for row in rows]
     if as_json:
         _echo_json([checkpoint_json(info) for info in infos])
@@ -1503,7 +1530,7 @@ def fork(settings: Settings, run_id: str, step: int, new_run_id: str | None) -> 
     --allow-graph-change if needed. `orchestra resume NEW` runs it.
     """
 
-    async def main() -> RunRecord:
+    async def work() -> RunRecord:
         async with open_store(settings) as store:
             record = await find_run(store, run_id)
             if step > record.step:
@@ -1513,7 +1540,7 @@ def fork(settings: Settings, run_id: str, step: int, new_run_id: str | None) -> 
                 )
             return await fork_run(store, record.run_id, step, new_run_id or _new_run_id())
 
-    record = _run(main)
+    record = _run(work)
     click.echo(
         f"forked run {record.parent_run_id} at step {step} into {record.run_id} "
         f"(status {record.status})"
@@ -1584,7 +1611,7 @@ def prune(
     if not yes:
         click.confirm(f"Delete {count} ({which}) from {settings.db}?", abort=True)
 
-    async def main() -> str:
+    async def work() -> str:
         async with open_store(settings) as store:
             before = store.file_size()
             removed = await store.prune(older_than=cutoff, statuses=statuses)
@@ -1593,7 +1620,7 @@ def prune(
             checkpointed = vacuum(store)
             return format_prune(removed, before, store.file_size(), checkpointed=checkpointed)
 
-    click.echo(_run(main))
+    click.echo(_run(work))
 
 
 def vacuum(store: SQLiteStore) -> bool:
@@ -1622,7 +1649,7 @@ def check(settings: Settings) -> None:
     Exits 1 if the integrity check finds a problem.
     """
 
-    async def main() -> tuple[str, str, str | None, list[RunRecord], int]:
+    async def work() -> tuple[str, str, str | None, list[RunRecord], int]:
         async with open_store(settings) as store:
             return (
                 store.schema_version(),
@@ -1632,7 +1659,7 @@ def check(settings: Settings) -> None:
                 store.file_size(),
             )
 
-    version, integrity, stopped, records, size = _run(main)
+    version, integrity, stopped, records, size = _run(work)
     now = time.time()
     click.echo(f"database   {settings.db} ({format_bytes(size)})")
     click.echo(f"schema     {version}")
@@ -1643,13 +1670,6 @@ def check(settings: Settings) -> None:
         raise click.ClickException(
             f"{settings.db}: integrity check failed: {'; '.join(integrity.splitlines()[:3])}"
         )
-
-
-def format_run_counts(records: Sequence[RunRecord], now: float) -> str:
-    """Count runs by status: ``5: completed 3, running 1, running (stale lease) 1``."""
-    counts = Counter(run_status(r, now) for r in records)
-    parts = ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
-    return f"{len(records)}: {parts}" if records else "0"
 
 
 # -- loading an app for resume ---------------------------------------------------------------
