@@ -933,9 +933,16 @@ async def watch_live(
 
 
 async def _run_demo(
-    input: Mapping[str, Any], *, speed: float, failures: int, live: bool
+    input: Mapping[str, Any],
+    *,
+    speed: float,
+    failures: int,
+    live: bool,
+    db: Path | None = None,
 ) -> RunOutcome[Any]:
     app = build_app(speed=speed, failures=failures)
+    if db is not None:
+        app = app.with_store(SQLiteStore(db))
     app.validate_input(input)  # bad input is one error line, before any display starts
     stream = cast(AsyncGenerator[Event, None], app.stream(input))
     async with aclosing(stream) as events:
@@ -1082,6 +1089,9 @@ def main(ctx: click.Context, db: Path | None, verbose: bool) -> None:
     ctx.with_resource(logging_configured(verbose=verbose))
 
 
+DEMO_DB = "orchestra-demo.db"
+
+
 @main.command()
 @click.option(
     "--topic", default=DEFAULT_TOPIC, show_default=True, help="What the demo team writes about."
@@ -1114,23 +1124,43 @@ def main(ctx: click.Context, db: Path | None, verbose: bool) -> None:
     show_default=True,
     help="The async library to run on.",
 )
+@click.option(
+    "--no-store",
+    is_flag=True,
+    help="Do not checkpoint the run (by default it goes to --db, or ./orchestra-demo.db).",
+)
 @click.pass_obj
 def demo(
-    settings: Settings, topic: str, plain: bool, speed: float, failures: int, backend: str
+    settings: Settings,
+    topic: str,
+    plain: bool,
+    speed: float,
+    failures: int,
+    backend: str,
+    no_store: bool,
 ) -> None:
     """Run a demo graph and watch it: no model or API key needed.
 
     A planner fans out to three researchers working concurrently, a reviewer sends the draft
-    back once, and publishing fails once and succeeds on retry. The same graph, with
-    comments, is examples/quickstart.py.
+    back once, and publishing fails once and succeeds on retry. Every step is checkpointed in
+    the embedded SQLite store (--db, default ./orchestra-demo.db), so the operator commands
+    work on it afterwards. The same graph, with comments, is examples/quickstart.py.
     """
     if backend == "trio" and find_spec("trio") is None:
         raise click.BadParameter("trio is not installed (pip install trio)", param_hint="--backend")
     live = not plain and Console().is_terminal
+    db = None if no_store else (settings.db or Path(DEMO_DB))
     outcome = anyio.run(
-        lambda: _run_demo({"topic": topic}, speed=speed, failures=failures, live=live),
+        lambda: _run_demo({"topic": topic}, speed=speed, failures=failures, live=live, db=db),
         backend=backend,
     )
+    if db is not None:
+        click.echo(
+            f"\nthe run is checkpointed in {db}; look at it with:\n"
+            f"  orchestra --db {db} runs\n"
+            f"  orchestra --db {db} show {outcome.run_id}\n"
+            f"  orchestra --db {db} checkpoints {outcome.run_id}"
+        )
     problem = format_outcome_error(outcome)
     if problem is not None:
         if settings.verbose and outcome.error is not None:

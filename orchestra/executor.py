@@ -104,6 +104,7 @@ class Execution:
         self._events = self._watched or recorder is not None
         self._limiter: anyio.CapacityLimiter | None = None
         self._carried: list[Event] = []
+        self._buffer: list[Event] = []
         self._checked = self._renewed = time.monotonic()
 
     # -- the run ----------------------------------------------------------------------------
@@ -148,14 +149,17 @@ class Execution:
             self.status, self.reason = RunStatus.BUDGET_EXCEEDED, reason
             return None
         buffer: list[Event] = []
+        self._buffer = buffer
         try:
             await self._run_step(self.tasks, buffer)
         except RunError as exc:
             self.status, self.error = RunStatus.FAILED, exc
+            self._carried.extend(buffer)  # the failed step's events go into the record
         return buffer
 
     def stopped_by_scope(self) -> None:
         """Record why the run's cancel scope stopped the step in flight."""
+        self._carried.extend(self._buffer)  # what the stopped step did before it stopped
         if isinstance(self.error, LeaseLostError):
             self.status = RunStatus.FAILED
         elif self.abort_reason is not None:
@@ -277,7 +281,8 @@ class Execution:
             self._emit(event, buffer)
         if self.recorder is not None:
             recorded = [*self._carried, *buffer] if self._carried else buffer
-            await self.recorder.commit(step, state, deltas, following, recorded)
+            usage = _usage_dict(self._usage(step, self.tasks_run + len(tasks)))
+            await self.recorder.commit(step, state, deltas, following, recorded, usage)
             self._carried.clear()
         # the commit: nothing below awaits
         self.state, self.step, self.tasks = state, step, following

@@ -16,8 +16,12 @@ StateT = TypeVar("StateT", bound=BaseModel)
 
 
 class RunStatus(StrEnum):
-    """Where a run stands; every status but ``running`` and ``completed`` can be resumed."""
+    """Where a run stands; every status but ``running`` and ``completed`` can be resumed.
 
+    ``pending``: created (by ``orchestra fork``) but not started yet.
+    """
+
+    PENDING = "pending"
     RUNNING = "running"
     COMPLETED = "completed"
     INTERRUPTED = "interrupted"

@@ -140,8 +140,9 @@ class Recorder:
         deltas: Mapping[str, FieldDelta],
         tasks: Sequence[Task],
         events: Sequence[Event],
+        usage: dict[str, Any],
     ) -> None:
-        """Commit one step in one transaction: the checkpoint with the step's events."""
+        """Commit one step in one transaction: the checkpoint, the step's events, usage."""
         delta = dump_delta(self.graph.schema, state, deltas) if deltas else None
         self._since_bytes += len(delta or "")
         self._since_steps += 1
@@ -158,6 +159,7 @@ class Recorder:
             tasks=dump_tasks(tasks),
             created_at=time.time(),
             events=step_events(events),
+            usage=_compact(usage),
         )
         commit = StepCommit(step=step, checkpoint=checkpoint, had_pending=self._had_pending)
         self._had_pending = False

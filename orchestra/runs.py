@@ -39,6 +39,7 @@ async def prepare_resume(
         tasks = load_tasks(chain[-1].tasks)
         step = chain[-1].step
         pending = await store.pending_writes(run_id, step + 1)
+        usage = json.loads(chain[-1].usage) if chain[-1].usage else record.usage
         done = {write.task: load_result(write.result) for write in pending}
     except Exception as exc:
         message = f"could not load the run to resume it: {type(exc).__name__}: {exc}"
@@ -63,7 +64,7 @@ async def prepare_resume(
         step=step,
         tasks=tasks,
         done=done,
-        usage=record.usage,
+        usage=usage,
         events=False,
     )
 

@@ -115,6 +115,26 @@ def test_demo_plain_completes(backend: str) -> None:
     assert result.stderr == ""
 
 
+def test_demo_checkpoints_into_the_default_database(tmp_path: Path) -> None:
+    """Without --db the demo run is stored in ./orchestra-demo.db, where `runs` finds it."""
+    result = invoke(*FAST)
+    assert result.exit_code == 0, result.output
+    assert "orchestra --db orchestra-demo.db show" in result.stdout
+    listed = CliRunner().invoke(main, ["--db", "orchestra-demo.db", "runs", "--json"])
+    assert listed.exit_code == 0, listed.output
+    (run,) = json.loads(listed.stdout)
+    assert run["status"] == "completed"
+    assert run["graph"] == "demo"
+
+
+def test_demo_no_store_writes_no_database(tmp_path: Path) -> None:
+    """`demo --no-store` runs without checkpoints and leaves no file behind."""
+    result = invoke(*FAST, "--no-store")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "orchestra-demo.db").exists()
+    assert "checkpointed" not in result.stdout
+
+
 def test_demo_is_plain_when_stdout_is_not_a_terminal() -> None:
     """Without --plain, a non-terminal stdout still gets plain lines, not a live table."""
     result = invoke("demo", "--speed", "0")
@@ -496,11 +516,13 @@ def filled(db: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Forget which ticks failed once; `orchestra resume` puts the app's directory on
-    sys.path: keep the test process clean."""
+    sys.path: keep the test process clean; `orchestra demo` writes ./orchestra-demo.db:
+    run in a temporary directory."""
     monkeypatch.setattr(cli_app, "_failed", set())
     monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.mark.parametrize("command", RUN_COMMANDS, ids=lambda c: " ".join(c[:2]))

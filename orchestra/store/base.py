@@ -72,8 +72,9 @@ class RunRecord:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckpointRow:
-    """One step's checkpoint: a snapshot (full state JSON) or a delta, the next tasks, and
-    the step's events (a JSON array), so a step is one row."""
+    """One step's checkpoint: a snapshot (full state JSON) or a delta, the next tasks, the
+    step's events (a JSON array) and the run's usage after it, so a step is one row.
+    ``size`` is the byte length of the snapshot or delta."""
 
     step: int
     snapshot: str | None
@@ -81,6 +82,7 @@ class CheckpointRow:
     tasks: str
     created_at: float
     events: str | None = None
+    usage: str | None = None
     size: int = 0
 
 

@@ -172,6 +172,8 @@ class MemoryStore:
     def _abort(self, record: RunRecord, reason: str, now: float) -> None:
         if record.status == "completed":
             raise RunStatusError(record.run_id, record.status, "abort it")
+        if record.status == "aborted":
+            return  # already at rest as aborted: keep its reason and history
         if record.status == ACTIVE and record.lease_live(now):
             record = replace(record, abort_requested=reason)
         else:
@@ -266,4 +268,4 @@ class MemoryStore:
 
 
 def _sized(row: CheckpointRow) -> CheckpointRow:
-    return replace(row, size=len(row.snapshot or row.delta or ""))
+    return replace(row, size=len((row.snapshot or row.delta or "").encode()))

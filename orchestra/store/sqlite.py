@@ -53,7 +53,8 @@ __all__ = ("SQLiteStore",)
 MIGRATION_SET = "orchestra"
 KNOWN_MIGRATIONS = ("m001_initial",)
 CHECKPOINT_COLUMNS = (
-    "step, snapshot, delta, tasks, created_at, events, length(coalesce(snapshot, delta, ''))"
+    "step, snapshot, delta, tasks, created_at, events, usage, "
+    "length(CAST(coalesce(snapshot, delta, '') AS BLOB))"
 )
 RUN_COLUMNS = (
     "run_id, graph, structure_hash, app_ref, status, step, owner, epoch, lease_expires_at, "
@@ -110,6 +111,7 @@ def _migrations() -> Any:
                 delta TEXT,
                 tasks TEXT NOT NULL,
                 events TEXT,
+                usage TEXT,
                 created_at REAL NOT NULL
             )"""
         )
@@ -334,8 +336,9 @@ class SQLiteStore:
         row = commit.checkpoint
         # fenced: the row goes in only while this owner's epoch is current
         insert = (
-            "INSERT INTO checkpoints (id, step, snapshot, delta, tasks, events, created_at) "
-            "SELECT (run_no << 32) + ?, ?, ?, ?, ?, ?, ? FROM runs "
+            "INSERT INTO checkpoints "
+            "(id, step, snapshot, delta, tasks, events, usage, created_at) "
+            "SELECT (run_no << 32) + ?, ?, ?, ?, ?, ?, ?, ? FROM runs "
             "WHERE run_id = ? AND epoch = ?"
         )
         values = (
@@ -345,6 +348,7 @@ class SQLiteStore:
             row.delta,
             row.tasks,
             row.events,
+            row.usage,
             row.created_at,
             run_id,
             epoch,
@@ -452,6 +456,8 @@ class SQLiteStore:
             at=now,
             data=json.dumps({"reason": reason}),
         )
+        if record.status == "aborted":
+            return  # already at rest as aborted: keep its reason and history
         if record.status == ACTIVE and record.lease_live(now):
             conn.execute(
                 "UPDATE runs SET abort_requested = ? WHERE run_id = ?", (reason, record.run_id)
@@ -532,8 +538,9 @@ class SQLiteStore:
     @staticmethod
     def _insert_checkpoint(conn: sqlite3.Connection, run_id: str, row: CheckpointRow) -> None:
         conn.execute(
-            "INSERT INTO checkpoints (id, step, snapshot, delta, tasks, events, created_at) "
-            "SELECT (run_no << 32) + ?, ?, ?, ?, ?, ?, ? FROM runs WHERE run_id = ?",
+            "INSERT INTO checkpoints "
+            "(id, step, snapshot, delta, tasks, events, usage, created_at) "
+            "SELECT (run_no << 32) + ?, ?, ?, ?, ?, ?, ?, ? FROM runs WHERE run_id = ?",
             (
                 row.step,
                 row.step,
@@ -541,6 +548,7 @@ class SQLiteStore:
                 row.delta,
                 row.tasks,
                 row.events,
+                row.usage,
                 row.created_at,
                 run_id,
             ),
@@ -639,9 +647,14 @@ class SQLiteStore:
         return len(ids)
 
     def vacuum(self) -> None:
-        """Give the space of deleted rows back to the file system."""
+        """Give the space of deleted rows back to the file system.
+
+        In WAL mode VACUUM writes the rebuilt file through the log, so the log is then
+        checkpointed and truncated: only then does the file system see the space returned.
+        """
         with self._read() as conn:
             conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def file_size(self) -> int:
         """Return the bytes used by the database file and its WAL."""
@@ -713,5 +726,6 @@ def _checkpoint(row: Sequence[Any]) -> CheckpointRow:
         tasks=row[3],
         created_at=row[4],
         events=row[5],
-        size=row[6],
+        usage=row[6],
+        size=row[7],
     )
