@@ -28,3 +28,4 @@ class TaskResult:
     update: Mapping[str, Any] | None = None
     goto: tuple[str | Send, ...] = ()
     error: OrchestraError | None = None
+    duration: float = 0.0

@@ -35,6 +35,8 @@ def _compact(value: Any) -> str:
     return to_json(value, fallback=str).decode()
 
 
+_PLAIN = (int, str, bool, type(None))
+
 _TASKS_CACHE: dict[tuple[tuple[str, int, str], ...], str] = {}
 
 
@@ -44,20 +46,32 @@ def dump_state(state: BaseModel) -> str:
 
 
 def dump_delta(schema: StateSchema, state: BaseModel, deltas: Mapping[str, FieldDelta]) -> str:
-    """Serialize what one step changed: set fields' values, appended items."""
-    parts = []
-    sets = {name for name, d in deltas.items() if d.kind == "set"}
-    if sets:
-        parts.append('"set":' + state.model_dump_json(include=sets))
-    appended = {}
+    """Serialize what one step changed: set fields' values, appended items.
+
+    Values are serialized the way the state model serializes them; ints, strings, booleans
+    and None (whose JSON form cannot differ) skip the model's serializer.
+    """
+    sets: dict[str, Any] = {}
+    slow: set[str] = set()
+    appended: dict[str, Any] = {}
+    plain = _PLAIN if schema.plain_serialization else ()
     for name, delta in deltas.items():
         if delta.kind == "append":
             adapter = schema.fields[name].items_adapter
             assert adapter is not None
             appended[name] = adapter.dump_python(delta.value, mode="json")
+        elif type(delta.value) in plain:
+            sets[name] = delta.value
+        else:
+            slow.add(name)
+    if slow:
+        sets.update(state.model_dump(mode="json", include=slow))
+    out: dict[str, Any] = {}
+    if sets:
+        out["set"] = sets
     if appended:
-        parts.append('"append":' + _compact(appended))
-    return "{" + ",".join(parts) + "}"
+        out["append"] = appended
+    return _compact(out)
 
 
 def load_state(schema: StateSchema, chain: Sequence[CheckpointRow]) -> BaseModel:

@@ -1,4 +1,4 @@
-"""Typed events: what a run reports as it goes.
+"""Typed events: what a run reports as it goes (records: treat them as read-only).
 
 ``app.stream(...)`` yields them; the same objects are logged through structlog (debug level for
 per-node and per-step events, info for the run's start and end), so what a caller watches and
@@ -24,7 +24,7 @@ __all__ = (
 )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Event:
     """Base of every event: which run, and when (seconds since the epoch)."""
 
@@ -41,7 +41,7 @@ class Event:
         return data
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class RunStarted(Event):
     kind: ClassVar[str] = "run_started"
     graph: str
@@ -50,7 +50,7 @@ class RunStarted(Event):
     next: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class NodeStarted(Event):
     kind: ClassVar[str] = "node_started"
     step: int
@@ -58,7 +58,7 @@ class NodeStarted(Event):
     task: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class NodeRetried(Event):
     kind: ClassVar[str] = "node_retried"
     step: int
@@ -69,7 +69,7 @@ class NodeRetried(Event):
     delay: float
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class NodeFinished(Event):
     kind: ClassVar[str] = "node_finished"
     step: int
@@ -80,9 +80,12 @@ class NodeFinished(Event):
     error: str | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class StepCommitted(Event):
-    """A step's barrier passed: its writes are merged and the next tasks are known."""
+    """A step's barrier passed: its writes are merged and the next tasks are known.
+
+    ``durations`` holds each task's own duration, in the order of ``nodes``.
+    """
 
     kind: ClassVar[str] = "step_committed"
     step: int
@@ -90,9 +93,10 @@ class StepCommitted(Event):
     changed: tuple[str, ...]
     next: tuple[str, ...]
     duration: float
+    durations: tuple[float, ...] = ()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class RunFinished(Event):
     """The run stopped; ``outcome`` is what ``app.run`` would have returned."""
 

@@ -277,11 +277,16 @@ class Execution:
                 changed=tuple(deltas),
                 next=tuple(t.label for t in following),
                 duration=time.monotonic() - began,
+                durations=tuple(r.duration for r in results),
             )
             self._emit(event, buffer)
         if self.recorder is not None:
             recorded = [*self._carried, *buffer] if self._carried else buffer
-            usage = _usage_dict(self._usage(step, self.tasks_run + len(tasks)))
+            usage = {
+                "steps": step,
+                "tasks": self.tasks_run + len(tasks),
+                "wall_seconds": round(self._elapsed(), 6),
+            }  # what _usage_dict stores, without building a Usage on the hot path
             await self.recorder.commit(step, state, deltas, following, recorded, usage)
             self._carried.clear()
         # the commit: nothing below awaits
@@ -380,9 +385,10 @@ class Execution:
         except InvalidUpdateError as exc:
             self._finish(task, step, began, attempts, buffer, exc)
             return TaskResult(error=exc)
-        if self._events:
+        # the store keeps no clean first-attempt finish (step_committed has its duration)
+        if self._watched or (attempts > 1 and self._events):
             self._finish(task, step, began, attempts, buffer, None)
-        return TaskResult(update=update, goto=goto)
+        return TaskResult(update=update, goto=goto, duration=time.monotonic() - began)
 
     def _node_error(self, node: NodeSpec, step: int, attempts: int, exc: Exception) -> NodeError:
         error: NodeError
@@ -443,15 +449,20 @@ class Execution:
 
 
 def _usage_dict(usage: Usage) -> dict[str, Any]:
-    return {
+    """Usage as stored: counters at zero are left out (written with every checkpoint)."""
+    data: dict[str, Any] = {
         "steps": usage.steps,
         "tasks": usage.tasks,
-        "input_tokens": usage.input_tokens,
-        "output_tokens": usage.output_tokens,
-        "cost_usd": usage.cost_usd,
-        "tool_calls": usage.tool_calls,
         "wall_seconds": round(usage.wall_seconds, 6),
     }
+    if usage.input_tokens or usage.output_tokens:
+        data["input_tokens"] = usage.input_tokens
+        data["output_tokens"] = usage.output_tokens
+    if usage.cost_usd:
+        data["cost_usd"] = usage.cost_usd
+    if usage.tool_calls:
+        data["tool_calls"] = usage.tool_calls
+    return data
 
 
 @asynccontextmanager

@@ -19,7 +19,7 @@ from pydantic_core import to_json
 from . import _faults
 from ._tasks import Task, TaskResult
 from .checkpoint import dump_delta, dump_result, dump_state, dump_tasks
-from .events import Event, NodeStarted
+from .events import Event, NodeFinished, NodeStarted
 from .state import FieldDelta
 from .store.base import (
     ACTIVE,
@@ -63,17 +63,48 @@ def event_row(event: Event, step: int | None) -> EventRow:
     return EventRow(step=step, kind=event.kind, at=event.at, data=_compact(data))
 
 
-def step_events(events: Sequence[Event]) -> str | None:
-    """Serialize a step's events into one JSON array kept in its checkpoint row."""
+_DEFAULTS: dict[str, Any] = {"task": 0, "attempts": 1, "error": None, "resumed": False}
+
+
+def step_events(events: Sequence[Event], step: int) -> str | None:
+    """Serialize a step's events into one JSON array kept in its checkpoint row.
+
+    Compact by design, since it is written every step: no ``node_started`` (its time is the
+    finish time minus the duration), no ``node_finished`` of a task that succeeded at its
+    first attempt (``step_committed`` holds every task's duration), no ``step`` equal to the
+    row's, no field at its default; :func:`~orchestra.store.base.merge_events` restores the
+    left-out fields when events are read.
+    """
     items = []
     for event in events:
-        if isinstance(event, NodeStarted):
-            continue  # its time is the finish time minus the duration
+        if isinstance(event, NodeStarted) or (
+            isinstance(event, NodeFinished) and event.attempts == 1 and event.error is None
+        ):
+            continue
         item: dict[str, Any] = {"event": event.kind, "at": event.at}
-        for name in _event_fields(type(event)):
-            item[name] = getattr(event, name)
+        for name, default in _plan(type(event)):
+            value = getattr(event, name)
+            if value != (step if default is _ROW_STEP else default):
+                item[name] = value
         items.append(item)
     return _compact(items) if items else None
+
+
+_ROW_STEP: Any = object()
+_NO_DEFAULT: Any = object()
+_PLANS: dict[type, tuple[tuple[str, Any], ...]] = {}
+
+
+def _plan(cls: type) -> tuple[tuple[str, Any], ...]:
+    """Each stored field of an event class with the value that is left out."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = tuple(
+            (name, _ROW_STEP if name == "step" else _DEFAULTS.get(name, _NO_DEFAULT))
+            for name in _event_fields(cls)
+        )
+        _PLANS[cls] = plan
+    return plan
 
 
 class Recorder:
@@ -158,7 +189,7 @@ class Recorder:
             delta=delta,
             tasks=dump_tasks(tasks),
             created_at=time.time(),
-            events=step_events(events),
+            events=step_events(events, step),
             usage=_compact(usage),
         )
         commit = StepCommit(step=step, checkpoint=checkpoint, had_pending=self._had_pending)

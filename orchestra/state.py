@@ -64,6 +64,11 @@ class StateSchema:
         self.problems: list[str] = []
         self.fields: dict[str, FieldSpec] = {}
         self._validator = model.__pydantic_validator__
+        decorators = model.__pydantic_decorators__
+        # without custom serializers, a plain value's JSON form is the value itself
+        self.plain_serialization = not (
+            decorators.field_serializers or decorators.model_serializers
+        )
         for name, info in model.model_fields.items():
             reducers = [r for r in map(_as_reducer, info.metadata) if r is not None]
             if len(reducers) > 1:

@@ -70,7 +70,7 @@ class RunRecord:
         )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class CheckpointRow:
     """One step's checkpoint: a snapshot (full state JSON) or a delta, the next tasks, the
     step's events (a JSON array) and the run's usage after it, so a step is one row.
@@ -103,7 +103,7 @@ class EventRow:
     data: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class StepCommit:
     """Everything one step writes, in one transaction: the checkpoint (with its events)."""
 
@@ -220,6 +220,13 @@ class Store(Protocol):
         ...
 
 
+# fields the recorder leaves out of step events when they hold these values
+_STEP_EVENT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "node_finished": {"task": 0, "attempts": 1, "error": None},
+    "node_retried": {"task": 0},
+}
+
+
 def merge_events(own: Sequence[EventRow], steps: Sequence[tuple[int, str]]) -> list[EventRow]:
     """Merge a run's own events with the step events kept in its checkpoints, by time."""
     import json
@@ -229,6 +236,7 @@ def merge_events(own: Sequence[EventRow], steps: Sequence[tuple[int, str]]) -> l
         for item in json.loads(text):
             kind = item.pop("event")
             at = item.pop("at")
-            rows.append(EventRow(step=step, kind=kind, at=at, data=json.dumps(item)))
+            data = {"step": step, **_STEP_EVENT_DEFAULTS.get(kind, {}), **item}
+            rows.append(EventRow(step=step, kind=kind, at=at, data=json.dumps(data)))
     rows.sort(key=lambda r: r.at)
     return rows

@@ -587,7 +587,14 @@ async def test_events_merges_run_events_and_step_events_by_time(store: Store) ->
         ("step_committed", 2, t + 4),
         ("run_finished", 2, t + 5),
     ]
-    assert json.loads(events[2].data) == {"node": "tick"}
+    # a step event gets back its row's step and the defaults the recorder left out
+    assert json.loads(events[2].data) == {
+        "step": 2,
+        "node": "tick",
+        "task": 0,
+        "attempts": 1,
+        "error": None,
+    }
     assert json.loads(events[4].data) == {"status": "completed"}
 
 
