@@ -23,13 +23,9 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from orchestra import GraphValidationError, RunOutcome, RunStatus, Usage, __version__
-from orchestra.cli import (
-    AppLoadError,
+from orchestra.cli import main
+from orchestra.cli.format import (
     ProgressView,
-    checkpoint_info,
-    checkpoint_json,
-    checkpoints_table,
-    format_abort,
     format_age,
     format_ago,
     format_bytes,
@@ -37,24 +33,30 @@ from orchestra.cli import (
     format_error,
     format_event,
     format_nodes,
+    format_resumed,
+    format_state,
+    parse_duration,
+    summary_panel,
+)
+from orchestra.cli.history import (
+    checkpoint_info,
+    checkpoint_json,
+    checkpoints_table,
+    timeline,
+    timeline_table,
+)
+from orchestra.cli.loading import AppLoadError, load_app, resume_store
+from orchestra.cli.records import (
+    format_abort,
     format_owner,
     format_prune,
-    format_resumed,
     format_run_counts,
-    format_state,
     format_usage,
-    load_app,
-    main,
     owner_gone,
-    parse_duration,
-    resume_store,
     run_json,
     run_status,
     run_summary,
     runs_table,
-    summary_panel,
-    timeline,
-    timeline_table,
 )
 from orchestra.errors import (
     InputValidationError,
@@ -175,7 +177,7 @@ def test_unexpected_error_is_one_line_without_traceback(monkeypatch: pytest.Monk
     def broken(**kwargs: Any) -> Any:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("orchestra.cli.build_app", broken)
+    monkeypatch.setattr("orchestra.cli.demo.build_app", broken)
     result = invoke(*FAST)
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [
@@ -189,7 +191,7 @@ def test_error_from_a_task_group_is_one_line(monkeypatch: pytest.MonkeyPatch) ->
     def broken(**kwargs: Any) -> Any:
         raise ExceptionGroup("task group", [InputValidationError("Report", "topic: missing")])
 
-    monkeypatch.setattr("orchestra.cli.build_app", broken)
+    monkeypatch.setattr("orchestra.cli.demo.build_app", broken)
     result = invoke(*FAST)
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [
@@ -203,7 +205,7 @@ def test_ctrl_c_in_several_tasks_aborts_quietly(monkeypatch: pytest.MonkeyPatch)
     def interrupted(**kwargs: Any) -> Any:
         raise BaseExceptionGroup("task group", [KeyboardInterrupt(), KeyboardInterrupt()])
 
-    monkeypatch.setattr("orchestra.cli.build_app", interrupted)
+    monkeypatch.setattr("orchestra.cli.demo.build_app", interrupted)
     result = invoke(*FAST)
     assert result.exit_code == 1
     assert result.stderr.strip() == "Aborted!"

@@ -1,0 +1,65 @@
+"""The operator CLI: the ``orchestra`` command group, its global options, and its commands.
+
+``orchestra demo`` runs a demo graph live. On a run database (``--db`` or ``ORCHESTRA_DB``):
+``runs``, ``show``, ``checkpoints`` read it; ``resume``, ``abort``, ``stop-all``, ``fork`` and
+``prune`` change it; ``db check`` looks after the file.
+
+Formatting is kept apart from printing: :mod:`.format`, :mod:`.records` and :mod:`.history`
+turn events, outcomes, records, checkpoints and errors into strings and rich renderables;
+only :mod:`.output` and the commands (:mod:`.demo`, :mod:`.inspection`, :mod:`.control`,
+:mod:`.maintenance`) print. click, rich and the logging setup load here only;
+``import orchestra`` never imports this package.
+
+Exit codes: 0 when the command did its job (for ``demo`` and ``resume``: the run
+completed), 1 when it did not or an error stopped it (one line on stderr, no traceback
+unless ``--verbose``), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .._version import __version__
+from . import control, demo, inspection, maintenance
+from .database import Settings
+from .output import _Group, logging_configured
+
+__all__ = ("main",)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(
+    __version__, "-V", "--version", prog_name="orchestra", message="%(prog)s %(version)s"
+)
+@click.option(
+    "--db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="ORCHESTRA_DB",
+    show_envvar=True,
+    help="The run database (SQLite) the run commands read and write.",
+)
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Log everything (debug up) to stderr; show tracebacks."
+)
+@click.pass_context
+def main(ctx: click.Context, db: Path | None, verbose: bool) -> None:
+    """Run multi-agent graphs, and watch, approve, resume and abort their runs."""
+    ctx.obj = Settings(db=db, verbose=verbose)
+    ctx.with_resource(logging_configured(verbose=verbose))
+
+
+for _command in (
+    demo.demo,
+    inspection.runs,
+    inspection.show,
+    control.resume,
+    control.abort,
+    control.stop_all,
+    inspection.checkpoints,
+    maintenance.fork,
+    maintenance.prune,
+    maintenance.db_group,
+):
+    main.add_command(_command)

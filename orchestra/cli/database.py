@@ -1,0 +1,77 @@
+"""The global settings and what the database commands share: opening --db, finding a run."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+import click
+
+from ..errors import RunNotFoundError
+from ..store.base import RunRecord, Store
+from ..store.sqlite import SQLiteStore
+
+__all__ = ("Settings", "find_run", "open_store")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """The global options, stored on the click context (``ctx.obj``) for every command."""
+
+    db: Path | None = None
+    verbose: bool = False
+
+
+def _db_path(settings: Settings) -> Path:
+    if settings.db is None:
+        raise click.ClickException("no run database: pass --db PATH or set ORCHESTRA_DB")
+    if not settings.db.exists():
+        raise click.ClickException(
+            f"{settings.db}: no such database (a graph compiled with store={str(settings.db)!r} "
+            f"creates it on its first run)"
+        )
+    return settings.db
+
+
+@asynccontextmanager
+async def open_store(settings: Settings) -> AsyncIterator[SQLiteStore]:
+    """Open the ``--db`` store (a missing, foreign or corrupted file is one error line)."""
+    store = SQLiteStore(_db_path(settings))
+    try:
+        store.conn  # noqa: B018 - open now, so a bad file fails before anything else
+        yield store
+    finally:
+        await store.aclose()
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    return anyio.run(fn)
+
+
+async def find_run(store: Store, run_id: str) -> RunRecord:
+    """Return the run ``run_id``, or the one run whose id starts with it (like git)."""
+    try:
+        return await store.get_run(run_id)
+    except RunNotFoundError:
+        if not run_id:
+            raise
+        matches = [r for r in await store.list_runs() if r.run_id.startswith(run_id)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise
+        names = ", ".join(r.run_id for r in matches[:5])
+        more = ", ..." if len(matches) > 5 else ""
+        raise click.ClickException(
+            f"run id {run_id!r} is ambiguous: {len(matches)} runs start with it ({names}{more})"
+        ) from None
+
+
+_run_id_argument = click.argument("run_id", metavar="RUN")
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead.")

@@ -1,0 +1,245 @@
+"""Condensing what a run stored: its events into a timeline, its checkpoints into a list."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich import box
+from rich.table import Table
+from rich.text import Text
+
+from ..store.base import CheckpointRow, EventRow
+from .format import _STORED_STYLE, _plain_value, format_duration, format_nodes, format_timestamp
+
+__all__ = (
+    "CheckpointInfo",
+    "TimelineEntry",
+    "checkpoint_info",
+    "checkpoint_json",
+    "checkpoints_table",
+    "timeline",
+    "timeline_table",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimelineEntry:
+    """One row of a run's timeline: a committed step, or an event of the run itself."""
+
+    at: float
+    step: int | None
+    what: str
+    duration: float | None = None
+    changed: tuple[str, ...] = ()
+    notes: str = ""
+    style: str = ""
+
+
+def _event_data(row: EventRow) -> dict[str, Any]:
+    try:
+        data = json.loads(row.data)
+    except ValueError:
+        return {"data": row.data}
+    return data if isinstance(data, dict) else {"data": data}
+
+
+def _run_event_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
+    step = data.get("step", row.step)
+    if row.kind == "run_started":
+        following = format_nodes(data.get("next") or ())
+        return TimelineEntry(
+            at=row.at,
+            step=step,
+            what="run resumed" if data.get("resumed") else "run started",
+            notes=f"next: {following}" if following else "",
+            style="bold",
+        )
+    if row.kind == "run_finished":
+        status = str(data.get("status"))
+        return TimelineEntry(
+            at=row.at,
+            step=data.get("steps", step),
+            what=f"run {status}",
+            notes=str(data.get("error") or data.get("reason") or ""),
+            style=f"bold {_STORED_STYLE.get(status, '')}".strip(),
+        )
+    if row.kind == "abort_requested":
+        return TimelineEntry(
+            at=row.at, step=step, what="abort requested", notes=str(data.get("reason")), style="red"
+        )
+    if row.kind == "run_forked":
+        return TimelineEntry(
+            at=row.at,
+            step=step,
+            what=f"forked from {data.get('from_run')} at step {data.get('from_step')}",
+            style="bold",
+        )
+    notes = " ".join(f"{k}={_plain_value(k, v)}" for k, v in data.items() if k != "step")
+    return TimelineEntry(at=row.at, step=step, what=row.kind, notes=notes)
+
+
+@dataclass(slots=True)
+class _StepEvents:
+    step: int
+    at: float = 0.0
+    nodes: list[str] = field(default_factory=list)
+    duration: float | None = None
+    changed: tuple[str, ...] = ()
+    committed: bool = False
+    notes: list[str] = field(default_factory=list)
+    failed: bool = False
+
+
+def timeline(events: Sequence[EventRow]) -> list[TimelineEntry]:
+    """Condense a run's stored events into a timeline, oldest first.
+
+    The node and step events of a step become one entry: its nodes, duration, changed
+    fields, and any retries and errors; the run's own events (started, finished, abort
+    requested, forked, or kinds this version does not know) are one entry each.
+    """
+    entries: list[TimelineEntry] = []
+    steps: dict[int, _StepEvents] = {}
+    for row in events:
+        data = _event_data(row)
+        if row.kind not in ("node_finished", "node_retried", "step_committed"):
+            entries.append(_run_event_entry(row, data))
+            continue
+        number = int(data.get("step", row.step or 0))
+        item = steps.setdefault(number, _StepEvents(step=number))
+        item.at = max(item.at, row.at)
+        node = str(data.get("node"))
+        if row.kind == "step_committed":
+            item.nodes = list(data.get("nodes") or ())
+            item.duration = data.get("duration")
+            item.changed = tuple(data.get("changed") or ())
+            item.committed = True
+        elif row.kind == "node_retried":
+            item.notes.append(
+                f"{node} retried after attempt {data.get('attempt')}: {data.get('error')}"
+            )
+        else:
+            if not item.committed:
+                item.nodes.append(node)
+            if data.get("error"):
+                item.notes.append(f"{node} failed: {data['error']}")
+                item.failed = True
+    for item in steps.values():
+        notes = list(item.notes)
+        if not item.committed:
+            notes.append("not committed")
+        entries.append(
+            TimelineEntry(
+                at=item.at,
+                step=item.step,
+                what=format_nodes(item.nodes) or "…",
+                duration=item.duration,
+                changed=item.changed,
+                notes="; ".join(notes),
+                style="red" if item.failed else ("yellow" if notes else ""),
+            )
+        )
+    entries.sort(key=lambda e: e.at)
+    return entries
+
+
+def timeline_table(entries: Sequence[TimelineEntry]) -> Table:
+    """Build the step timeline of ``orchestra show``."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    table.add_column("time", style="dim", no_wrap=True)
+    table.add_column("step", justify="right", style="bold")
+    table.add_column("node(s) / event")
+    table.add_column("took", justify="right")
+    table.add_column("changed", style="cyan")
+    table.add_column("notes")
+    for entry in entries:
+        table.add_row(
+            format_timestamp(entry.at, date=False),
+            "" if entry.step is None else str(entry.step),
+            Text(entry.what, style=entry.style),
+            "" if entry.duration is None else format_duration(entry.duration),
+            ", ".join(entry.changed),
+            Text(entry.notes, style="red" if "red" in entry.style else ""),
+        )
+    return table
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointInfo:
+    """What ``orchestra checkpoints`` says about one stored checkpoint."""
+
+    step: int
+    kind: str  # snapshot | delta
+    size: int
+    set: tuple[str, ...]
+    appended: dict[str, int]
+    next: tuple[str, ...]
+    created_at: float
+
+    @property
+    def changed(self) -> str:
+        """The changed fields: ``n, log +2`` (a set field; two items appended to a list)."""
+        parts = [*self.set, *(f"{name} +{count}" for name, count in self.appended.items())]
+        return ", ".join(parts)
+
+
+def checkpoint_info(row: CheckpointRow) -> CheckpointInfo:
+    """Describe a checkpoint: its delta's set and appended fields, or for a snapshot the
+    fields its step changed (from its ``step_committed`` event)."""
+    fields_set: tuple[str, ...] = ()
+    appended: dict[str, int] = {}
+    if row.delta:
+        delta = json.loads(row.delta)
+        fields_set = tuple(delta.get("set", {}))
+        appended = {name: len(items) for name, items in delta.get("append", {}).items()}
+    elif row.events:
+        for item in json.loads(row.events):
+            if item.get("event") == "step_committed":
+                fields_set = tuple(item.get("changed") or ())
+    tasks = json.loads(row.tasks) if row.tasks else []
+    return CheckpointInfo(
+        step=row.step,
+        kind="snapshot" if row.snapshot is not None else "delta",
+        size=row.size or len(row.snapshot or row.delta or ""),
+        set=fields_set,
+        appended=appended,
+        next=tuple(str(task.get("label", task.get("node"))) for task in tasks),
+        created_at=row.created_at,
+    )
+
+
+def checkpoint_json(info: CheckpointInfo) -> dict[str, Any]:
+    """Return a checkpoint's description as a JSON-ready dict."""
+    return {
+        "step": info.step,
+        "kind": info.kind,
+        "bytes": info.size,
+        "set": list(info.set),
+        "appended": info.appended,
+        "next": list(info.next),
+        "created_at": info.created_at,
+    }
+
+
+def checkpoints_table(infos: Sequence[CheckpointInfo]) -> Table:
+    """Build the ``orchestra checkpoints`` table."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    table.add_column("step", justify="right", style="bold")
+    table.add_column("kind")
+    table.add_column("bytes", justify="right")
+    table.add_column("changed", style="cyan")
+    table.add_column("next")
+    table.add_column("time", style="dim", no_wrap=True)
+    for info in infos:
+        changed = info.changed or ("(input)" if info.step == 0 else "(no change)")
+        table.add_row(
+            str(info.step),
+            Text(info.kind, style="yellow" if info.kind == "snapshot" else ""),
+            f"{info.size:,}",
+            changed,
+            format_nodes(info.next) or "(end)",
+            format_timestamp(info.created_at),
+        )
+    return table

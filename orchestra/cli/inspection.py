@@ -1,0 +1,129 @@
+"""The commands that read the run database: runs, show, checkpoints."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import click
+
+from ..store.base import CheckpointRow, EventRow, RunRecord
+from .database import Settings, _json_option, _run, _run_id_argument, find_run, open_store
+from .format import format_bytes
+from .history import (
+    _event_data,
+    checkpoint_info,
+    checkpoint_json,
+    checkpoints_table,
+    timeline,
+    timeline_table,
+)
+from .output import _echo_json, _print
+from .records import RUN_STATUSES, format_stop_all, owner_gone, run_json, run_summary, runs_table
+
+__all__ = ("checkpoints", "runs", "show")
+
+
+@click.command()
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(RUN_STATUSES),
+    help="Only runs with this status (repeat for several).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Show at most this many runs, newest first.",
+)
+@_json_option
+@click.pass_obj
+def runs(settings: Settings, statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """List runs, newest first: status, step, age and who owns them.
+
+    A running run whose owner's lease expired shows as "running (stale lease)": its process
+    crashed or hangs, and `orchestra resume RUN` takes it over.
+    """
+
+    async def work() -> tuple[list[RunRecord], str | None]:
+        async with open_store(settings) as store:
+            records = await store.list_runs(statuses=statuses, limit=limit + 1)
+            return records, await store.stop_all_reason()
+
+    records, stopped = _run(work)
+    now = time.time()
+    more = len(records) > limit
+    records = records[:limit]
+    if stopped is not None:
+        click.echo(f"Warning: {format_stop_all(stopped)}", err=True)
+    gone = {r.owner for r in records if r.owner is not None and owner_gone(r.owner)}
+    if as_json:
+        _echo_json([run_json(r, now, gone=r.owner in gone) for r in records])
+        return
+    if not records:
+        which = f" with status {' or '.join(statuses)}" if statuses else ""
+        click.echo(f"no runs{which} in {settings.db}")
+        return
+    _print(runs_table(records, now, gone=gone))
+    if more:
+        click.echo(f"(newest {limit} shown; --limit shows more)")
+
+
+@click.command()
+@_run_id_argument
+@_json_option
+@click.pass_obj
+def show(settings: Settings, run_id: str, as_json: bool) -> None:
+    """Show a run: status, owner, usage and a timeline of its steps."""
+
+    async def work() -> tuple[RunRecord, list[EventRow]]:
+        async with open_store(settings) as store:
+            record = await find_run(store, run_id)
+            return record, await store.events(record.run_id)
+
+    record, events = _run(work)
+    now = time.time()
+    gone = owner_gone(record.owner)
+    entries = timeline(events)
+    if as_json:
+        _echo_json(
+            {
+                "run": run_json(record, now, gone=gone),
+                "timeline": [asdict(entry) for entry in entries],
+                "events": [
+                    {"step": e.step, "kind": e.kind, "at": e.at, "data": _event_data(e)}
+                    for e in events
+                ],
+            }
+        )
+        return
+    _print(
+        run_summary(record, events, now, gone=gone),
+        "",
+        timeline_table(entries) if entries else "no events stored",
+    )
+
+
+@click.command()
+@_run_id_argument
+@_json_option
+@click.pass_obj
+def checkpoints(settings: Settings, run_id: str, as_json: bool) -> None:
+    """List a run's checkpoints: kind, size, changed fields, next tasks."""
+
+    async def work() -> tuple[RunRecord, list[CheckpointRow]]:
+        async with open_store(settings) as store:
+            record = await find_run(store, run_id)
+            return record, await store.checkpoints(record.run_id)
+
+    record, rows = _run(work)
+    infos = [checkpoint_info(row) for row in rows]
+    if as_json:
+        _echo_json([checkpoint_json(info) for info in infos])
+        return
+    total = sum(info.size for info in infos)
+    _print(checkpoints_table(infos))
+    click.echo(f"{len(infos)} checkpoints of run {record.run_id}, {format_bytes(total)} in all")

@@ -1,0 +1,272 @@
+"""Formatting stored runs: status, owner and lease, usage, the runs table, what commands did."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from rich import box
+from rich.console import RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from ..outcome import RunStatus
+from ..store.base import ACTIVE, EventRow, RunRecord
+from .format import (
+    _STORED_STYLE,
+    format_age,
+    format_ago,
+    format_bytes,
+    format_duration,
+    format_nodes,
+    format_timestamp,
+)
+from .history import _event_data
+
+__all__ = (
+    "RUN_STATUSES",
+    "format_abort",
+    "format_owner",
+    "format_prune",
+    "format_run_counts",
+    "format_stop_all",
+    "format_usage",
+    "owner_gone",
+    "run_json",
+    "run_status",
+    "run_summary",
+    "runs_table",
+)
+
+RUN_STATUSES = (*(str(status) for status in RunStatus), "pending")
+"""Every status a stored run can have (a fork waits as ``pending`` until it is resumed)."""
+
+_STALE = "running (stale lease)"
+
+
+def run_status(record: RunRecord, now: float, *, gone: bool = False) -> str:
+    """Return a run's status as an operator needs it.
+
+    A ``running`` run whose lease expired has no live owner (it crashed or hung): it shows as
+    ``running (stale lease)`` and can be resumed. One whose owner process is known to have
+    ended (``gone``) but whose lease has not expired yet shows ``(owner gone)``; one asked to
+    abort shows ``(aborting)``.
+    """
+    if record.status == ACTIVE:
+        if not record.lease_live(now):
+            return _STALE
+        if gone:
+            return "running (owner gone)"
+        if record.abort_requested is not None:
+            return "running (aborting)"
+    return record.status
+
+
+def owner_gone(owner: str | None) -> bool:
+    """Tell whether a run owner (``host:pid:tag``) was a process of this host that ended.
+
+    Only a local, certainly dead process counts; on another host, or when unsure, False.
+    """
+    if owner is None or sys.platform == "win32":  # os.kill(pid, 0) terminates on Windows
+        return False
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists but belongs to someone else
+        return False
+    return False
+
+
+def format_owner(record: RunRecord, now: float, *, gone: bool = False) -> str:
+    """Name a run's owner and the state of its lease, or "" for a run at rest."""
+    if record.owner is None:
+        return ""
+    if record.lease_expires_at is None:
+        return f"{record.owner} (process ended)" if gone else record.owner
+    ended = "process ended; " if gone else ""
+    left = record.lease_expires_at - now
+    if left > 0:
+        return f"{record.owner} ({ended}lease {format_age(left)} left)"
+    return f"{record.owner} ({ended}lease expired {format_age(-left)} ago)"
+
+
+def format_usage(usage: Mapping[str, Any]) -> str:
+    """Summarize a stored usage dict: steps, tasks, tokens and cost when any, wall time."""
+    parts = [f"{usage.get('steps', 0)} steps", f"{usage.get('tasks', 0)} tasks"]
+    tokens_in, tokens_out = usage.get("input_tokens", 0), usage.get("output_tokens", 0)
+    if tokens_in or tokens_out:
+        parts.append(f"{tokens_in + tokens_out:,} tokens ({tokens_in:,} in, {tokens_out:,} out)")
+    if usage.get("cost_usd"):
+        parts.append(f"${usage['cost_usd']:.4f}")
+    if usage.get("tool_calls"):
+        parts.append(f"{usage['tool_calls']} tool calls")
+    parts.append(f"wall {format_duration(float(usage.get('wall_seconds', 0.0)))}")
+    return ", ".join(parts)
+
+
+def run_json(record: RunRecord, now: float, *, gone: bool = False) -> dict[str, Any]:
+    """Return a run as a JSON-ready dict: the stored record plus its lease state."""
+    data = asdict(record)
+    live = record.lease_live(now)
+    data["lease"] = None if record.owner is None else ("live" if live else "expired")
+    data["stale"] = record.status == ACTIVE and not live
+    data["owner_gone"] = gone
+    return data
+
+
+def _status_text(status: str) -> Text:
+    if status in (_STALE, "running (owner gone)"):
+        return Text(status, style="bold red")
+    return Text(status, style=_STORED_STYLE.get(status.split(" ")[0], ""))
+
+
+def _tokens(record: RunRecord) -> int:
+    return int(record.usage.get("input_tokens", 0)) + int(record.usage.get("output_tokens", 0))
+
+
+def runs_table(records: Sequence[RunRecord], now: float, *, gone: Collection[str] = ()) -> Table:
+    """Build the ``orchestra runs`` table; tokens and cost show when some run used any.
+
+    ``gone``: the owners known to have ended (see :func:`owner_gone`).
+    """
+    spend = any(_tokens(r) or r.usage.get("cost_usd") for r in records)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    table.add_column("run id", no_wrap=True, style="bold")
+    table.add_column("graph")
+    table.add_column("status", no_wrap=True)
+    table.add_column("step", justify="right")
+    if spend:
+        table.add_column("tokens", justify="right")
+        table.add_column("cost", justify="right")
+    table.add_column("age", justify="right")
+    table.add_column("updated", justify="right")
+    table.add_column("owner / lease", style="dim")
+    for record in records:
+        cells: list[RenderableType] = [
+            record.run_id,
+            record.graph,
+            _status_text(run_status(record, now, gone=record.owner in gone)),
+            str(record.step),
+        ]
+        if spend:
+            cost = float(record.usage.get("cost_usd", 0.0))
+            cells += [f"{_tokens(record):,}", f"${cost:.4f}" if cost else ""]
+        cells += [
+            format_age(now - record.created_at),
+            format_ago(record.updated_at, now),
+            format_owner(record, now, gone=record.owner in gone),
+        ]
+        table.add_row(*cells)
+    return table
+
+
+def format_run_counts(records: Sequence[RunRecord], now: float) -> str:
+    """Count runs by status: ``5: completed 3, running 1, running (stale lease) 1``."""
+    counts = Counter(run_status(r, now) for r in records)
+    parts = ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
+    return f"{len(records)}: {parts}" if records else "0"
+
+
+def format_stop_all(reason: str) -> str:
+    """Warn that stop-all is in force."""
+    return (
+        f"stop-all is in force ({reason}): no run may start or resume until "
+        f"`orchestra stop-all --release`"
+    )
+
+
+def _next_nodes(events: Sequence[EventRow]) -> str:
+    following: Sequence[str] = ()
+    for row in events:
+        if row.kind in ("run_started", "step_committed"):
+            following = _event_data(row).get("next") or ()
+    return format_nodes(following)
+
+
+def run_summary(
+    record: RunRecord, events: Sequence[EventRow], now: float, *, gone: bool = False
+) -> Table:
+    """Build the facts of ``orchestra show``: status, why, where, who, when, usage."""
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold", no_wrap=True)
+    facts.add_column()
+    facts.add_row("run", Text(record.run_id, style="bold"))
+    facts.add_row("graph", f"{record.graph} (structure {record.structure_hash})")
+    facts.add_row("status", _status_text(run_status(record, now, gone=gone)))
+    if record.reason:
+        facts.add_row("reason", record.reason)
+    if record.error:
+        facts.add_row("error", Text(record.error, style="red"))
+    if record.abort_requested and record.status == ACTIVE:
+        facts.add_row("abort", Text(f"requested: {record.abort_requested}", style="red"))
+    facts.add_row("step", str(record.step))
+    if record.status != "completed":
+        following = _next_nodes(events)
+        if following:
+            facts.add_row("next", following)
+    facts.add_row(
+        "created", f"{format_timestamp(record.created_at)} ({format_ago(record.created_at, now)})"
+    )
+    facts.add_row(
+        "updated", f"{format_timestamp(record.updated_at)} ({format_ago(record.updated_at, now)})"
+    )
+    if record.owner:
+        facts.add_row("owner", format_owner(record, now, gone=gone))
+    facts.add_row(
+        "app",
+        record.app_ref or Text("unknown (resume needs --app module:attribute)", style="yellow"),
+    )
+    if record.parent_run_id:
+        facts.add_row("forked from", f"{record.parent_run_id} at step {record.parent_step}")
+    if record.usage:  # a running run's usage is stored when its lease is renewed
+        facts.add_row("usage", format_usage(record.usage))
+    return facts
+
+
+def format_abort(record: RunRecord, previous: str, now: float, *, gone: bool = False) -> str:
+    """Say what an abort request did: told a live owner, or marked the run aborted at once.
+
+    ``gone``: the owner holding the lease is known to have ended, so nobody will act on the
+    request until the lease expires.
+    """
+    if record.status == ACTIVE and record.abort_requested is not None:
+        if gone and record.lease_expires_at is not None:
+            return (
+                f"abort requested, but run {record.run_id}'s owner {record.owner} has ended: "
+                f"once its lease expires (in {format_age(record.lease_expires_at - now)}) "
+                f"`orchestra abort` marks it aborted at once; --wait does that for you"
+            )
+        return (
+            f"abort requested: run {record.run_id} is owned by {record.owner}, a live process, "
+            f"which stops it at its next check and keeps the last checkpoint"
+        )
+    why = {
+        _STALE: "its owner's lease had expired, so no process was running it",
+        ACTIVE: "no live owner",
+    }.get(previous, f"it was {previous}")
+    return f"run {record.run_id} marked aborted at once ({why})"
+
+
+def format_prune(removed: int, before: int, after: int | None, *, checkpointed: bool = True) -> str:
+    """Say what ``orchestra prune`` removed and what the file gave back."""
+    runs = f"deleted {removed} run{'' if removed == 1 else 's'} with their checkpoints and events"
+    if after is None:
+        return f"{runs}; not vacuumed (the free pages are reused by new runs)"
+    reclaimed = before - after
+    text = (
+        f"{runs}; vacuumed {format_bytes(before)} -> {format_bytes(after)} "
+        f"({format_bytes(max(reclaimed, 0))} reclaimed)"
+    )
+    if not checkpointed:
+        text += "; another process is reading, so the write-ahead log shrinks later"
+    return text
