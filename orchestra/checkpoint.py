@@ -76,7 +76,7 @@ def dump_delta(schema: StateSchema, state: BaseModel, deltas: Mapping[str, Field
 
 def load_state(schema: StateSchema, chain: Sequence[CheckpointRow]) -> BaseModel:
     """Rebuild the state from a snapshot and the deltas after it (oldest first)."""
-    return schema.model.model_validate(replay_json(chain))
+    return schema.model.model_validate(replay_json(chain), by_name=True)
 
 
 def replay_json(chain: Sequence[CheckpointRow]) -> dict[str, Any]:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import secrets
 import sys
 from collections import Counter, defaultdict
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from contextlib import aclosing
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -91,19 +93,19 @@ class CompiledGraph(Generic[StateT]):
         set_(self, "name", name)
         set_(self, "state_model", state_model)
         set_(self, "schema", schema)
-        set_(self, "nodes", dict(nodes))
+        set_(self, "nodes", MappingProxyType(dict(nodes)))
         edges = tuple(edges)
         set_(self, "edges", edges)
         successors: dict[str, list[str]] = defaultdict(list)
         for edge in edges:
             if not edge.is_join and edge.target not in successors[edge.sources[0]]:
                 successors[edge.sources[0]].append(edge.target)
-        set_(self, "successors", {k: tuple(v) for k, v in successors.items()})
+        set_(self, "successors", MappingProxyType({k: tuple(v) for k, v in successors.items()}))
         set_(self, "joins", tuple(e for e in edges if e.is_join))
         by_source: dict[str, list[RouteSpec]] = defaultdict(list)
         for route in routes:
             by_source[route.source].append(route)
-        set_(self, "routes", {k: tuple(v) for k, v in by_source.items()})
+        set_(self, "routes", MappingProxyType({k: tuple(v) for k, v in by_source.items()}))
         set_(self, "budget", budget)
         set_(self, "max_concurrency", max_concurrency)
         set_(self, "structure_hash", self._hash())
@@ -175,7 +177,13 @@ class CompiledGraph(Generic[StateT]):
         """Return a Mermaid flowchart of the graph (solid: edges, dotted: routes/targets)."""
 
         def ident(name: str) -> str:
-            return {START: "__start__", END: "__end__"}.get(name, name)
+            # Mermaid ids are letters, digits and underscores and not keywords; other names
+            # are escaped (the label in the node keeps the real name)
+            if name in (START, END) or (
+                name.replace("_", "a").isalnum() and name.lower() not in _MERMAID_WORDS
+            ):
+                return name
+            return "n_" + "".join(c if c.isalnum() else f"_{ord(c):x}_" for c in name)
 
         lines = ["flowchart TD"]
         lines.append(f"    {ident(START)}([start])")
@@ -184,7 +192,7 @@ class CompiledGraph(Generic[StateT]):
         lines.append(f"    {ident(END)}([end])")
         for edge in self.edges:
             if edge.is_join:
-                join = "join_" + "_".join(edge.sources) + "__" + edge.target
+                join = "join_" + "_".join(map(ident, edge.sources)) + "__" + ident(edge.target)
                 lines.append(f"    {join}(( ))")
                 for source in edge.sources:
                     lines.append(f"    {ident(source)} --> {join}")
@@ -206,12 +214,12 @@ class CompiledGraph(Generic[StateT]):
         model = self.state_model
         try:
             if isinstance(data, model):
-                return model.model_validate(data.model_dump())
+                return model.model_validate(data.model_dump(), by_name=True)
             if isinstance(data, BaseModel):
                 raise InputValidationError(
                     model.__name__, f"got a {type(data).__name__} instance, not {model.__name__}"
                 )
-            return model.model_validate(data)
+            return model.model_validate(data, by_name=True)
         except ValidationError as exc:
             details = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
@@ -301,6 +309,9 @@ class CompiledGraph(Generic[StateT]):
         return self.store
 
 
+_MERMAID_WORDS = frozenset({"end", "graph", "subgraph", "flowchart", "style", "class", "click"})
+
+
 def _shape(schema: Any) -> Any:
     """Drop what does not change a state's shape (titles, descriptions, examples)."""
     if isinstance(schema, dict):
@@ -354,7 +365,9 @@ def compile_graph(
     if budget is not None and not isinstance(budget, Budget):
         problems.append(f"budget must be a Budget, got {type(budget).__name__}")
     if max_concurrency is not None and (
-        not isinstance(max_concurrency, int) or max_concurrency < 1
+        isinstance(max_concurrency, bool)
+        or not isinstance(max_concurrency, int)
+        or max_concurrency < 1
     ):
         problems.append(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
 
@@ -406,7 +419,10 @@ def _node_problems(node: NodeSpec) -> list[str]:
             f"define it with 'async def' (run blocking code with anyio.to_thread.run_sync)"
         )
     if node.timeout is not None and (
-        not isinstance(node.timeout, int | float) or node.timeout <= 0
+        isinstance(node.timeout, bool)
+        or not isinstance(node.timeout, int | float)
+        or not math.isfinite(node.timeout)
+        or node.timeout <= 0
     ):
         problems.append(f"node {name!r}: timeout must be a positive number, got {node.timeout!r}")
     if node.retry is not None and not isinstance(node.retry, RetryPolicy):

@@ -6,20 +6,21 @@ Every error a user can catch derives from :class:`OrchestraError`::
     ├── DefinitionError                 the graph or its configuration is wrong
     │   └── GraphValidationError        every problem found by compile, at once (.problems)
     ├── InputValidationError            the input state of a run does not fit the state model
-    └── RunError                        a run stopped on an error (.run_id, .step, .node)
-        ├── NodeError                   a node raised; the original is chained as __cause__
-        │   └── NodeTimeoutError        a node attempt ran past its timeout
-        ├── RouteError                  a route function raised; the original is __cause__
-        ├── InvalidUpdateError          a node or route returned something the graph refuses
-        ├── StateConflictError          two writers set one plain field in one step
-        └── LeaseLostError              another process took the run over; this one is fenced
-    StoreError                          the run store refused or failed (.path where known)
-    ├── StoreFileError                  not an orchestra database, corrupted, or a newer schema
-    ├── RunNotFoundError                no run with that id
-    ├── RunStatusError                  the run's status does not allow that (resume completed)
-    ├── GraphChangedError               the graph's structure differs from the stored run's
-    ├── LeaseHeldError                  another live process owns the run (.owner)
-    └── StopAllActiveError              `orchestra stop-all` is in force; no run may start
+    ├── RunError                        a run stopped on an error (.run_id, .step, .node)
+    │   ├── NodeError                   a node raised; the original is chained as __cause__
+    │   │   └── NodeTimeoutError        a node attempt ran past its timeout
+    │   ├── RouteError                  a route function raised; the original is __cause__
+    │   ├── InvalidUpdateError          a node or route returned something the graph refuses
+    │   ├── StateConflictError          two writers set one plain field in one step
+    │   ├── LeaseLostError              another process took the run over; this one is fenced
+    │   └── RunStoreError               the store failed while the run was recording a step
+    └── StoreError                      the run store refused or failed
+        ├── StoreFileError              not an orchestra database, corrupted, or a newer schema
+        ├── RunNotFoundError            no run with that id
+        ├── RunStatusError              the run's status does not allow that (resume completed)
+        ├── GraphChangedError           the graph's structure differs from the stored run's
+        ├── LeaseHeldError              another live process owns the run (.owner)
+        └── StopAllActiveError          `orchestra stop-all` is in force; no run may start
 
 Messages are built in ``__init__`` from typed arguments; the context stays available as
 attributes so callers never parse a message. Control flow (interrupts, aborts) is not part of
@@ -45,6 +46,7 @@ __all__ = (
     "RunError",
     "RunNotFoundError",
     "RunStatusError",
+    "RunStoreError",
     "StateConflictError",
     "StopAllActiveError",
     "StoreError",
@@ -194,6 +196,14 @@ class LeaseLostError(RunError):
         )
 
 
+class RunStoreError(RunError):
+    """The store failed (locked, disk full, I/O error) while the run was recording; the
+    original :class:`StoreError` is ``__cause__``. The last committed step is intact."""
+
+    def __init__(self, *, run_id: str, step: int | None, error: BaseException) -> None:
+        super().__init__(f"the run store failed: {error}", run_id=run_id, step=step)
+
+
 class StoreError(OrchestraError):
     """The run store refused an operation or failed."""
 
@@ -247,7 +257,7 @@ class LeaseHeldError(StoreError):
         self.expires_in = expires_in
         super().__init__(
             f"run {run_id} is owned by {owner} (lease valid for {max(expires_in, 0):.1f}s "
-            f"more); abort it or wait for the lease to expire"
+            f"more); if that process is gone, resume after the lease expires"
         )
 
 

@@ -37,6 +37,8 @@ from .errors import (
     NodeTimeoutError,
     OrchestraError,
     RunError,
+    RunStoreError,
+    StoreError,
 )
 from .events import (
     Event,
@@ -95,6 +97,7 @@ class Execution:
         self.error: OrchestraError | None = None
         self.reason: str | None = None
         self.abort_reason: str | None = None
+        self.finished = False
         self.started = 0.0
         self.deadline = float("inf")
         self.log = get_logger("orchestra.executor").bind(run_id=run_id, graph=graph.name)
@@ -117,7 +120,8 @@ class Execution:
             self.deadline = anyio.current_time() + wall - self.prior_wall
         if self.graph.max_concurrency is not None:
             self._limiter = anyio.CapacityLimiter(self.graph.max_concurrency)
-        if not self.resumed:
+        if not self.resumed or (self.step == 0 and not self.tasks):
+            # a resumed run still at its input (its START route failed) starts over
             try:
                 self.tasks = await initial_tasks(self.graph, self.run_id, self.state)
             except RunError as exc:
@@ -148,6 +152,11 @@ class Execution:
         if reason is not None:
             self.status, self.reason = RunStatus.BUDGET_EXCEEDED, reason
             return None
+        # checked here too, not only by the watcher: nodes that never yield to the event loop
+        # would starve it, and a stream's reader may pause between steps
+        if self._store_check_due() and await self._poll_store():
+            self.stopped_by_scope()
+            return None
         buffer: list[Event] = []
         self._buffer = buffer
         try:
@@ -155,12 +164,19 @@ class Execution:
         except RunError as exc:
             self.status, self.error = RunStatus.FAILED, exc
             self._carried.extend(buffer)  # the failed step's events go into the record
+        except StoreError as exc:
+            self.status = RunStatus.FAILED
+            self.error = RunStoreError(run_id=self.run_id, step=self.step + 1, error=exc)
+            self.error.__cause__ = exc
+            self._carried.extend(buffer)
+        self._buffer = []
         return buffer
 
     def stopped_by_scope(self) -> None:
         """Record why the run's cancel scope stopped the step in flight."""
         self._carried.extend(self._buffer)  # what the stopped step did before it stopped
-        if isinstance(self.error, LeaseLostError):
+        self._buffer = []
+        if isinstance(self.error, LeaseLostError | RunStoreError):
             self.status = RunStatus.FAILED
         elif self.abort_reason is not None:
             self.status, self.reason = RunStatus.ABORTED, self.abort_reason
@@ -173,6 +189,7 @@ class Execution:
 
     async def finish(self) -> RunFinished:
         """End the run: record and log it; return the final event, which carries the outcome."""
+        self.finished = True
         if self.status is RunStatus.RUNNING:  # pragma: no cover - drivers always settle it
             self.status = RunStatus.COMPLETED
         status, error = self.status, self.error
@@ -201,14 +218,19 @@ class Execution:
             outcome=outcome,
         )
         if self.recorder is not None and not isinstance(error, LeaseLostError):
-            await self.recorder.finish(
-                status=str(status),
-                reason=self.reason,
-                error=str(error) if error else None,
-                usage=_usage_dict(usage),
-                events=[*self._carried, event],
-                step=self.step,
-            )
+            try:
+                await self.recorder.finish(
+                    status=str(status),
+                    reason=self.reason,
+                    error=str(error) if error else None,
+                    usage=_usage_dict(usage),
+                    events=[*self._carried, event],
+                    step=self.step,
+                )
+            except (LeaseLostError, StoreError) as exc:
+                # the outcome stands; the stored run stays as it was (resumable once its
+                # lease expires) and the log says why it could not be closed
+                self.log.error("run_not_recorded", status=str(status), error=str(exc))
         level = "info" if error is None else "error"
         getattr(self.log, level)(
             "run_finished",
@@ -226,30 +248,46 @@ class Execution:
         interval; losing the lease does too, and the run stops without writing anything more.
         """
         assert self.recorder is not None
-        store, run_id = self.recorder.store, self.run_id
-        renew_every = store.lease_seconds / 3
+        poll = self.recorder.store.poll_seconds
         # the clocks belong to the run, not to this task: a stream starts one watcher per
         # step, and short steps must still be checked and renewed on time
         while True:
-            wait = self._checked + store.poll_seconds - time.monotonic()
+            wait = self._checked + poll - time.monotonic()
             if wait > 0:
                 await anyio.sleep(wait)
-            self._checked = time.monotonic()
+            if await self._poll_store():
+                scope.cancel()
+                return
+
+    def _store_check_due(self) -> bool:
+        recorder = self.recorder
+        if recorder is None:
+            return False
+        return time.monotonic() - self._checked >= recorder.store.poll_seconds
+
+    async def _poll_store(self) -> bool:
+        """Check for an abort and renew the lease when due; return True if the run must stop
+        (``abort_reason`` or ``error`` says why)."""
+        assert self.recorder is not None
+        store, run_id, epoch = self.recorder.store, self.run_id, self.recorder.epoch
+        self._checked = time.monotonic()
+        try:
             reason = await store.abort_requested(run_id)
             if reason is not None:
                 self.abort_reason = reason
                 self.log.warning("abort_noticed", reason=reason, step=self.step)
-                scope.cancel()
-                return
-            if time.monotonic() - self._renewed >= renew_every:
+                return True
+            if time.monotonic() - self._renewed >= store.lease_seconds / 3:
                 usage = _usage_dict(self._usage())
-                if not await store.renew(run_id, self.recorder.epoch, step=self.step, usage=usage):
-                    self.error = LeaseLostError(
-                        run_id=run_id, step=self.step, epoch=self.recorder.epoch
-                    )
-                    scope.cancel()
-                    return
+                if not await store.renew(run_id, epoch, step=self.step, usage=usage):
+                    self.error = LeaseLostError(run_id=run_id, step=self.step, epoch=epoch)
+                    return True
                 self._renewed = time.monotonic()
+        except StoreError as exc:
+            self.error = RunStoreError(run_id=run_id, step=self.step, error=exc)
+            self.error.__cause__ = exc
+            return True
+        return False
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -266,7 +304,16 @@ class Execution:
         state = self.state
         deltas: dict[str, Any] = {}
         if writes:
-            state, deltas = self.graph.schema.apply(state, writes, run_id=self.run_id, step=step)
+            try:
+                state, deltas = self.graph.schema.apply(
+                    state, writes, run_id=self.run_id, step=step
+                )
+            except RunError:
+                if self.recorder is not None:
+                    # the finished tasks' writes cannot be merged: a resume must run them
+                    # again (with fixed code) rather than replay what failed
+                    await self.recorder.discard_pending(step)
+                raise
         following = await next_tasks(self.graph, self.run_id, state, tasks, results, step)
         if self._events:
             event = StepCommitted(
@@ -315,8 +362,12 @@ class Execution:
             if result.error is None and recorder is not None:
                 try:
                     await recorder.pending(step, task, result)
-                except RunError as exc:  # fenced off: stop the step, write nothing more
+                except RunError as exc:  # fenced off, or unserializable
                     result = TaskResult(error=exc)
+                except StoreError as exc:
+                    error = RunStoreError(run_id=self.run_id, step=step, error=exc)
+                    error.__cause__ = exc
+                    result = TaskResult(error=error)
             results[i] = result
             if result.error is not None:
                 group.cancel_scope.cancel()
@@ -381,7 +432,7 @@ class Execution:
                 return TaskResult(error=error)
             break
         try:
-            update, goto = normalize(self.graph, self.run_id, out, node, step)
+            update, goto = normalize(self.graph, self.run_id, out, node, step, self.state)
         except InvalidUpdateError as exc:
             self._finish(task, step, began, attempts, buffer, exc)
             return TaskResult(error=exc)
@@ -496,14 +547,21 @@ async def run_to_end(execution: Execution) -> RunOutcome[Any]:
     return outcome
 
 
-async def _cancelled_by_caller(execution: Execution) -> None:
-    """The caller cancelled the run: record it as aborted so it can be resumed at once."""
-    if execution.recorder is None or isinstance(execution.error, LeaseLostError):
+async def _cancelled_by_caller(
+    execution: Execution, reason: str = "cancelled by the caller"
+) -> None:
+    """The caller stopped driving the run: record it (a running one as aborted) so that it
+    can be resumed at once rather than after its lease expires."""
+    if execution.recorder is None or execution.finished:
         return
-    execution.status = RunStatus.ABORTED
-    execution.reason = execution.reason or "cancelled by the caller"
+    if execution.status is RunStatus.RUNNING:
+        execution.status = RunStatus.ABORTED
+        execution.reason = reason
     with anyio.CancelScope(shield=True):
-        await execution.finish()
+        try:
+            await execution.finish()
+        except OrchestraError as exc:  # the cancellation, not this, is what propagates
+            execution.log.error("run_not_recorded", error=str(exc))
 
 
 async def stream_events(execution: Execution) -> AsyncGenerator[Event, None]:
@@ -529,7 +587,6 @@ async def stream_events(execution: Execution) -> AsyncGenerator[Event, None]:
                 yield event
         except GeneratorExit:
             # the consumer closed the stream: nothing more runs; say so in the store
-            execution.reason = "the event stream was closed by its reader"
-            await _cancelled_by_caller(execution)
+            await _cancelled_by_caller(execution, "the event stream was closed by its reader")
             raise
     yield await execution.finish()

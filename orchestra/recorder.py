@@ -19,6 +19,7 @@ from pydantic_core import to_json
 from . import _faults
 from ._tasks import Task, TaskResult
 from .checkpoint import dump_delta, dump_result, dump_state, dump_tasks
+from .errors import InvalidUpdateError
 from .events import Event, NodeFinished, NodeStarted
 from .state import FieldDelta
 from .store.base import (
@@ -158,9 +159,23 @@ class Recorder:
 
     async def pending(self, step: int, task: Task, result: TaskResult) -> None:
         """Keep a finished task of the step in flight, so a crash does not redo it."""
-        write = PendingWrite(step=step, task=task.label, result=dump_result(result))
+        try:
+            text = dump_result(result)
+        except (TypeError, ValueError) as exc:
+            raise InvalidUpdateError(
+                f"its update or Send payload cannot be stored as JSON: {exc}",
+                run_id=self.run_id,
+                step=step,
+                node=task.label,
+            ) from exc
+        write = PendingWrite(step=step, task=task.label, result=text)
         await self.store.put_pending_write(self.run_id, self.epoch, write)
         self._had_pending = True
+
+    async def discard_pending(self, step: int) -> None:
+        """Forget the finished tasks of a step whose merge failed (a resume reruns them)."""
+        if self._had_pending:
+            await self.store.discard_pending_writes(self.run_id, self.epoch, step)
         if _faults.ACTIVE:
             _faults.reach("after_pending_write", step)
 
@@ -174,7 +189,15 @@ class Recorder:
         usage: dict[str, Any],
     ) -> None:
         """Commit one step in one transaction: the checkpoint, the step's events, usage."""
-        delta = dump_delta(self.graph.schema, state, deltas) if deltas else None
+        try:
+            delta = dump_delta(self.graph.schema, state, deltas) if deltas else None
+            next_tasks = dump_tasks(tasks)
+        except (TypeError, ValueError) as exc:
+            raise InvalidUpdateError(
+                f"the step's changes or its Send payloads cannot be stored as JSON: {exc}",
+                run_id=self.run_id,
+                step=step,
+            ) from exc
         self._since_bytes += len(delta or "")
         self._since_steps += 1
         snapshot = None
@@ -187,7 +210,7 @@ class Recorder:
             step=step,
             snapshot=snapshot,
             delta=delta,
-            tasks=dump_tasks(tasks),
+            tasks=next_tasks,
             created_at=time.time(),
             events=step_events(events, step),
             usage=_compact(usage),
@@ -217,5 +240,5 @@ class Recorder:
             reason=reason,
             error=error,
             usage=usage,
-            events=[event_row(e, step) for e in events],
+            events=[event_row(e, getattr(e, "step", step)) for e in events],
         )

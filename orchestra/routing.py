@@ -25,15 +25,26 @@ __all__ = ("initial_tasks", "make_tasks", "next_tasks", "normalize")
 
 
 def normalize(
-    graph: CompiledGraph[Any], run_id: str, out: Any, node: NodeSpec, step: int
+    graph: CompiledGraph[Any],
+    run_id: str,
+    out: Any,
+    node: NodeSpec,
+    step: int,
+    state: BaseModel,
 ) -> tuple[Mapping[str, Any] | None, tuple[str | Send, ...]]:
-    """Split what a node returned into (update, goto), refusing anything else."""
+    """Split what a node returned into (update, goto), refusing anything else.
+
+    ``state`` is the state the node saw: a returned state-model instance updates the
+    fields whose values differ from it.
+    """
     if out is None:
         return None, ()
     if isinstance(out, Mapping):
         return out or None, ()
     if isinstance(out, Command):
-        update = None if out.update is None else _as_update(graph, run_id, out.update, node, step)
+        update = (
+            None if out.update is None else _as_update(graph, run_id, out.update, node, step, state)
+        )
         goto = out.goto
         items = (goto,) if isinstance(goto, str | Send) else tuple(goto)
         return update, _check_goto(run_id, items, node, step)
@@ -41,16 +52,21 @@ def normalize(
         return None, _check_goto(run_id, (out,), node, step)
     if isinstance(out, list | tuple) and out and all(isinstance(x, Send) for x in out):
         return None, _check_goto(run_id, tuple(out), node, step)
-    return _as_update(graph, run_id, out, node, step), ()
+    return _as_update(graph, run_id, out, node, step, state), ()
 
 
 def _as_update(
-    graph: CompiledGraph[Any], run_id: str, value: Any, node: NodeSpec, step: int
+    graph: CompiledGraph[Any],
+    run_id: str,
+    value: Any,
+    node: NodeSpec,
+    step: int,
+    state: BaseModel,
 ) -> Mapping[str, Any] | None:
     if isinstance(value, Mapping):
         return value or None
     if isinstance(value, graph.state_model):
-        return {name: getattr(value, name) for name in value.model_fields_set} or None
+        return _changed_fields(graph, run_id, value, node, step, state)
     raise InvalidUpdateError(
         f"node returned {type(value).__name__} {value!r:.80}; return a dict of field "
         f"updates, a {graph.state_model.__name__}, a Command, Send objects or None",
@@ -58,6 +74,37 @@ def _as_update(
         step=step,
         node=node.name,
     )
+
+
+def _changed_fields(
+    graph: CompiledGraph[Any],
+    run_id: str,
+    value: BaseModel,
+    node: NodeSpec,
+    step: int,
+    state: BaseModel,
+) -> Mapping[str, Any] | None:
+    """The fields of a returned state instance that it sets and that differ from the state
+    the node saw (a ``model_copy`` of the state sets every field, but changes only some)."""
+    changed: dict[str, Any] = {}
+    fields = graph.schema.fields
+    for name in value.model_fields_set:
+        spec = fields[name]
+        new, old = getattr(value, name), getattr(state, name, None)
+        if new is old or new == old:
+            continue
+        if spec.reducer is not None:
+            raise InvalidUpdateError(
+                f"returned a {type(value).__name__} whose field {name!r} changed, but "
+                f"{name!r} has the {spec.reducer.name} reducer, so the new value would be "
+                f"added to the old one; return a dict such as {{{name!r}: ...}} with only "
+                f"what to add",
+                run_id=run_id,
+                step=step,
+                node=node.name,
+            )
+        changed[name] = new
+    return changed or None
 
 
 def _check_goto(

@@ -37,9 +37,18 @@ async def prepare_resume(
         chain = await store.checkpoint_chain(run_id)
         state = load_state(app.schema, chain)
         tasks = load_tasks(chain[-1].tasks)
+        missing = sorted({t.node for t in tasks} - set(app.nodes))
+        if missing:
+            raise StoreError(
+                f"run {run_id} is due to run {', '.join(map(repr, missing))} next, which this "
+                f"graph does not have"
+            )
         step = chain[-1].step
         pending = await store.pending_writes(run_id, step + 1)
-        usage = json.loads(chain[-1].usage) if chain[-1].usage else record.usage
+        usage = json.loads(chain[-1].usage) if chain[-1].usage else {}
+        # a step discarded by the deadline, or a crash, leaves the run row's totals higher
+        for key in ("tasks", "wall_seconds"):
+            usage[key] = max(usage.get(key, 0), record.usage.get(key, 0))
         done = {write.task: load_result(write.result) for write in pending}
     except Exception as exc:
         message = f"could not load the run to resume it: {type(exc).__name__}: {exc}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, get_args, get_origin
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -51,6 +51,16 @@ def _as_reducer(item: Any) -> Reducer | None:
     return None
 
 
+def _without_none(annotation: Any) -> Any:
+    """``X | None`` -> ``X``; anything else unchanged."""
+    args = get_args(annotation)
+    if get_origin(annotation) in (types.UnionType, Union) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return annotation
+
+
 def _item_type(annotation: Any) -> Any:
     args = get_args(annotation)
     return args[0] if args else Any
@@ -81,6 +91,7 @@ class StateSchema:
     def _field_spec(self, name: str, annotation: Any, reducer: Reducer | None) -> FieldSpec:
         if reducer is None:
             return FieldSpec(name, None, None, validate_result=True)
+        annotation = _without_none(annotation)  # Optional[list[X]] appends like list[X]
         origin = get_origin(annotation) or annotation
         kind = reducer.kind
         if kind in ("append", "extend"):

@@ -134,6 +134,10 @@ class Store(Protocol):
         """Store one finished task of the step in flight (fenced like a commit)."""
         ...
 
+    async def discard_pending_writes(self, run_id: str, epoch: int, step: int) -> None:
+        """Forget the pending writes of ``step`` (fenced like a commit)."""
+        ...
+
     async def finish_run(
         self,
         run_id: str,
@@ -238,5 +242,6 @@ def merge_events(own: Sequence[EventRow], steps: Sequence[tuple[int, str]]) -> l
             at = item.pop("at")
             data = {"step": step, **_STEP_EVENT_DEFAULTS.get(kind, {}), **item}
             rows.append(EventRow(step=step, kind=kind, at=at, data=json.dumps(data)))
-    rows.sort(key=lambda r: r.at)
+    # by step first: clocks of different processes (a resume elsewhere) may disagree
+    rows.sort(key=lambda r: (r.step if r.step is not None else -1, r.at))
     return rows

@@ -40,6 +40,12 @@ class MemoryStore:
     def __init__(self, *, lease_seconds: float = 30.0, poll_seconds: float = 0.2) -> None:
         if lease_seconds <= 0 or poll_seconds <= 0:
             raise ValueError("lease_seconds and poll_seconds must be positive")
+        if poll_seconds > lease_seconds / 3:
+            raise ValueError(
+                f"poll_seconds ({poll_seconds:g}) must be at most a third of lease_seconds "
+                f"({lease_seconds:g}): the lease is renewed on a poll, and must not lapse "
+                f"between two"
+            )
         self.path = ":memory:"
         self.lease_seconds = float(lease_seconds)
         self.poll_seconds = float(poll_seconds)
@@ -99,6 +105,12 @@ class MemoryStore:
         self._fenced(run_id, epoch, write.step)
         self._pending[run_id][(write.step, write.task)] = write
 
+    async def discard_pending_writes(self, run_id: str, epoch: int, step: int) -> None:
+        self._fenced(run_id, epoch, step)
+        pending = self._pending[run_id]
+        for key in [k for k in pending if k[0] == step]:
+            del pending[key]
+
     async def finish_run(
         self,
         run_id: str,
@@ -149,7 +161,7 @@ class MemoryStore:
 
     async def renew(self, run_id: str, epoch: int, *, step: int, usage: dict[str, Any]) -> bool:
         record = self._runs.get(run_id)
-        if record is None or record.epoch != epoch:
+        if record is None or record.epoch != epoch or record.status != ACTIVE:
             return False
         now = time.time()
         self._runs[run_id] = replace(
@@ -185,6 +197,7 @@ class MemoryStore:
                 lease_expires_at=None,
                 abort_requested=None,
                 updated_at=now,
+                epoch=record.epoch + 1,  # fence off an owner whose lease lapsed
             )
         self._runs[record.run_id] = record
         self._events[record.run_id].append(
@@ -265,6 +278,12 @@ class MemoryStore:
 
     async def aclose(self) -> None:
         return None
+
+    async def __aenter__(self) -> MemoryStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
 
 def _sized(row: CheckpointRow) -> CheckpointRow:
