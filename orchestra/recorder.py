@@ -171,13 +171,13 @@ class Recorder:
         write = PendingWrite(step=step, task=task.label, result=text)
         await self.store.put_pending_write(self.run_id, self.epoch, write)
         self._had_pending = True
+        if _faults.ACTIVE:
+            _faults.reach("after_pending_write", step)
 
     async def discard_pending(self, step: int) -> None:
         """Forget the finished tasks of a step whose merge failed (a resume reruns them)."""
         if self._had_pending:
             await self.store.discard_pending_writes(self.run_id, self.epoch, step)
-        if _faults.ACTIVE:
-            _faults.reach("after_pending_write", step)
 
     async def commit(
         self,
