@@ -359,26 +359,9 @@ class SQLiteStore:
         self._insert_events(conn, record.run_id, events)
 
     async def commit_step(self, run_id: str, epoch: int, commit: StepCommit) -> None:
-        row = commit.checkpoint
         # fenced: the row goes in only while this owner's epoch is current
-        insert = (
-            "INSERT INTO checkpoints "
-            "(id, step, snapshot, delta, tasks, events, usage, created_at) "
-            "SELECT (run_no << 32) + ?, ?, ?, ?, ?, ?, ?, ? FROM runs "
-            "WHERE run_id = ? AND epoch = ?"
-        )
-        values = (
-            row.step,
-            row.step,
-            row.snapshot,
-            row.delta,
-            row.tasks,
-            row.events,
-            row.usage,
-            row.created_at,
-            run_id,
-            epoch,
-        )
+        insert = INSERT_CHECKPOINT + " AND epoch = ?"
+        values = (*_checkpoint_values(run_id, commit.checkpoint), epoch)
         if not commit.had_pending:
             # one statement is one transaction: no BEGIN/COMMIT round trips on the hot path
             try:
@@ -586,22 +569,7 @@ class SQLiteStore:
 
     @staticmethod
     def _insert_checkpoint(conn: sqlite3.Connection, run_id: str, row: CheckpointRow) -> None:
-        conn.execute(
-            "INSERT INTO checkpoints "
-            "(id, step, snapshot, delta, tasks, events, usage, created_at) "
-            "SELECT (run_no << 32) + ?, ?, ?, ?, ?, ?, ?, ? FROM runs WHERE run_id = ?",
-            (
-                row.step,
-                row.step,
-                row.snapshot,
-                row.delta,
-                row.tasks,
-                row.events,
-                row.usage,
-                row.created_at,
-                run_id,
-            ),
-        )
+        conn.execute(INSERT_CHECKPOINT, _checkpoint_values(run_id, row))
 
     @staticmethod
     def _bounds(conn: sqlite3.Connection, run_id: str) -> tuple[int, int]:
@@ -721,6 +689,26 @@ def _describe(exc: sqlite3.DatabaseError) -> str:
     if "malformed" in text:
         return f"the database file is corrupted ({text}); restore it from a backup"
     return f"database error: {text}"
+
+
+INSERT_CHECKPOINT = (
+    "INSERT INTO checkpoints (id, step, snapshot, delta, tasks, events, usage, created_at) "
+    "SELECT (run_no << 32) + ?, ?, ?, ?, ?, ?, ?, ? FROM runs WHERE run_id = ?"
+)
+
+
+def _checkpoint_values(run_id: str, row: CheckpointRow) -> tuple[Any, ...]:
+    return (
+        row.step,
+        row.step,
+        row.snapshot,
+        row.delta,
+        row.tasks,
+        row.events,
+        row.usage,
+        row.created_at,
+        run_id,
+    )
 
 
 def _run_values(record: RunRecord) -> tuple[Any, ...]:
