@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import json
-import logging
 import os
 import platform
 import secrets
@@ -50,11 +48,20 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import _common
 import anyio
-import structlog
+from _common import (
+    BenchmarkError,
+    CounterState,
+    configure_logging,
+    expect,
+    p90,
+    revision,
+    versions,
+)
 from pydantic import BaseModel
 
-from orchestra import END, START, Budget, CompiledGraph, Graph, RunOutcome, RunStatus
+from orchestra import CompiledGraph, RunOutcome, RunStatus
 from orchestra.store import SQLiteStore
 
 LOOP_TURNS = 500  # node a runs this many times: the loop is 2 * LOOP_TURNS steps
@@ -72,28 +79,12 @@ TARGETS = {
 }
 
 
-class BenchmarkError(RuntimeError):
-    """A measured run did not produce the expected outcome."""
-
-
 # -- the graphs -----------------------------------------------------------------------------
-
-
-class CounterState(BaseModel):
-    counter: int = 0
 
 
 class BlobState(BaseModel):
     counter: int = 0
     blob: str = ""
-
-
-async def increment(state: Any, ctx: Any) -> dict[str, int]:
-    return {"counter": state.counter + 1}
-
-
-async def do_nothing(state: Any, ctx: Any) -> None:
-    return None
 
 
 def build_loop(
@@ -104,25 +95,10 @@ def build_loop(
     steps: int = 2 * LOOP_STEPS,
 ) -> CompiledGraph[Any]:
     """The 2-node loop: ``2 * turns`` steps, unless the step budget stops it first."""
-
-    def loop_again(state: Any) -> str:
-        return "a" if state.counter < turns else END
-
-    graph = Graph(state, name="loop")
-    graph.add_node("a", increment)
-    graph.add_node("b", do_nothing)
-    graph.add_edge(START, "a")
-    graph.add_edge("a", "b")
-    graph.add_route("b", loop_again, targets=["a", END])
-    return graph.compile(store=store, budget=Budget(steps=steps))
+    return _common.build_loop(state, store, turns=turns, steps=steps)
 
 
 # -- checks ---------------------------------------------------------------------------------
-
-
-def expect(what: str, got: Any, want: Any) -> None:
-    if got != want:
-        raise BenchmarkError(f"{what}: expected {want!r}, got {got!r}")
 
 
 def check_loop(outcome: RunOutcome[Any]) -> None:
@@ -379,12 +355,6 @@ def import_sample() -> float:
 # -- reporting ------------------------------------------------------------------------------
 
 
-def p90(values: list[float]) -> float:
-    if len(values) < 2:
-        return values[0]
-    return statistics.quantiles(values, n=10, method="inclusive")[-1]
-
-
 def stats(values: list[float]) -> dict[str, float]:
     return {
         "median": statistics.median(values),
@@ -395,43 +365,14 @@ def stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def revision() -> str | None:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "orchestra"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return f"{head}+dirty" if dirty else head
-
-
 def environment(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
-    def version(name: str) -> str | None:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
     return {
         "date": time.strftime("%Y-%m-%d"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "sqlite": sqlite3.sqlite_version,
-        "versions": {
-            name: version(name)
-            for name in ("orchestra", "anyio", "trio", "pydantic", "sqlite-utils", "structlog")
-        },
+        "versions": versions("orchestra", "anyio", "trio", "pydantic", "sqlite-utils", "structlog"),
         "orchestra_revision": revision(),
         "backend": args.backend,
         "repeat": args.repeat,
@@ -581,10 +522,6 @@ def render_table(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
             "at every import (no .pyc), which the import figures include."
         )
     return "\n".join(out)
-
-
-def configure_logging() -> None:
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

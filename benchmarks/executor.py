@@ -27,21 +27,28 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import json
-import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import _common
 import anyio
-import structlog
+from _common import (
+    BenchmarkError,
+    CounterState,
+    configure_logging,
+    expect,
+    increment,
+    p90,
+    revision,
+    versions,
+)
 from pydantic import BaseModel
 
 from orchestra import END, START, Budget, CompiledGraph, Graph, RunOutcome, RunStatus, Send
@@ -58,37 +65,11 @@ WARMUP_SECONDS = 0.5
 BACKENDS = ("asyncio", "trio")
 
 
-class BenchmarkError(RuntimeError):
-    """A measured run did not produce the expected outcome."""
-
-
 # -- the graphs -----------------------------------------------------------------------------
 
 
-class CounterState(BaseModel):
-    counter: int = 0
-
-
-async def increment(state: CounterState, ctx: Any) -> dict[str, int]:
-    return {"counter": state.counter + 1}
-
-
-async def do_nothing(state: CounterState, ctx: Any) -> None:
-    return None
-
-
-def loop_again(state: CounterState) -> str:
-    return "a" if state.counter < LOOP_TURNS else END
-
-
 def build_loop() -> CompiledGraph[CounterState]:
-    graph = Graph(CounterState, name="loop")
-    graph.add_node("a", increment)
-    graph.add_node("b", do_nothing)
-    graph.add_edge(START, "a")
-    graph.add_edge("a", "b")
-    graph.add_route("b", loop_again, targets=["a", END])
-    return graph.compile(budget=Budget(steps=2 * LOOP_STEPS))
+    return _common.build_loop(CounterState, None, turns=LOOP_TURNS, steps=2 * LOOP_STEPS)
 
 
 def build_chain() -> CompiledGraph[CounterState]:
@@ -131,11 +112,6 @@ def build_fanout() -> CompiledGraph[FanoutState]:
 
 
 # -- checks: a wrong run must never be reported as a fast one --------------------------------
-
-
-def expect(what: str, got: Any, want: Any) -> None:
-    if got != want:
-        raise BenchmarkError(f"{what}: expected {want!r}, got {got!r}")
 
 
 def check_completed(outcome: RunOutcome[Any], steps: int) -> None:
@@ -300,10 +276,6 @@ async def measure(backend: str, repeat: int) -> list[Samples]:
 # -- reporting ------------------------------------------------------------------------------
 
 
-def p90(values: list[float]) -> float:
-    return statistics.quantiles(values, n=10, method="inclusive")[-1]
-
-
 def summarize(samples: Samples) -> dict[str, Any]:
     scenario = samples.scenario
     median = statistics.median(samples.values)
@@ -330,43 +302,14 @@ def summarize(samples: Samples) -> dict[str, Any]:
     }
 
 
-def revision() -> str | None:
-    """Return the git commit of the measured checkout, marked dirty if orchestra/ has edits."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(
-            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--", "orchestra"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return f"{head}+dirty" if dirty else head
-
-
 def environment(repeat: int) -> dict[str, Any]:
-    def version(name: str) -> str | None:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
     return {
         "date": time.strftime("%Y-%m-%d"),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
-        "versions": {
-            name: version(name) for name in ("orchestra", "anyio", "trio", "pydantic", "structlog")
-        },
+        "versions": versions("orchestra", "anyio", "trio", "pydantic", "structlog"),
         "orchestra_revision": revision(),
         "repeat": repeat,
         "logging": "structlog configured to WARNING by this script",
@@ -438,10 +381,6 @@ def render_table(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         "ratio = orchestra median / baseline median; PASS when the median is within the target.",
     ]
     return "\n".join(out)
-
-
-def configure_logging() -> None:
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
