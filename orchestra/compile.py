@@ -176,19 +176,27 @@ class CompiledGraph(Generic[StateT]):
     def render(self) -> str:
         """Return a Mermaid flowchart of the graph (solid: edges, dotted: routes/targets)."""
 
+        # Mermaid ids are letters, digits and underscores, not keywords; any other name (and
+        # any starting with "__", so none can collide) gets a numbered id, and the label in
+        # the node keeps the real name
+        numbered = {
+            name: f"__node{i}"
+            for i, name in enumerate(self.nodes)
+            if name.startswith("__")
+            or not name.replace("_", "a").isalnum()
+            or name.lower() in _MERMAID_WORDS
+        }
+
         def ident(name: str) -> str:
-            # Mermaid ids are letters, digits and underscores and not keywords; other names
-            # are escaped (the label in the node keeps the real name)
-            if name in (START, END) or (
-                name.replace("_", "a").isalnum() and name.lower() not in _MERMAID_WORDS
-            ):
-                return name
-            return "n_" + "".join(c if c.isalnum() else f"_{ord(c):x}_" for c in name)
+            return numbered.get(name, name)
+
+        def label(name: str) -> str:
+            return '"' + name.replace('"', "#quot;") + '"'
 
         lines = ["flowchart TD"]
         lines.append(f"    {ident(START)}([start])")
         for name in self.nodes:
-            lines.append(f"    {ident(name)}[{json.dumps(name)}]")
+            lines.append(f"    {ident(name)}[{label(name)}]")
         lines.append(f"    {ident(END)}([end])")
         for edge in self.edges:
             if edge.is_join:
@@ -201,9 +209,9 @@ class CompiledGraph(Generic[StateT]):
                 lines.append(f"    {ident(edge.sources[0])} --> {ident(edge.target)}")
         for routes in self.routes.values():
             for route in routes:
-                label = getattr(route.fn, "__name__", "route")
+                how = str(getattr(route.fn, "__name__", "route")).replace("|", "#124;")
                 for target in route.targets:
-                    lines.append(f"    {ident(route.source)} -.->|{label}| {ident(target)}")
+                    lines.append(f"    {ident(route.source)} -.->|{how}| {ident(target)}")
         for node in self.nodes.values():
             for target in node.targets:
                 lines.append(f"    {ident(node.name)} -.-> {ident(target)}")

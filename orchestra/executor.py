@@ -271,6 +271,8 @@ class Execution:
         assert self.recorder is not None
         store, run_id, epoch = self.recorder.store, self.run_id, self.recorder.epoch
         self._checked = time.monotonic()
+        if self.status is not RunStatus.RUNNING or self.error is not None:
+            return False  # the run already stopped: its own error stands
         try:
             reason = await store.abort_requested(run_id)
             if reason is not None:
@@ -328,18 +330,42 @@ class Execution:
             )
             self._emit(event, buffer)
         if self.recorder is not None:
-            recorded = [*self._carried, *buffer] if self._carried else buffer
-            usage = {
-                "steps": step,
-                "tasks": self.tasks_run + len(tasks),
-                "wall_seconds": round(self._elapsed(), 6),
-            }  # what _usage_dict stores, without building a Usage on the hot path
-            await self.recorder.commit(step, state, deltas, following, recorded, usage)
-            self._carried.clear()
+            await self._commit(step, state, deltas, tasks, following, buffer)
         # the commit: nothing below awaits
         self.state, self.step, self.tasks = state, step, following
         self.tasks_run += len(tasks)
         self.done.clear()
+
+    async def _commit(
+        self,
+        step: int,
+        state: BaseModel,
+        deltas: dict[str, Any],
+        tasks: list[Task],
+        following: list[Task],
+        buffer: list[Event],
+    ) -> None:
+        """Record the step; an unstorable value is the error of the step's node(s)."""
+        assert self.recorder is not None
+        recorded = [*self._carried, *buffer] if self._carried else buffer
+        usage = {
+            "steps": step,
+            "tasks": self.tasks_run + len(tasks),
+            "wall_seconds": round(self._elapsed(), 6),
+        }  # what _usage_dict stores, without building a Usage on the hot path
+        try:
+            await self.recorder.commit(step, state, deltas, following, recorded, usage)
+        except InvalidUpdateError as exc:
+            if exc.node is not None:
+                raise
+            labels = [t.label for t in tasks]
+            raise InvalidUpdateError(
+                f"{exc.reason} (written by {', '.join(map(repr, labels))})",
+                run_id=self.run_id,
+                step=step,
+                node=labels[0] if len(labels) == 1 else None,
+            ) from exc.__cause__
+        self._carried.clear()
 
     async def _think(self, tasks: list[Task], step: int, buffer: list[Event]) -> list[TaskResult]:
         """Run every task of the step; one ready task runs inline, without a task group.

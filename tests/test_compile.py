@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any
+import re
+from typing import Annotated, Any, Optional
 
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from orchestra import END, START, CompiledGraph, Graph, GraphValidationError, append, extend
+from orchestra import (
+    END,
+    START,
+    CompiledGraph,
+    Graph,
+    GraphValidationError,
+    append,
+    extend,
+    merge,
+)
 from orchestra.errors import DefinitionError
 
 
@@ -339,7 +349,7 @@ def test_compile_accepts_an_object_with_an_async_call() -> None:
     graph.compile()
 
 
-@pytest.mark.parametrize("timeout", [0, -0.5, "1s"])
+@pytest.mark.parametrize("timeout", [0, -0.5, "1s", float("nan"), True])
 def test_compile_reports_a_bad_timeout(timeout: object) -> None:
     """A timeout that is not a positive number is reported."""
     graph = chain("a")
@@ -410,6 +420,38 @@ def test_compile_reports_bad_compile_options() -> None:
     problems = caught.value.problems
     assert has(problems, "max_concurrency must be a positive integer")
     assert has(problems, "budget must be a Budget")
+
+
+def test_compile_reports_a_max_concurrency_of_true() -> None:
+    """True is an int to Python but not a concurrency limit: it is reported."""
+    with pytest.raises(GraphValidationError) as caught:
+        chain("a").compile(max_concurrency=True)
+    assert has(caught.value.problems, "max_concurrency must be a positive integer", "True")
+
+
+class Optionals(BaseModel):
+    notes: Annotated[Optional[list[str]], append] = None  # noqa: UP045 - typing.Union form
+    seen: Annotated[dict[str, int] | None, merge] = None
+
+
+@pytest.mark.anyio
+async def test_compile_accepts_optional_list_and_dict_reducer_fields() -> None:
+    """``Optional[list[X]]`` takes append and ``dict[K, V] | None`` takes merge, from None."""
+
+    async def first(state: Optionals, ctx: Any) -> dict[str, Any]:
+        return {"notes": "one", "seen": {"a": 1}}
+
+    async def second(state: Optionals, ctx: Any) -> dict[str, Any]:
+        return {"notes": "two", "seen": {"b": 2}}
+
+    graph = Graph(Optionals)
+    graph.add_node("first", first)
+    graph.add_node("second", second)
+    graph.add_edge(START, "first")
+    graph.add_edge("first", "second")
+    graph.add_edge("second", END)
+    outcome = await graph.compile().run(Optionals())
+    assert outcome.state == Optionals(notes=["one", "two"], seen={"a": 1, "b": 2})
 
 
 def test_compile_reports_agent_objects_as_unsupported() -> None:
@@ -540,6 +582,25 @@ def test_compiled_graph_render_draws_command_targets_dotted() -> None:
     text = graph.compile().render()
     assert "c -.-> b" in text
     assert "c -.-> __end__" in text
+
+
+def test_compiled_graph_render_escapes_names_that_are_not_mermaid_ids() -> None:
+    """Names with spaces or dashes, and Mermaid keywords, get safe ids; labels keep the
+    names."""
+    text = chain("my node", "data-prep", "end").compile().render()
+    labels = dict(re.findall(r'^ +(\S+)\["(.*)"\]$', text, re.MULTILINE))
+    assert sorted(labels.values()) == ["data-prep", "end", "my node"]
+    edges = re.findall(r"^ +(\S+) --> (\S+)$", text, re.MULTILINE)
+    for ident in {*labels, *(i for edge in edges for i in edge)}:
+        assert re.fullmatch(r"[A-Za-z0-9_]+", ident), ident
+        assert ident.lower() != "end"
+    names = {**labels, "__start__": START, "__end__": END}
+    assert [(names[a], names[b]) for a, b in edges] == [
+        (START, "my node"),
+        ("my node", "data-prep"),
+        ("data-prep", "end"),
+        ("end", END),
+    ]
 
 
 def test_compiled_graph_structure_hash_is_stable_for_equal_graphs() -> None:

@@ -7,14 +7,17 @@ import contextlib
 import functools
 import importlib
 import json
+import sqlite3
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from stores import LEASE, POLL
 
 from orchestra import (
     END,
@@ -23,31 +26,35 @@ from orchestra import (
     CompiledGraph,
     Graph,
     NodeContext,
+    RetryPolicy,
     RunOutcome,
     RunStatus,
+    Send,
     add,
     append,
 )
 from orchestra.errors import (
     GraphChangedError,
+    InvalidUpdateError,
     LeaseHeldError,
     LeaseLostError,
     OrchestraError,
+    RouteError,
     RunNotFoundError,
     RunStatusError,
+    RunStoreError,
     StopAllActiveError,
+    StoreError,
 )
-from orchestra.events import RunFinished, StepCommitted
+from orchestra.events import NodeFinished, RunFinished, StepCommitted
 from orchestra.executor import Execution
 from orchestra.recorder import Recorder
 from orchestra.runs import fork_run
 from orchestra.store import MemoryStore, SQLiteStore, Store
-from orchestra.store.base import new_owner_id
+from orchestra.store.base import RunRecord, new_owner_id
 
 pytestmark = pytest.mark.anyio
 
-LEASE = 0.3
-POLL = 0.02
 BLOB = "x" * 10_000
 
 NodeFn = Callable[[Any, NodeContext], Awaitable[Any]]
@@ -64,19 +71,6 @@ class Pair(BaseModel):
     a: int = 0
     b: int = 0
     log: Annotated[list[str], append] = []
-
-
-@pytest.fixture(params=["sqlite", "memory"])
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str
-) -> AsyncIterator[Store]:
-    """Yield each store implementation, with a short lease and poll interval."""
-    if request.param == "sqlite":
-        made: Store = SQLiteStore(tmp_path / "runs.db", lease_seconds=LEASE, poll_seconds=POLL)
-    else:
-        made = MemoryStore(lease_seconds=LEASE, poll_seconds=POLL)
-    yield made
-    await made.aclose()
 
 
 @pytest.fixture
@@ -348,6 +342,26 @@ async def test_run_events_are_stored_in_order(store: Store) -> None:
     assert kinds.count("step_committed") == 3
 
 
+async def test_events_of_a_failed_step_are_stored_under_that_step(store: Store) -> None:
+    """A failed step's node_retried and node_finished rows carry that step, not the last one
+    committed."""
+
+    async def broken(state: Ticks, ctx: NodeContext) -> None:
+        raise RuntimeError("broken")
+
+    graph: Graph[Ticks] = Graph(Ticks)
+    graph.add_node("one", step_one)
+    graph.add_node("broken", broken, retry=RetryPolicy(attempts=2, backoff=0))
+    graph.add_edge(START, "one")
+    graph.add_edge("one", "broken")
+    graph.add_edge("broken", END)
+    failed = await graph.compile(store=store).run(Ticks(), run_id="r1")
+    assert (failed.status, failed.steps) == (RunStatus.FAILED, 1)
+    rows = [e for e in await store.events("r1") if e.kind.startswith("node_")]
+    assert [(e.kind, e.step) for e in rows] == [("node_retried", 2), ("node_finished", 2)]
+    assert [json.loads(e.data)["step"] for e in rows] == [2, 2]
+
+
 # -- resume ------------------------------------------------------------------------------
 
 
@@ -475,6 +489,118 @@ async def test_fork_resumes_from_the_forked_step(store: Store) -> None:
     assert forked.status is RunStatus.COMPLETED
     assert forked.state == outcome.state
     assert [r.step for r in await store.checkpoints("f1")] == [2, 3, 4, 5, 6]
+
+
+async def test_resume_of_a_run_whose_start_route_failed_runs_its_first_node(
+    store: Store,
+) -> None:
+    """A run that failed routing from START resumes from its input and runs the first node."""
+    routing = {"broken": True}
+
+    def first(state: Ticks) -> str:
+        if routing["broken"]:
+            raise RuntimeError("routing service down")
+        return "one"
+
+    graph: Graph[Ticks] = Graph(Ticks)
+    graph.add_node("one", step_one)
+    graph.add_route(START, first, targets=["one"])
+    graph.add_edge("one", END)
+    app = graph.compile(store=store)
+    failed = await app.run(Ticks(), run_id="r1")
+    assert (failed.status, failed.steps) == (RunStatus.FAILED, 0)
+    assert isinstance(failed.error, RouteError)
+    routing["broken"] = False
+    outcome = await app.resume("r1")
+    assert (outcome.status, outcome.steps) == (RunStatus.COMPLETED, 1)
+    assert outcome.state == Ticks(count=1, notes=["one"])
+
+
+def stuck_after_one(entered: list[int], flag: dict[str, bool]) -> Graph[Ticks]:
+    """Step 1 runs ``one``; step 2 runs ``stuck``, which hangs while ``flag["stuck"]``."""
+
+    async def stuck(state: Ticks, ctx: NodeContext) -> dict[str, Any]:
+        entered.append(ctx.step)
+        if flag["stuck"]:
+            await anyio.sleep_forever()
+        return {"notes": "unstuck"}
+
+    return chain(("one", step_one), ("stuck", stuck))
+
+
+async def test_resume_under_the_same_wall_budget_stops_at_once(store: Store) -> None:
+    """The wall time spent before a stop counts on resume: the same budget is still spent,
+    so no node runs again."""
+    entered: list[int] = []
+    graph = stuck_after_one(entered, {"stuck": True})
+    app = graph.compile(store=store, budget=Budget(wall_seconds=0.2))
+    with anyio.fail_after(5):
+        stopped = await app.run(Ticks(), run_id="r1")
+        assert (stopped.status, stopped.steps) == (RunStatus.BUDGET_EXCEEDED, 1)
+        again = await app.resume("r1")
+    assert (again.status, again.steps) == (RunStatus.BUDGET_EXCEEDED, 1)
+    assert again.usage.wall_seconds >= 0.2
+    assert entered == [2]
+
+
+async def test_resume_under_a_bigger_wall_budget_continues(store: Store) -> None:
+    """A run stopped by its wall budget continues under a bigger one."""
+    entered: list[int] = []
+    flag = {"stuck": True}
+    graph = stuck_after_one(entered, flag)
+    with anyio.fail_after(5):
+        await graph.compile(store=store, budget=Budget(wall_seconds=0.2)).run(Ticks(), run_id="r1")
+        flag["stuck"] = False
+        outcome = await graph.compile(store=store, budget=Budget(wall_seconds=60)).resume("r1")
+    assert (outcome.status, outcome.steps) == (RunStatus.COMPLETED, 2)
+    assert outcome.state == Ticks(count=1, notes=["one", "unstuck"])
+    assert entered == [2, 2]
+
+
+class Aliased(BaseModel):
+    user_name: str = Field("nobody", alias="userName")
+    count: int = 0
+
+
+def aliased(limit: int) -> Graph[Aliased]:
+    """One node counting to ``limit``; the aliased field is only ever read."""
+
+    async def tick(state: Aliased, ctx: NodeContext) -> dict[str, Any]:
+        return {"count": state.count + 1}
+
+    def again(state: Aliased) -> str:
+        return "tick" if state.count < limit else END
+
+    graph: Graph[Aliased] = Graph(Aliased, name="aliased")
+    graph.add_node("tick", tick)
+    graph.add_edge(START, "tick")
+    graph.add_route("tick", again, targets=["tick", END])
+    return graph
+
+
+@pytest.mark.parametrize(
+    "input",
+    [Aliased(userName="ann"), {"userName": "ann"}, {"user_name": "ann"}],
+    ids=["instance", "dict-by-alias", "dict-by-name"],
+)
+async def test_aliased_fields_keep_their_input_value(store: Store, input: Any) -> None:
+    """An aliased field keeps the value given by an instance, or a dict by alias or name."""
+    app = aliased(2).compile(store=store)
+    outcome = await app.run(input, run_id="r1")
+    assert outcome.state.user_name == "ann"
+    assert (await app.load_state("r1", 0)).user_name == "ann"
+
+
+async def test_aliased_fields_keep_their_value_across_resume(store: Store) -> None:
+    """A resumed run reloads an aliased field with its stored value."""
+    await (
+        aliased(3)
+        .compile(store=store, budget=Budget(steps=1))
+        .run({"userName": "ann"}, run_id="r1")
+    )
+    outcome = await aliased(3).compile(store=store).resume("r1")
+    assert outcome.status is RunStatus.COMPLETED
+    assert outcome.state == Aliased(userName="ann", count=3)
 
 
 # -- pending writes: a step interrupted half-way -----------------------------------------
@@ -611,6 +737,28 @@ async def test_resumed_crashed_run_reaches_the_uninterrupted_final_state(store: 
     assert outcome.state == await uninterrupted(fan_out(b, collections.Counter()), Pair())
 
 
+async def test_resume_after_a_failed_merge_reruns_the_steps_tasks(store: Store) -> None:
+    """A step whose writes could not be merged keeps no pending writes: once the node is
+    fixed, resume runs every task of the step again and completes."""
+    calls: collections.Counter[str] = collections.Counter()
+    flag = {"broken": True}
+
+    async def b(state: Pair, ctx: NodeContext) -> dict[str, Any]:
+        calls["b"] += 1
+        return {"b": "not a number"} if flag["broken"] else {"b": 2, "log": "b"}
+
+    app = fan_out(b, calls).compile(store=store)
+    failed = await app.run(Pair(), run_id="r1")
+    assert failed.status is RunStatus.FAILED
+    assert isinstance(failed.error, InvalidUpdateError)
+    assert await store.pending_writes("r1", 1) == []
+    flag["broken"] = False
+    outcome = await app.resume("r1")
+    assert outcome.status is RunStatus.COMPLETED
+    assert calls == {"a": 2, "b": 2, "c": 1}
+    assert outcome.state == Pair(a=1, b=2, log=["a", "b", "c"])
+
+
 # -- fencing -----------------------------------------------------------------------------
 
 
@@ -664,6 +812,51 @@ async def test_stale_owner_that_wakes_up_writes_nothing(store: Store, tasks: int
     assert await store.pending_writes("r1", 1) == []
 
 
+async def test_stream_paused_past_its_lease_runs_no_step_twice(store: Store) -> None:
+    """A reader pausing longer than the lease lets another process resume the run; the
+    paused stream then ends failed with LeaseLostError and runs no step again."""
+    ran: list[int] = []
+
+    async def tick(state: Ticks, ctx: NodeContext) -> dict[str, Any]:
+        ran.append(ctx.step)
+        return {"count": state.count + 1}
+
+    def again(state: Ticks) -> str:
+        return "tick" if state.count < 3 else END
+
+    graph: Graph[Ticks] = Graph(Ticks, name="counter")
+    graph.add_node("tick", tick)
+    graph.add_edge(START, "tick")
+    graph.add_route("tick", again, targets=["tick", END])
+    paused, resumed = anyio.Event(), anyio.Event()
+    finished: list[RunFinished] = []
+
+    async def read() -> None:
+        async with contextlib.aclosing(
+            graph.compile(store=store).stream(Ticks(), run_id="r1")
+        ) as events:
+            async for event in events:
+                if isinstance(event, StepCommitted) and event.step == 1:
+                    paused.set()
+                    await resumed.wait()  # a slow reader: nothing renews the lease meanwhile
+                if isinstance(event, RunFinished):
+                    finished.append(event)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(read)
+            await paused.wait()
+            await anyio.sleep(LEASE + 0.1)  # the paused owner's lease runs out
+            outcome = await graph.compile(store=store).resume("r1")
+            resumed.set()
+    assert outcome.status is RunStatus.COMPLETED
+    [event] = finished
+    assert event.outcome is not None
+    assert event.outcome.status is RunStatus.FAILED
+    assert isinstance(event.outcome.error, LeaseLostError)
+    assert ran == [1, 2, 3]
+
+
 # -- a run that no longer fits -----------------------------------------------------------
 
 
@@ -703,6 +896,29 @@ async def test_resume_of_a_run_that_no_longer_fits_raises_an_orchestra_error(
     await ticker(6).compile(store=store, budget=Budget(steps=2)).run(Ticks(), run_id="r1")
     with pytest.raises(OrchestraError, match="r1"):
         await reshaped().compile(store=store).resume("r1", allow_graph_change=True)
+
+
+async def nothing(state: Ticks, ctx: NodeContext) -> None:
+    return None
+
+
+async def test_resume_of_a_run_whose_next_node_is_gone_raises_and_marks_it_failed(
+    store: Store,
+) -> None:
+    """A changed graph without the node the run is due to run refuses the resume naming that
+    node; the run is left failed, its lease released."""
+    await (
+        chain(("one", step_one), ("two", nothing))
+        .compile(store=store, budget=Budget(steps=1))
+        .run(Ticks(), run_id="r1")
+    )
+    renamed = chain(("one", step_one), ("three", nothing)).compile(store=store)
+    with pytest.raises(StoreError, match="'two'"):
+        await renamed.resume("r1", allow_graph_change=True)
+    record = await store.get_run("r1")
+    assert (record.status, record.owner, record.lease_expires_at) == ("failed", None, None)
+    assert record.error is not None
+    assert "'two'" in record.error
 
 
 # -- abort and stop-all ------------------------------------------------------------------
@@ -758,6 +974,38 @@ async def test_closing_a_stream_early_records_the_run_aborted(store: Store) -> N
     assert outcome.state == await uninterrupted(ticker(6), Ticks())
 
 
+async def test_closing_a_stream_mid_run_says_the_reader_closed_it(store: Store) -> None:
+    """A run whose stream was closed while it ran is stored aborted with that reason."""
+    app = ticker(6).compile(store=store)
+    async with contextlib.aclosing(app.stream(Ticks(), run_id="r1")) as events:
+        async for event in events:
+            if isinstance(event, StepCommitted) and event.step == 2:
+                break
+    record = await store.get_run("r1")
+    assert (record.status, record.reason) == (
+        "aborted",
+        "the event stream was closed by its reader",
+    )
+
+
+async def test_closing_a_stream_after_a_failed_step_records_the_failure(store: Store) -> None:
+    """A reader that stops at a failure leaves the run stored failed with its error, not
+    aborted."""
+
+    async def broken(state: Ticks, ctx: NodeContext) -> None:
+        raise RuntimeError("broken for good")
+
+    app = chain(("one", step_one), ("broken", broken)).compile(store=store)
+    async with contextlib.aclosing(app.stream(Ticks(), run_id="r1")) as events:
+        async for event in events:
+            if isinstance(event, NodeFinished) and event.error is not None:
+                break
+    record = await store.get_run("r1")
+    assert (record.status, record.reason, record.owner) == ("failed", None, None)
+    assert record.error is not None
+    assert "broken for good" in record.error
+
+
 async def test_abort_keeps_the_last_checkpoint(store: Store) -> None:
     """An aborted run's state is the state before the step that was cancelled."""
     entered = anyio.Event()
@@ -797,6 +1045,104 @@ async def test_abort_from_another_store_object_stops_the_run(
         assert (await operator.get_run("r1")).status == "aborted"
     finally:
         await operator.aclose()
+
+
+def spinner(limit: int) -> Graph[Ticks]:
+    """One node looping ``limit`` times that never awaits: while a step runs, the event loop
+    gets no turn (CPU-bound work, a blocking library call)."""
+
+    async def spin(state: Ticks, ctx: NodeContext) -> dict[str, Any]:
+        sum(range(20_000))
+        return {"count": state.count + 1}
+
+    def again(state: Ticks) -> str:
+        return "spin" if state.count < limit else END
+
+    graph: Graph[Ticks] = Graph(Ticks, name="spinner")
+    graph.add_node("spin", spin)
+    graph.add_edge(START, "spin")
+    graph.add_route("spin", again, targets=["spin", END])
+    return graph
+
+
+@contextlib.contextmanager
+def another_process(path: Path, work: Callable[[SQLiteStore], Awaitable[None]]) -> Iterator[None]:
+    """Run ``work`` with its own store on ``path`` in a thread with its own event loop, as
+    another process would; on exit, wait for it and raise what it raised."""
+    errors: list[Exception] = []
+
+    async def main() -> None:
+        with anyio.fail_after(10):
+            async with SQLiteStore(path, lease_seconds=LEASE, poll_seconds=POLL) as store:
+                await work(store)
+
+    def thread_main() -> None:
+        try:
+            anyio.run(main)
+        except Exception as exc:  # handed to the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=thread_main)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+async def until_step(store: Store, run_id: str, step: int) -> RunRecord:
+    """Wait until the run exists and has committed ``step`` (or stopped); return its row."""
+    # the run is driven elsewhere: its row is the only thing to watch
+    while True:
+        with contextlib.suppress(RunNotFoundError):
+            record = await store.get_run(run_id)
+            if record.step >= step or record.status != "running":
+                return record
+        await anyio.sleep(0.005)
+
+
+async def test_abort_stops_a_run_whose_nodes_never_yield(tmp_path: Path) -> None:
+    """A run that never gives the event loop a turn still notices an abort between steps."""
+    path, limit = tmp_path / "runs.db", 5_000
+
+    async def abort(operator: SQLiteStore) -> None:
+        await until_step(operator, "r1", 3)
+        await operator.request_abort("r1", "operator says stop")
+
+    async with SQLiteStore(
+        path, durability="normal", lease_seconds=LEASE, poll_seconds=POLL
+    ) as store:
+        app = spinner(limit).compile(store=store, budget=Budget(steps=None))
+        with another_process(path, abort):
+            outcome = await app.run(Ticks(), run_id="r1")
+        assert (outcome.status, outcome.stop_reason) == (RunStatus.ABORTED, "operator says stop")
+        assert outcome.steps < limit
+        assert (await store.get_run("r1")).status == "aborted"
+
+
+async def test_lease_of_a_run_whose_nodes_never_yield_is_renewed(tmp_path: Path) -> None:
+    """A run that never gives the event loop a turn still renews its lease between steps."""
+    path = tmp_path / "runs.db"
+    seen: list[tuple[RunRecord, float]] = []
+
+    async def observe(observer: SQLiteStore) -> None:
+        await until_step(observer, "r1", 1)
+        await anyio.sleep(3 * LEASE)  # only renewals keep the lease live this long
+        seen.append((await observer.get_run("r1"), time.time()))
+        await observer.request_abort("r1", "seen enough")
+
+    async with SQLiteStore(
+        path, durability="normal", lease_seconds=LEASE, poll_seconds=POLL
+    ) as store:
+        app = spinner(20_000).compile(store=store, budget=Budget(steps=None))
+        with another_process(path, observe):
+            outcome = await app.run(Ticks(), run_id="r1")
+    [(record, now)] = seen
+    assert record.status == "running"
+    assert record.lease_live(now)
+    assert (outcome.status, outcome.stop_reason) == (RunStatus.ABORTED, "seen enough")
 
 
 async def test_run_cancelled_by_its_caller_is_recorded_aborted(store: Store) -> None:
@@ -862,6 +1208,196 @@ async def test_stop_all_refuses_new_runs_until_released(store: Store) -> None:
     assert (await ticker(3).compile(store=store).resume("r1")).status is RunStatus.COMPLETED
 
 
+# -- store failures ----------------------------------------------------------------------
+
+
+class WriteLock:
+    """A write transaction on a database file held by another process (as a long-running
+    writer, a backup or an editor holds it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None)
+
+    def take(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+
+@pytest.fixture
+def write_lock(tmp_path: Path) -> Iterator[WriteLock]:
+    lock = WriteLock(tmp_path / "runs.db")
+    yield lock
+    lock.release()
+    lock.conn.close()
+
+
+def locking(write_lock: WriteLock) -> Graph[Ticks]:
+    """One node that takes the file's write lock (another process's) before returning."""
+
+    async def lock_then_return(state: Ticks, ctx: NodeContext) -> dict[str, Any]:
+        write_lock.take()
+        return {"count": 1}
+
+    return chain(("lock", lock_then_return))
+
+
+async def test_store_locked_during_a_step_fails_the_run_with_run_store_error(
+    tmp_path: Path, write_lock: WriteLock
+) -> None:
+    """A database locked past its busy timeout fails the run with a RunStoreError naming the
+    run and step; the StoreError is its cause."""
+    # a long lease: no renewal is due, only the step's commit meets the lock
+    async with SQLiteStore(
+        tmp_path / "runs.db", busy_timeout=0.1, lease_seconds=60, poll_seconds=POLL
+    ) as store:
+        with anyio.fail_after(5):
+            outcome = await locking(write_lock).compile(store=store).run(Ticks(), run_id="r1")
+    assert outcome.status is RunStatus.FAILED
+    assert isinstance(outcome.error, RunStoreError)
+    assert (outcome.error.run_id, outcome.error.step) == ("r1", 1)
+    assert str(outcome.error).startswith("run r1, step 1: ")
+    assert isinstance(outcome.error.__cause__, StoreError)
+    assert "locked" in str(outcome.error.__cause__)
+
+
+async def test_store_failing_again_after_a_failed_step_keeps_the_steps_error(
+    tmp_path: Path, write_lock: WriteLock
+) -> None:
+    """A lease renewal that meets the same lock once the step has failed does not replace
+    the step's error."""
+    # a short lease: a renewal is due by the time the step's commit has given up
+    async with SQLiteStore(
+        tmp_path / "runs.db", busy_timeout=0.1, lease_seconds=LEASE, poll_seconds=POLL
+    ) as store:
+        with anyio.fail_after(5):
+            outcome = await locking(write_lock).compile(store=store).run(Ticks(), run_id="r1")
+    assert isinstance(outcome.error, RunStoreError)
+    assert outcome.error.step == 1
+
+
+async def test_store_full_during_a_pending_write_fails_the_run_with_run_store_error(
+    sqlite_store: SQLiteStore,
+) -> None:
+    """A disk that fills up while a multi-task step keeps its finished tasks fails the run
+    with a RunStoreError naming the run and step, not an exception group."""
+    conn = sqlite_store.conn
+
+    async def fan(state: Ticks, ctx: NodeContext) -> list[Send]:
+        return [Send("write", 0), Send("write", 1)]
+
+    async def write(item: int, ctx: NodeContext) -> dict[str, Any] | None:
+        if item == 0:  # the disk is nearly full now
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count={pages + 3}")
+            return {"blob": "x" * 200_000}
+        return None
+
+    graph: Graph[Ticks] = Graph(Ticks)
+    graph.add_node("fan", fan, targets=["write"])
+    graph.add_node("write", write)
+    graph.add_edge(START, "fan")
+    graph.add_edge("write", END)
+    with anyio.fail_after(5):
+        outcome = await graph.compile(store=sqlite_store).run(Ticks(), run_id="r1")
+    assert outcome.status is RunStatus.FAILED
+    assert isinstance(outcome.error, RunStoreError)
+    assert (outcome.error.run_id, outcome.error.step) == ("r1", 2)
+    assert isinstance(outcome.error.__cause__, StoreError)
+    assert "full" in str(outcome.error.__cause__)
+
+
+class Opaque:
+    """A value that JSON cannot hold."""
+
+
+class Loose(BaseModel):
+    notes: Annotated[list[str], append] = []
+    anything: Any = None
+
+
+def writes_opaque(how: str) -> Graph[Loose]:
+    """A graph whose node ``bad`` produces a value that is not JSON: in an update (alone in
+    its step, or next to another task) or as a Send payload."""
+
+    async def bad(state: Loose, ctx: NodeContext) -> Any:
+        if how == "send":
+            return [Send("take", Opaque()), Send("take", Opaque())]
+        return {"anything": Opaque()}
+
+    async def other(state: Loose, ctx: NodeContext) -> dict[str, Any]:
+        return {"notes": "other"}
+
+    async def take(item: Opaque, ctx: NodeContext) -> dict[str, Any]:
+        return {"notes": "took"}
+
+    graph: Graph[Loose] = Graph(Loose, name="opaque")
+    graph.add_node("bad", bad, targets=["take"] if how == "send" else ())
+    graph.add_edge(START, "bad")
+    if how == "send":
+        graph.add_node("take", take)
+        graph.add_edge("take", END)
+    else:
+        graph.add_edge("bad", END)
+    if how == "update-next-to-another":
+        graph.add_node("other", other)
+        graph.add_edge(START, "other")
+        graph.add_edge("other", END)
+    return graph
+
+
+OPAQUE_WAYS = ["update-alone", "update-next-to-another", "send"]
+
+
+@pytest.mark.parametrize("how", OPAQUE_WAYS)
+async def test_value_a_store_cannot_keep_fails_the_run_naming_the_node(
+    store: Store, how: str
+) -> None:
+    """An update or Send payload that is not JSON fails the run with InvalidUpdateError
+    naming the node that produced it."""
+    with anyio.fail_after(5):
+        outcome = await writes_opaque(how).compile(store=store).run(Loose(), run_id="r1")
+    assert outcome.status is RunStatus.FAILED
+    assert isinstance(outcome.error, InvalidUpdateError)
+    assert (outcome.error.step, outcome.error.node) == (1, "bad")
+    assert "JSON" in str(outcome.error)
+    assert (await store.get_run("r1")).status == "failed"
+
+
+@pytest.mark.parametrize("how", OPAQUE_WAYS)
+async def test_value_a_store_cannot_keep_is_fine_without_a_store(how: str) -> None:
+    """Without a store nothing is serialized: the same graph completes."""
+    outcome = await writes_opaque(how).compile().run(Loose())
+    assert outcome.status is RunStatus.COMPLETED
+
+
+async def test_run_cancelled_while_the_store_fails_raises_the_cancellation(
+    tmp_path: Path, write_lock: WriteLock
+) -> None:
+    """A caller cancelling a run whose store is locked gets its cancellation back, not the
+    StoreError of recording the abort."""
+    entered = anyio.Event()
+
+    async def lock_then_hang(state: Ticks, ctx: NodeContext) -> None:
+        write_lock.take()
+        entered.set()
+        await anyio.sleep_forever()
+
+    # a long lease: no renewal is due while the lock is held, only the abort's record
+    async with SQLiteStore(
+        tmp_path / "runs.db", busy_timeout=0.1, lease_seconds=60, poll_seconds=POLL
+    ) as store:
+        app = chain(("lock", lock_then_hang)).compile(store=store)
+        with anyio.fail_after(5), anyio.CancelScope() as caller:
+            async with anyio.create_task_group() as group:
+                group.start_soon(functools.partial(app.run, Ticks(), run_id="r1"))
+                await entered.wait()
+                caller.cancel()
+    assert caller.cancelled_caught
+
+
 # -- binding a store, finding the app ----------------------------------------------------
 
 
@@ -906,3 +1442,23 @@ async def test_run_row_records_the_app_ref(store: Store) -> None:
     """The run row says how to import the app again, for `orchestra resume`."""
     outcome = await APP.with_store(store).run(Ticks())
     assert (await store.get_run(outcome.run_id)).app_ref == f"{__name__}:APP"
+
+
+async def test_sqlite_app_runs_in_a_worker_thread(
+    sqlite_store: SQLiteStore, anyio_backend: str
+) -> None:
+    """One compiled app with an SQLite store runs in the main thread and in a worker thread
+    with its own event loop."""
+    app = ticker(3).compile(store=sqlite_store)
+    here = await app.run(Ticks(), run_id="main")
+
+    def in_worker() -> RunOutcome[Any]:
+        return anyio.run(
+            functools.partial(app.run, Ticks(), run_id="worker"), backend=anyio_backend
+        )
+
+    with anyio.fail_after(5):
+        there = await anyio.to_thread.run_sync(in_worker)
+    assert (here.status, there.status) == (RunStatus.COMPLETED, RunStatus.COMPLETED)
+    assert there.state == here.state
+    assert (await sqlite_store.get_run("worker")).status == "completed"

@@ -1132,6 +1132,41 @@ async def test_run_update_as_a_state_instance_writes_only_the_fields_set() -> No
     assert outcome.state.log == ["keep"]
 
 
+@pytest.mark.parametrize("input", [State(), {}], ids=["instance", "dict"])
+async def test_run_update_as_a_copy_of_the_state_writes_only_what_changed(input: Any) -> None:
+    """A node returning ``state.model_copy(update=...)`` changes that field only: reducer
+    fields it carries unchanged are not added again."""
+
+    async def first(state: State, ctx: NodeContext) -> dict[str, Any]:
+        return {"log": "first", "total": 5}
+
+    async def draft(state: State, ctx: NodeContext) -> State:
+        return state.model_copy(update={"note": "done"})
+
+    app = graph_of(
+        {"first": first, "draft": draft}, [(START, "first"), ("first", "draft"), ("draft", END)]
+    )
+    outcome = await app.run(input)
+    assert outcome.status is RunStatus.COMPLETED
+    assert outcome.state == State(log=["first"], total=5, note="done")
+
+
+async def test_run_update_as_a_state_instance_with_a_changed_reducer_field_fails() -> None:
+    """A returned state instance whose reducer field changed is refused with
+    InvalidUpdateError saying to return a dict."""
+
+    async def add_to_log(state: State, ctx: NodeContext) -> State:
+        return state.model_copy(update={"log": [*state.log, "more"]})
+
+    app = graph_of({"add": add_to_log}, [(START, "add"), ("add", END)])
+    outcome = await app.run(State(log=["kept"]))
+    assert outcome.status is RunStatus.FAILED
+    assert isinstance(outcome.error, InvalidUpdateError)
+    assert (outcome.error.step, outcome.error.node) == (1, "add")
+    assert "'log'" in str(outcome.error)
+    assert "return a dict" in str(outcome.error)
+
+
 async def test_run_node_returning_none_changes_nothing() -> None:
     """A node returning None (or an empty dict) leaves the state alone."""
 

@@ -223,6 +223,14 @@ class Store(Protocol):
         """Release the store's resources."""
         ...
 
+    async def __aenter__(self) -> Store:
+        """Open the store (``async with store:``)."""
+        ...
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Close the store."""
+        ...
+
 
 # fields the recorder leaves out of step events when they hold these values
 _STEP_EVENT_DEFAULTS: dict[str, dict[str, Any]] = {

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from stores import LEASE, POLL
 
 from orchestra.checkpoint import replay_json
 from orchestra.errors import (
@@ -32,22 +33,19 @@ from orchestra.store.base import (
 
 pytestmark = pytest.mark.anyio
 
-LEASE = 0.3
-POLL = 0.02
 TASKS = '[{"node":"tick","index":0,"label":"tick"}]'
 
 
 @pytest.fixture(params=["sqlite", "memory"])
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str
-) -> AsyncIterator[Store]:
-    """Yield each store implementation, with a short lease and poll interval."""
-    if request.param == "sqlite":
-        made: Store = SQLiteStore(tmp_path / "runs.db", lease_seconds=LEASE, poll_seconds=POLL)
-    else:
-        made = MemoryStore(lease_seconds=LEASE, poll_seconds=POLL)
-    yield made
-    await made.aclose()
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Store]:
+    """Return a function that makes each store implementation with the given options."""
+
+    def make(**options: float) -> Store:
+        if request.param == "sqlite":
+            return SQLiteStore(tmp_path / "runs.db", **options)
+        return MemoryStore(**options)
+
+    return make
 
 
 def run_record(
@@ -124,6 +122,27 @@ async def create(
 
 async def steps_of(store: Store, run_id: str) -> list[int]:
     return [row.step for row in await store.checkpoints(run_id)]
+
+
+# -- options and lifetime ----------------------------------------------------------------
+
+
+def test_store_refuses_a_poll_longer_than_a_third_of_the_lease(
+    make_store: Callable[..., Store],
+) -> None:
+    """A lease renewed on a poll must not lapse between two polls: poll <= lease / 3."""
+    with pytest.raises(ValueError, match="poll_seconds"):
+        make_store(lease_seconds=3.0, poll_seconds=1.01)
+    assert make_store(lease_seconds=3.0, poll_seconds=1.0).poll_seconds == 1.0
+
+
+async def test_store_is_an_async_context_manager(make_store: Callable[..., Store]) -> None:
+    """`async with` gives the store itself, ready to use, and closes it on exit."""
+    made = make_store(lease_seconds=LEASE, poll_seconds=POLL)
+    async with made as store:
+        assert store is made
+        record = await create(store)
+        assert await store.get_run("run-1") == record
 
 
 # -- create_run --------------------------------------------------------------------------
@@ -359,6 +378,14 @@ async def test_renew_with_a_stale_epoch_returns_false(store: Store) -> None:
     assert await store.get_run("run-1") == record
 
 
+@pytest.mark.parametrize("status", ["interrupted", "aborted", "failed"])
+async def test_renew_of_a_run_not_running_returns_false(store: Store, status: str) -> None:
+    """Only a running run's lease can be renewed, even under its current epoch."""
+    record = await create(store, run_record(status=status))
+    assert not await store.renew("run-1", 1, step=5, usage={"steps": 5})
+    assert await store.get_run("run-1") == record
+
+
 # -- request_abort -----------------------------------------------------------------------
 
 
@@ -392,6 +419,28 @@ async def test_request_abort_of_a_run_whose_lease_expired_aborts_it_at_once(
     await create(store, run_record(expires_in=-1.0))
     record = await store.request_abort("run-1", "owner is gone")
     assert (record.status, record.reason, record.owner) == ("aborted", "owner is gone", None)
+
+
+async def test_request_abort_of_a_run_whose_lease_expired_fences_off_its_owner(
+    store: Store,
+) -> None:
+    """The abort moves the epoch on: an owner that still runs can neither write nor renew."""
+    await create(store, run_record(expires_in=-1.0))
+    await store.request_abort("run-1", "owner is gone")
+    aborted = await store.get_run("run-1")
+    assert aborted.epoch == 2
+    with pytest.raises(LeaseLostError):
+        await store.commit_step("run-1", 1, commit(delta(1, {"count": 1})))
+    with pytest.raises(LeaseLostError):
+        await store.put_pending_write("run-1", 1, pending(1, "a"))
+    with pytest.raises(LeaseLostError):
+        await store.finish_run(
+            "run-1", 1, status="completed", reason=None, error=None, usage={}, events=[]
+        )
+    assert not await store.renew("run-1", 1, step=1, usage={"steps": 1})
+    assert await store.get_run("run-1") == aborted
+    assert await steps_of(store, "run-1") == [0]
+    assert await store.pending_writes("run-1", 1) == []
 
 
 async def test_request_abort_of_a_completed_run_raises_run_status_error(store: Store) -> None:
