@@ -20,7 +20,7 @@ from . import _faults
 from ._tasks import Task, TaskResult
 from .checkpoint import dump_delta, dump_result, dump_state, dump_tasks
 from .errors import InvalidUpdateError
-from .events import Event, NodeFinished, NodeStarted
+from .events import Event, NodeFinished, NodeStarted, StepCommitted
 from .state import FieldDelta
 from .store.base import (
     ACTIVE,
@@ -64,6 +64,15 @@ def event_row(event: Event, step: int | None) -> EventRow:
     return EventRow(step=step, kind=event.kind, at=event.at, data=_compact(data))
 
 
+def _usage_json(usage: dict[str, Any]) -> str:
+    if len(usage) == 3:  # steps, tasks, wall_seconds: the common case, formatted directly
+        return (
+            f'{{"steps":{int(usage["steps"])},"tasks":{int(usage["tasks"])},'
+            f'"wall_seconds":{float(usage["wall_seconds"])!r}}}'
+        )
+    return _compact(usage)
+
+
 _DEFAULTS: dict[str, Any] = {"task": 0, "attempts": 1, "error": None, "resumed": False}
 
 
@@ -78,6 +87,20 @@ def step_events(events: Sequence[Event], step: int) -> str | None:
     """
     items = []
     for event in events:
+        if isinstance(event, StepCommitted):
+            # its next tasks are the row's tasks column; durations to 0.1 µs
+            items.append(
+                {
+                    "event": event.kind,
+                    "at": event.at,
+                    "nodes": event.nodes,
+                    "changed": event.changed,
+                    "duration": round(event.duration, 7),
+                    "durations": [round(d, 7) for d in event.durations],
+                    **({} if event.step == step else {"step": event.step}),
+                }
+            )
+            continue
         if isinstance(event, NodeStarted) or (
             isinstance(event, NodeFinished) and event.attempts == 1 and event.error is None
         ):
@@ -213,7 +236,7 @@ class Recorder:
             tasks=next_tasks,
             created_at=time.time(),
             events=step_events(events, step),
-            usage=_compact(usage),
+            usage=_usage_json(usage),
         )
         commit = StepCommit(step=step, checkpoint=checkpoint, had_pending=self._had_pending)
         self._had_pending = False

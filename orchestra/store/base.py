@@ -239,16 +239,20 @@ _STEP_EVENT_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def merge_events(own: Sequence[EventRow], steps: Sequence[tuple[int, str]]) -> list[EventRow]:
-    """Merge a run's own events with the step events kept in its checkpoints, by time."""
+def merge_events(own: Sequence[EventRow], steps: Sequence[tuple[int, str, str]]) -> list[EventRow]:
+    """Merge a run's own events with the step events kept in its checkpoints (``(step,
+    events, tasks)`` rows), by step then time."""
     import json
 
     rows = list(own)
-    for step, text in steps:
+    for step, text, tasks in steps:
         for item in json.loads(text):
             kind = item.pop("event")
             at = item.pop("at")
             data = {"step": step, **_STEP_EVENT_DEFAULTS.get(kind, {}), **item}
+            if kind == "step_committed" and "next" not in data:
+                # not stored twice: the row's tasks are the step's next tasks
+                data["next"] = [task["label"] for task in json.loads(tasks)]
             rows.append(EventRow(step=step, kind=kind, at=at, data=json.dumps(data)))
     # by step first: clocks of different processes (a resume elsewhere) may disagree
     rows.sort(key=lambda r: (r.step if r.step is not None else -1, r.at))

@@ -259,7 +259,7 @@ class MemoryStore:
 
     async def events(self, run_id: str) -> list[EventRow]:
         steps = [
-            (row.step, row.events)
+            (row.step, row.events, row.tasks)
             for row in (await self.checkpoints(run_id))
             if row.events is not None
         ]

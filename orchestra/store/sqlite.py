@@ -637,7 +637,7 @@ class SQLiteStore:
             ).fetchall()
             low, high = self._bounds(conn, run_id)
             steps = conn.execute(
-                "SELECT step, events FROM checkpoints WHERE id BETWEEN ? AND ? "
+                "SELECT step, events, tasks FROM checkpoints WHERE id BETWEEN ? AND ? "
                 "AND events IS NOT NULL ORDER BY id",
                 (low, high),
             ).fetchall()
