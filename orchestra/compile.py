@@ -417,6 +417,9 @@ def _node_problems(node: NodeSpec) -> list[str]:
         problems.append(f"node name {name!r} is invalid; use a non-empty string")
     elif name in (START, END):
         problems.append(f"node name {name!r} is reserved")
+    elif "[" in name or "]" in name:
+        # "worker[2]" names the third Send task of node "worker" in events and checkpoints
+        problems.append(f"node name {name!r} may not contain '[' or ']'")
     if node.fn is None:
         problems.append(f"node {name!r} has no function; add_node('{name}', fn)")
     elif not callable(node.fn):

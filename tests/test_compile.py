@@ -640,3 +640,9 @@ def test_compiled_graph_structure_hash_changes_with_the_state_model() -> None:
     graph.add_edge(START, "a")
     graph.add_edge("a", END)
     assert graph.compile().structure_hash != chain("a").compile().structure_hash
+
+
+def test_compile_reports_node_names_with_brackets() -> None:
+    """A node may not be named like a Send task label ("worker[0]")."""
+    graph = chain("w[0]")
+    assert "node name 'w[0]' may not contain '[' or ']'" in problems_of(graph)
