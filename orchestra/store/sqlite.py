@@ -48,99 +48,23 @@ from .base import (
     StepCommit,
     merge_events,
 )
+from .schema import (
+    CHECKPOINT_COLUMNS,
+    INSERT_CHECKPOINT,
+    KNOWN_MIGRATIONS,
+    MIGRATION_SET,
+    READ_COLUMNS,
+    RUN_COLUMNS,
+    STEP_MASK,
+    checkpoint_from_row,
+    checkpoint_values,
+    describe_error,
+    migrations,
+    record_from_row,
+    run_values,
+)
 
 __all__ = ("SQLiteStore",)
-
-MIGRATION_SET = "orchestra"
-KNOWN_MIGRATIONS = ("m001_initial",)
-CHECKPOINT_COLUMNS = (
-    "step, snapshot, delta, tasks, created_at, events, usage, "
-    "length(CAST(coalesce(snapshot, delta, '') AS BLOB))"
-)
-RUN_COLUMNS = (
-    "run_id, graph, structure_hash, app_ref, status, step, owner, epoch, lease_expires_at, "
-    "created_at, updated_at, usage, reason, error, abort_requested, parent_run_id, parent_step"
-)
-# A checkpoint's id is (run_no << 32) + step: the table's own rowid, so a step is one plain
-# b-tree insert with no second index, and a run's checkpoints are one rowid range.
-STEP_MASK = 0xFFFFFFFF
-# a running run's row is refreshed only when its lease is renewed; its checkpoints are current
-READ_COLUMNS = RUN_COLUMNS.replace(
-    "status, step,",
-    "status, coalesce((SELECT max(c.id) FROM checkpoints c WHERE c.id BETWEEN "
-    "runs.run_no << 32 AND (runs.run_no << 32) + 4294967295) & 4294967295, step),",
-)
-
-
-def _migrations() -> Any:
-    from sqlite_utils import Migrations
-
-    migrations = Migrations(MIGRATION_SET)
-
-    @migrations(name="m001_initial")
-    def m001_initial(db: Any) -> None:
-        db.execute(
-            """
-            CREATE TABLE runs (
-                run_no INTEGER PRIMARY KEY,
-                run_id TEXT NOT NULL UNIQUE,
-                graph TEXT NOT NULL,
-                structure_hash TEXT NOT NULL,
-                app_ref TEXT,
-                status TEXT NOT NULL,
-                step INTEGER NOT NULL,
-                owner TEXT,
-                epoch INTEGER NOT NULL,
-                lease_expires_at REAL,
-                created_at REAL NOT NULL,
-                updated_at REAL NOT NULL,
-                usage TEXT NOT NULL,
-                reason TEXT,
-                error TEXT,
-                abort_requested TEXT,
-                parent_run_id TEXT,
-                parent_step INTEGER
-            )"""
-        )
-        db.execute("CREATE INDEX runs_by_status ON runs (status)")
-        db.execute(
-            """
-            CREATE TABLE checkpoints (
-                id INTEGER PRIMARY KEY,
-                step INTEGER NOT NULL,
-                snapshot TEXT,
-                delta TEXT,
-                tasks TEXT NOT NULL,
-                events TEXT,
-                usage TEXT,
-                created_at REAL NOT NULL
-            )"""
-        )
-        db.execute(
-            """
-            CREATE TABLE pending_writes (
-                run_id TEXT NOT NULL,
-                step INTEGER NOT NULL,
-                task TEXT NOT NULL,
-                result TEXT NOT NULL,
-                PRIMARY KEY (run_id, step, task)
-            ) WITHOUT ROWID"""
-        )
-        db.execute(
-            """
-            CREATE TABLE events (
-                id INTEGER PRIMARY KEY,
-                run_id TEXT NOT NULL,
-                step INTEGER,
-                kind TEXT NOT NULL,
-                at REAL NOT NULL,
-                data TEXT NOT NULL
-            )"""
-        )
-        db.execute("CREATE INDEX events_by_run ON events (run_id, id)")
-        db.execute("CREATE TABLE control (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID")
-
-    return migrations
 
 
 class SQLiteStore:
@@ -207,14 +131,14 @@ class SQLiteStore:
             conn.execute("PRAGMA foreign_keys=ON")
             db = Database(conn, execute_plugins=False)
             self._check_schema(conn)
-            migrations = _migrations()
-            if migrations.pending(db):
+            pending = migrations()
+            if pending.pending(db):
                 # under the write lock, so two processes opening a new file cannot both
                 # migrate it; sqlite-utils nests its own transactions as savepoints
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     self._check_schema(conn)
-                    migrations.apply(db)
+                    pending.apply(db)
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
@@ -224,7 +148,7 @@ class SQLiteStore:
             raise
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise StoreFileError(path, _describe(exc)) from exc
+            raise StoreFileError(path, describe_error(exc)) from exc
         return conn
 
     def _check_schema(self, conn: sqlite3.Connection) -> None:
@@ -303,7 +227,7 @@ class SQLiteStore:
                 f"(another process holds a long write transaction)"
             )
         if "not a database" in text or "malformed" in text or "corrupt" in text:
-            return StoreFileError(self.path, _describe(exc))
+            return StoreFileError(self.path, describe_error(exc))
         return StoreError(f"{self.path}: {type(exc).__name__}: {text}")
 
     async def aclose(self) -> None:
@@ -351,7 +275,7 @@ class SQLiteStore:
             conn.execute(
                 f"INSERT INTO runs ({RUN_COLUMNS}) "
                 f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                _run_values(record),
+                run_values(record),
             )
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"run {record.run_id} already exists in {self.path}") from exc
@@ -361,7 +285,7 @@ class SQLiteStore:
     async def commit_step(self, run_id: str, epoch: int, commit: StepCommit) -> None:
         # fenced: the row goes in only while this owner's epoch is current
         insert = INSERT_CHECKPOINT + " AND epoch = ?"
-        values = (*_checkpoint_values(run_id, commit.checkpoint), epoch)
+        values = (*checkpoint_values(run_id, commit.checkpoint), epoch)
         if not commit.had_pending:
             # one statement is one transaction: no BEGIN/COMMIT round trips on the hot path
             try:
@@ -513,7 +437,7 @@ class SQLiteStore:
             rows = conn.execute(
                 f"SELECT {READ_COLUMNS} FROM runs WHERE status = ?", (ACTIVE,)
             ).fetchall()
-            records = [_record(row) for row in rows]
+            records = [record_from_row(row) for row in rows]
             for record in records:
                 self._abort(conn, record, reason, now)
         return [r.run_id for r in records]
@@ -548,7 +472,7 @@ class SQLiteStore:
         ).fetchone()
         if row is None:
             raise RunNotFoundError(run_id)
-        return _record(row)
+        return record_from_row(row)
 
     async def list_runs(
         self, *, statuses: Sequence[str] = (), limit: int | None = None
@@ -563,13 +487,13 @@ class SQLiteStore:
             sql += " LIMIT ?"
             params.append(limit)
         with self._read() as conn:
-            return [_record(row) for row in conn.execute(sql, params)]
+            return [record_from_row(row) for row in conn.execute(sql, params)]
 
     # -- checkpoints, pending writes, events ----------------------------------------------
 
     @staticmethod
     def _insert_checkpoint(conn: sqlite3.Connection, run_id: str, row: CheckpointRow) -> None:
-        conn.execute(INSERT_CHECKPOINT, _checkpoint_values(run_id, row))
+        conn.execute(INSERT_CHECKPOINT, checkpoint_values(run_id, row))
 
     @staticmethod
     def _bounds(conn: sqlite3.Connection, run_id: str) -> tuple[int, int]:
@@ -594,7 +518,7 @@ class SQLiteStore:
                 f"ORDER BY id",
                 (low, high),
             ).fetchall()
-        return [_checkpoint(row) for row in rows]
+        return [checkpoint_from_row(row) for row in rows]
 
     async def checkpoint_chain(self, run_id: str, step: int | None = None) -> list[CheckpointRow]:
         with self._read() as conn:
@@ -619,7 +543,7 @@ class SQLiteStore:
                 f"ORDER BY id",
                 (base[0], top),
             ).fetchall()
-        return [_checkpoint(row) for row in rows]
+        return [checkpoint_from_row(row) for row in rows]
 
     async def pending_writes(self, run_id: str, step: int) -> list[PendingWrite]:
         with self._read() as conn:
@@ -680,89 +604,3 @@ class SQLiteStore:
             with suppress(OSError):
                 total += os.path.getsize(self.path + suffix)
         return total
-
-
-def _describe(exc: sqlite3.DatabaseError) -> str:
-    text = str(exc)
-    if "file is not a database" in text:
-        return "not a SQLite database (or it is encrypted or corrupted)"
-    if "malformed" in text:
-        return f"the database file is corrupted ({text}); restore it from a backup"
-    return f"database error: {text}"
-
-
-INSERT_CHECKPOINT = (
-    "INSERT INTO checkpoints (id, step, snapshot, delta, tasks, events, usage, created_at) "
-    "SELECT (run_no << 32) + ?, ?, ?, ?, ?, ?, ?, ? FROM runs WHERE run_id = ?"
-)
-
-
-def _checkpoint_values(run_id: str, row: CheckpointRow) -> tuple[Any, ...]:
-    return (
-        row.step,
-        row.step,
-        row.snapshot,
-        row.delta,
-        row.tasks,
-        row.events,
-        row.usage,
-        row.created_at,
-        run_id,
-    )
-
-
-def _run_values(record: RunRecord) -> tuple[Any, ...]:
-    return (
-        record.run_id,
-        record.graph,
-        record.structure_hash,
-        record.app_ref,
-        record.status,
-        record.step,
-        record.owner,
-        record.epoch,
-        record.lease_expires_at,
-        record.created_at,
-        record.updated_at,
-        json.dumps(record.usage),
-        record.reason,
-        record.error,
-        record.abort_requested,
-        record.parent_run_id,
-        record.parent_step,
-    )
-
-
-def _record(row: Sequence[Any]) -> RunRecord:
-    return RunRecord(
-        run_id=row[0],
-        graph=row[1],
-        structure_hash=row[2],
-        app_ref=row[3],
-        status=row[4],
-        step=row[5],
-        owner=row[6],
-        epoch=row[7],
-        lease_expires_at=row[8],
-        created_at=row[9],
-        updated_at=row[10],
-        usage=json.loads(row[11]) if row[11] else {},
-        reason=row[12],
-        error=row[13],
-        abort_requested=row[14],
-        parent_run_id=row[15],
-        parent_step=row[16],
-    )
-
-
-def _checkpoint(row: Sequence[Any]) -> CheckpointRow:
-    return CheckpointRow(
-        step=row[0],
-        snapshot=row[1],
-        delta=row[2],
-        tasks=row[3],
-        created_at=row[4],
-        events=row[5],
-        usage=row[6],
-        size=row[7],
-    )

@@ -1,0 +1,161 @@
+"""Every problem a graph definition can have, found before anything runs.
+
+Each function returns a list of problems in words; ``compile_graph`` reports them all at
+once in one GraphValidationError.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .graph import END, START, EdgeSpec, NodeSpec, RetryPolicy, RouteSpec
+
+__all__ = ("node_problems", "reference_problems", "structure_problems")
+
+
+def node_problems(node: NodeSpec) -> list[str]:
+    problems: list[str] = []
+    name = node.name
+    if not name or not isinstance(name, str):
+        problems.append(f"node name {name!r} is invalid; use a non-empty string")
+    elif name in (START, END):
+        problems.append(f"node name {name!r} is reserved")
+    elif "[" in name or "]" in name:
+        # "worker[2]" names the third Send task of node "worker" in events and checkpoints
+        problems.append(f"node name {name!r} may not contain '[' or ']'")
+    if node.fn is None:
+        problems.append(f"node {name!r} has no function; add_node('{name}', fn)")
+    elif not callable(node.fn):
+        problems.append(f"node {name!r}: {node.fn!r} is not callable")
+    elif not _is_async(node.fn):
+        problems.append(
+            f"node {name!r}: {getattr(node.fn, '__name__', node.fn)!r} is not an async function; "
+            f"define it with 'async def' (run blocking code with anyio.to_thread.run_sync)"
+        )
+    if node.timeout is not None and (
+        isinstance(node.timeout, bool)
+        or not isinstance(node.timeout, int | float)
+        or not math.isfinite(node.timeout)
+        or node.timeout <= 0
+    ):
+        problems.append(f"node {name!r}: timeout must be a positive number, got {node.timeout!r}")
+    if node.retry is not None and not isinstance(node.retry, RetryPolicy):
+        problems.append(
+            f"node {name!r}: retry must be a RetryPolicy or a number of attempts, "
+            f"got {node.retry!r}"
+        )
+    return problems
+
+
+def _is_async(fn: Any) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004
+    )
+
+
+def _unknown(name: str, known: set[str], role: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{role} refers to unknown node {name!r}{hint}"
+
+
+def reference_problems(
+    edges: Iterable[EdgeSpec],
+    routes: Iterable[RouteSpec],
+    nodes: Mapping[str, NodeSpec],
+    known: set[str],
+) -> list[str]:
+    problems: list[str] = []
+    for edge in edges:
+        label = f"edge {' + '.join(edge.sources)} -> {edge.target}"
+        if not edge.sources:
+            problems.append(f"{label}: an edge needs at least one source")
+        for source in edge.sources:
+            if source == END:
+                problems.append(f"{label}: END has no outgoing edges")
+            elif source == START and edge.is_join:
+                problems.append(f"{label}: START cannot be part of a join")
+            elif source != START and source not in known:
+                problems.append(_unknown(source, known, label))
+        if edge.is_join and len(set(edge.sources)) != len(edge.sources):
+            problems.append(f"{label}: a join lists the same source twice")
+        if edge.target == START:
+            problems.append(f"{label}: nothing can lead to START")
+        elif edge.target != END and edge.target not in known:
+            problems.append(_unknown(edge.target, known, label))
+    for route in routes:
+        label = f"route after {route.source!r}"
+        if route.source == END:
+            problems.append(f"{label}: END has no outgoing routes")
+        elif route.source != START and route.source not in known:
+            problems.append(_unknown(route.source, known, label))
+        if not callable(route.fn):
+            problems.append(f"{label}: {route.fn!r} is not callable")
+        if not route.targets:
+            problems.append(f"{label}: targets is empty; declare every node it can return")
+        for target in route.targets:
+            if target == START:
+                problems.append(f"{label}: nothing can lead to START")
+            elif target != END and target not in known:
+                problems.append(_unknown(target, known, f"{label} target"))
+    for node in nodes.values():
+        for target in node.targets:
+            if target == START:
+                problems.append(f"node {node.name!r} targets: nothing can lead to START")
+            elif target != END and target not in known:
+                problems.append(_unknown(target, known, f"node {node.name!r} targets"))
+    return problems
+
+
+def structure_problems(
+    edges: Iterable[EdgeSpec], routes: Iterable[RouteSpec], nodes: Mapping[str, NodeSpec]
+) -> list[str]:
+    import networkx as nx
+
+    edges = list(edges)
+    routes = list(routes)
+    known = set(nodes) | {START, END}
+    flow = nx.DiGraph()
+    flow.add_nodes_from(known)
+    static = nx.DiGraph()
+    for edge in edges:
+        for source in edge.sources:
+            if source in known and edge.target in known:
+                flow.add_edge(source, edge.target)
+                if not edge.is_join:
+                    static.add_edge(source, edge.target)
+    for route in routes:
+        for target in route.targets:
+            if route.source in known and target in known:
+                flow.add_edge(route.source, target)
+    for node in nodes.values():
+        for target in node.targets:
+            if target in known:
+                flow.add_edge(node.name, target)
+
+    problems: list[str] = []
+    if flow.out_degree(START) == 0:
+        problems.append("START has no outgoing edge or route; add_edge(START, 'first_node')")
+    reachable = nx.descendants(flow, START)
+    for name in sorted(set(nodes) - reachable):
+        problems.append(f"node {name!r} is unreachable from START")
+    finishing = nx.ancestors(flow, END)
+    for name in sorted(set(nodes) & reachable - finishing):
+        problems.append(f"node {name!r} cannot reach END (every path from it goes on forever)")
+    for component in nx.strongly_connected_components(static):
+        if len(component) == 1:
+            (only,) = component
+            if not static.has_edge(only, only):
+                continue
+        cycle = nx.find_cycle(static.subgraph(component))
+        path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
+        problems.append(
+            f"cycle {path} is made only of unconditional edges, so it never ends; "
+            f"replace one edge with a route that can leave the cycle"
+        )
+    return problems
