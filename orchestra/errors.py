@@ -202,6 +202,7 @@ class RunStoreError(RunError):
 
     def __init__(self, *, run_id: str, step: int | None, error: BaseException) -> None:
         super().__init__(f"the run store failed: {error}", run_id=run_id, step=step)
+        self.__cause__ = error
 
 
 class StoreError(OrchestraError):

@@ -38,7 +38,6 @@ from .errors import (
     OrchestraError,
     RunError,
     RunStoreError,
-    StoreError,
 )
 from .events import (
     Event,
@@ -161,14 +160,9 @@ class Execution:
         self._buffer = buffer
         try:
             await self._run_step(self.tasks, buffer)
-        except RunError as exc:
+        except RunError as exc:  # a node, a merge, or the store (RunStoreError)
             self.status, self.error = RunStatus.FAILED, exc
             self._carried.extend(buffer)  # the failed step's events go into the record
-        except StoreError as exc:
-            self.status = RunStatus.FAILED
-            self.error = RunStoreError(run_id=self.run_id, step=self.step + 1, error=exc)
-            self.error.__cause__ = exc
-            self._carried.extend(buffer)
         self._buffer = []
         return buffer
 
@@ -223,11 +217,11 @@ class Execution:
                     status=str(status),
                     reason=self.reason,
                     error=str(error) if error else None,
-                    usage=_usage_dict(usage),
+                    usage=self._stored_usage(),
                     events=[*self._carried, event],
                     step=self.step,
                 )
-            except (LeaseLostError, StoreError) as exc:
+            except RunError as exc:  # fenced off, or the store failed
                 # the outcome stands; the stored run stays as it was (resumable once its
                 # lease expires) and the log says why it could not be closed
                 self.log.error("run_not_recorded", status=str(status), error=str(exc))
@@ -268,26 +262,26 @@ class Execution:
     async def _poll_store(self) -> bool:
         """Check for an abort and renew the lease when due; return True if the run must stop
         (``abort_reason`` or ``error`` says why)."""
-        assert self.recorder is not None
-        store, run_id, epoch = self.recorder.store, self.run_id, self.recorder.epoch
+        recorder = self.recorder
+        assert recorder is not None
         self._checked = time.monotonic()
         if self.status is not RunStatus.RUNNING or self.error is not None:
             return False  # the run already stopped: its own error stands
         try:
-            reason = await store.abort_requested(run_id)
+            reason = await recorder.abort_requested()
             if reason is not None:
                 self.abort_reason = reason
                 self.log.warning("abort_noticed", reason=reason, step=self.step)
                 return True
-            if time.monotonic() - self._renewed >= store.lease_seconds / 3:
-                usage = _usage_dict(self._usage())
-                if not await store.renew(run_id, epoch, step=self.step, usage=usage):
-                    self.error = LeaseLostError(run_id=run_id, step=self.step, epoch=epoch)
+            if time.monotonic() - self._renewed >= recorder.store.lease_seconds / 3:
+                if not await recorder.renew(self.step, self._stored_usage()):
+                    self.error = LeaseLostError(
+                        run_id=self.run_id, step=self.step, epoch=recorder.epoch
+                    )
                     return True
                 self._renewed = time.monotonic()
-        except StoreError as exc:
-            self.error = RunStoreError(run_id=run_id, step=self.step, error=exc)
-            self.error.__cause__ = exc
+        except RunStoreError as exc:
+            self.error = exc
             return True
         return False
 
@@ -330,42 +324,14 @@ class Execution:
             )
             self._emit(event, buffer)
         if self.recorder is not None:
-            await self._commit(step, state, deltas, tasks, following, buffer)
+            recorded = [*self._carried, *buffer] if self._carried else buffer
+            usage = self._stored_usage(step, self.tasks_run + len(tasks))
+            await self.recorder.commit(step, state, deltas, tasks, following, recorded, usage)
+            self._carried.clear()
         # the commit: nothing below awaits
         self.state, self.step, self.tasks = state, step, following
         self.tasks_run += len(tasks)
         self.done.clear()
-
-    async def _commit(
-        self,
-        step: int,
-        state: BaseModel,
-        deltas: dict[str, Any],
-        tasks: list[Task],
-        following: list[Task],
-        buffer: list[Event],
-    ) -> None:
-        """Record the step; an unstorable value is the error of the step's node(s)."""
-        assert self.recorder is not None
-        recorded = [*self._carried, *buffer] if self._carried else buffer
-        usage = {
-            "steps": step,
-            "tasks": self.tasks_run + len(tasks),
-            "wall_seconds": round(self._elapsed(), 6),
-        }  # what _usage_dict stores, without building a Usage on the hot path
-        try:
-            await self.recorder.commit(step, state, deltas, following, recorded, usage)
-        except InvalidUpdateError as exc:
-            if exc.node is not None:
-                raise
-            labels = [t.label for t in tasks]
-            raise InvalidUpdateError(
-                f"{exc.reason} (written by {', '.join(map(repr, labels))})",
-                run_id=self.run_id,
-                step=step,
-                node=labels[0] if len(labels) == 1 else None,
-            ) from exc.__cause__
-        self._carried.clear()
 
     async def _think(self, tasks: list[Task], step: int, buffer: list[Event]) -> list[TaskResult]:
         """Run every task of the step; one ready task runs inline, without a task group.
@@ -388,12 +354,8 @@ class Execution:
             if result.error is None and recorder is not None:
                 try:
                     await recorder.pending(step, task, result)
-                except RunError as exc:  # fenced off, or unserializable
+                except RunError as exc:  # fenced off, unserializable, or the store failed
                     result = TaskResult(error=exc)
-                except StoreError as exc:
-                    error = RunStoreError(run_id=self.run_id, step=step, error=exc)
-                    error.__cause__ = exc
-                    result = TaskResult(error=error)
             results[i] = result
             if result.error is not None:
                 group.cancel_scope.cancel()
@@ -511,35 +473,22 @@ class Execution:
     def _elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def _usage(self, step: int | None = None, tasks: int | None = None) -> Usage:
-        return Usage(
-            steps=self.step if step is None else step,
-            tasks=self.tasks_run if tasks is None else tasks,
-            wall_seconds=self._elapsed(),
-        )
+    def _usage(self) -> Usage:
+        return Usage(steps=self.step, tasks=self.tasks_run, wall_seconds=self._elapsed())
+
+    def _stored_usage(self, step: int | None = None, tasks: int | None = None) -> dict[str, Any]:
+        """Usage as the store keeps it (with every checkpoint, so built without a Usage)."""
+        return {
+            "steps": self.step if step is None else step,
+            "tasks": self.tasks_run if tasks is None else tasks,
+            "wall_seconds": round(self._elapsed(), 6),
+        }
 
     def _emit(self, event: Event, buffer: list[Event], level: str = "debug") -> None:
         buffer.append(event)
         if level != "debug" or self._debug:
             data = event.to_dict()
             getattr(self.log, level)(data.pop("event"), **data)
-
-
-def _usage_dict(usage: Usage) -> dict[str, Any]:
-    """Usage as stored: counters at zero are left out (written with every checkpoint)."""
-    data: dict[str, Any] = {
-        "steps": usage.steps,
-        "tasks": usage.tasks,
-        "wall_seconds": round(usage.wall_seconds, 6),
-    }
-    if usage.input_tokens or usage.output_tokens:
-        data["input_tokens"] = usage.input_tokens
-        data["output_tokens"] = usage.output_tokens
-    if usage.cost_usd:
-        data["cost_usd"] = usage.cost_usd
-    if usage.tool_calls:
-        data["tool_calls"] = usage.tool_calls
-    return data
 
 
 @asynccontextmanager

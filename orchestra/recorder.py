@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -19,11 +20,12 @@ from pydantic_core import to_json
 from . import _faults
 from ._tasks import Task, TaskResult
 from .checkpoint import dump_delta, dump_result, dump_state, dump_tasks
-from .errors import InvalidUpdateError
+from .errors import InvalidUpdateError, RunStoreError, StoreError
 from .events import Event, NodeFinished, NodeStarted, StepCommitted
 from .state import FieldDelta
 from .store.base import (
     ACTIVE,
+    STEP_EVENT_DEFAULTS,
     CheckpointRow,
     EventRow,
     PendingWrite,
@@ -45,35 +47,38 @@ def _compact(value: Any) -> str:
 
 
 _SKIP = frozenset({"run_id", "at", "outcome"})
+_ROW_STEP: Any = object()
+_NO_DEFAULT: Any = object()
+_PLANS: dict[type, tuple[tuple[str, Any], ...]] = {}
 
 
-_FIELDS: dict[type, tuple[str, ...]] = {}
-
-
-def _event_fields(cls: type) -> tuple[str, ...]:
-    names = _FIELDS.get(cls)
-    if names is None:
-        names = tuple(f.name for f in dataclasses.fields(cls) if f.name not in _SKIP)
-        _FIELDS[cls] = names
-    return names
+def _plan(cls: type) -> tuple[tuple[str, Any], ...]:
+    """Each stored field of an event class, with the value a step row leaves out (the row's
+    step, or the default that :func:`~orchestra.store.base.merge_events` restores)."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        defaults = STEP_EVENT_DEFAULTS.get(getattr(cls, "kind", ""), {})
+        plan = tuple(
+            (f.name, _ROW_STEP if f.name == "step" else defaults.get(f.name, _NO_DEFAULT))
+            for f in dataclasses.fields(cls)
+            if f.name not in _SKIP
+        )
+        _PLANS[cls] = plan
+    return plan
 
 
 def event_row(event: Event, step: int | None) -> EventRow:
     """Make the stored form of a run-level event (run_id and time are columns)."""
-    data = {name: getattr(event, name) for name in _event_fields(type(event))}
+    data = {name: getattr(event, name) for name, _ in _plan(type(event))}
     return EventRow(step=step, kind=event.kind, at=event.at, data=_compact(data))
 
 
-def _usage_json(usage: dict[str, Any]) -> str:
-    if len(usage) == 3:  # steps, tasks, wall_seconds: the common case, formatted directly
-        return (
-            f'{{"steps":{int(usage["steps"])},"tasks":{int(usage["tasks"])},'
-            f'"wall_seconds":{float(usage["wall_seconds"])!r}}}'
-        )
-    return _compact(usage)
-
-
-_DEFAULTS: dict[str, Any] = {"task": 0, "attempts": 1, "error": None, "resumed": False}
+def usage_json(usage: dict[str, Any]) -> str:
+    """Serialize a usage record (the executor's ``steps``, ``tasks``, ``wall_seconds``)."""
+    return (
+        f'{{"steps":{int(usage["steps"])},"tasks":{int(usage["tasks"])},'
+        f'"wall_seconds":{float(usage["wall_seconds"])!r}}}'
+    )
 
 
 def step_events(events: Sequence[Event], step: int) -> str | None:
@@ -114,21 +119,13 @@ def step_events(events: Sequence[Event], step: int) -> str | None:
     return _compact(items) if items else None
 
 
-_ROW_STEP: Any = object()
-_NO_DEFAULT: Any = object()
-_PLANS: dict[type, tuple[tuple[str, Any], ...]] = {}
-
-
-def _plan(cls: type) -> tuple[tuple[str, Any], ...]:
-    """Each stored field of an event class with the value that is left out."""
-    plan = _PLANS.get(cls)
-    if plan is None:
-        plan = tuple(
-            (name, _ROW_STEP if name == "step" else _DEFAULTS.get(name, _NO_DEFAULT))
-            for name in _event_fields(cls)
-        )
-        _PLANS[cls] = plan
-    return plan
+@contextmanager
+def _store_failures(run_id: str, step: int | None) -> Iterator[None]:
+    """Turn a store failure during a run into the run's error (RunStoreError)."""
+    try:
+        yield
+    except StoreError as exc:
+        raise RunStoreError(run_id=run_id, step=step, error=exc) from exc
 
 
 class Recorder:
@@ -192,7 +189,8 @@ class Recorder:
                 node=task.label,
             ) from exc
         write = PendingWrite(step=step, task=task.label, result=text)
-        await self.store.put_pending_write(self.run_id, self.epoch, write)
+        with _store_failures(self.run_id, step):
+            await self.store.put_pending_write(self.run_id, self.epoch, write)
         self._had_pending = True
         if _faults.ACTIVE:
             _faults.reach("after_pending_write", step)
@@ -200,26 +198,35 @@ class Recorder:
     async def discard_pending(self, step: int) -> None:
         """Forget the finished tasks of a step whose merge failed (a resume reruns them)."""
         if self._had_pending:
-            await self.store.discard_pending_writes(self.run_id, self.epoch, step)
+            with _store_failures(self.run_id, step):
+                await self.store.discard_pending_writes(self.run_id, self.epoch, step)
 
     async def commit(
         self,
         step: int,
         state: BaseModel,
         deltas: Mapping[str, FieldDelta],
+        ran: Sequence[Task],
         tasks: Sequence[Task],
         events: Sequence[Event],
         usage: dict[str, Any],
     ) -> None:
-        """Commit one step in one transaction: the checkpoint, the step's events, usage."""
+        """Commit one step in one transaction: the checkpoint, the step's events, usage.
+
+        ``ran`` are the step's tasks (named when a value cannot be stored), ``tasks`` the next
+        step's.
+        """
         try:
             delta = dump_delta(self.graph.schema, state, deltas) if deltas else None
             next_tasks = dump_tasks(tasks)
         except (TypeError, ValueError) as exc:
+            labels = [t.label for t in ran]
             raise InvalidUpdateError(
-                f"the step's changes or its Send payloads cannot be stored as JSON: {exc}",
+                f"the step's changes or its Send payloads cannot be stored as JSON: {exc} "
+                f"(written by {', '.join(map(repr, labels))})",
                 run_id=self.run_id,
                 step=step,
+                node=labels[0] if len(labels) == 1 else None,
             ) from exc
         self._since_bytes += len(delta or "")
         self._since_steps += 1
@@ -236,13 +243,14 @@ class Recorder:
             tasks=next_tasks,
             created_at=time.time(),
             events=step_events(events, step),
-            usage=_usage_json(usage),
+            usage=usage_json(usage),
         )
         commit = StepCommit(step=step, checkpoint=checkpoint, had_pending=self._had_pending)
-        self._had_pending = False
         if _faults.ACTIVE:
             _faults.reach("before_commit", step)
-        await self.store.commit_step(self.run_id, self.epoch, commit)
+        with _store_failures(self.run_id, step):
+            await self.store.commit_step(self.run_id, self.epoch, commit)
+        self._had_pending = False
         if _faults.ACTIVE:
             _faults.reach("after_commit", step)
 
@@ -256,12 +264,24 @@ class Recorder:
         events: Sequence[Event],
         step: int,
     ) -> None:
-        await self.store.finish_run(
-            self.run_id,
-            self.epoch,
-            status=status,
-            reason=reason,
-            error=error,
-            usage=usage,
-            events=[event_row(e, getattr(e, "step", step)) for e in events],
-        )
+        """Record how the run ended and release its lease."""
+        with _store_failures(self.run_id, step):
+            await self.store.finish_run(
+                self.run_id,
+                self.epoch,
+                status=status,
+                reason=reason,
+                error=error,
+                usage=usage,
+                events=[event_row(e, getattr(e, "step", step)) for e in events],
+            )
+
+    async def abort_requested(self) -> str | None:
+        """Return why an abort (or stop-all) was requested for the run, if it was."""
+        with _store_failures(self.run_id, None):
+            return await self.store.abort_requested(self.run_id)
+
+    async def renew(self, step: int, usage: dict[str, Any]) -> bool:
+        """Extend the lease; False means another owner took the run over."""
+        with _store_failures(self.run_id, step):
+            return await self.store.renew(self.run_id, self.epoch, step=step, usage=usage)

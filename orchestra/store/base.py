@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = (
+    "STEP_EVENT_DEFAULTS",
     "CheckpointRow",
     "EventRow",
     "PendingWrite",
@@ -233,7 +234,7 @@ class Store(Protocol):
 
 
 # fields the recorder leaves out of step events when they hold these values
-_STEP_EVENT_DEFAULTS: dict[str, dict[str, Any]] = {
+STEP_EVENT_DEFAULTS: dict[str, dict[str, Any]] = {
     "node_finished": {"task": 0, "attempts": 1, "error": None},
     "node_retried": {"task": 0},
 }
@@ -249,7 +250,7 @@ def merge_events(own: Sequence[EventRow], steps: Sequence[tuple[int, str, str]])
         for item in json.loads(text):
             kind = item.pop("event")
             at = item.pop("at")
-            data = {"step": step, **_STEP_EVENT_DEFAULTS.get(kind, {}), **item}
+            data = {"step": step, **STEP_EVENT_DEFAULTS.get(kind, {}), **item}
             if kind == "step_committed" and "next" not in data:
                 # not stored twice: the row's tasks are the step's next tasks
                 data["next"] = [task["label"] for task in json.loads(tasks)]
