@@ -20,6 +20,7 @@ from .state import FieldDelta, StateSchema
 from .store.base import CheckpointRow
 
 __all__ = (
+    "compact_json",
     "dump_delta",
     "dump_result",
     "dump_state",
@@ -31,7 +32,8 @@ __all__ = (
 )
 
 
-def _compact(value: Any) -> str:
+def compact_json(value: Any) -> str:
+    """Serialize to compact JSON (anything pydantic-core cannot serialize becomes str)."""
     return to_json(value, fallback=str).decode()
 
 
@@ -71,7 +73,7 @@ def dump_delta(schema: StateSchema, state: BaseModel, deltas: Mapping[str, Field
         out["set"] = sets
     if appended:
         out["append"] = appended
-    return _compact(out)
+    return compact_json(out)
 
 
 def load_state(schema: StateSchema, chain: Sequence[CheckpointRow]) -> BaseModel:
@@ -105,7 +107,7 @@ def dump_tasks(tasks: Sequence[Task]) -> str:
         if text is None:
             if len(_TASKS_CACHE) > 4096:
                 _TASKS_CACHE.clear()
-            text = _TASKS_CACHE[key] = _compact(
+            text = _TASKS_CACHE[key] = compact_json(
                 [{"node": n, "index": i, "label": label} for n, i, label in key]
             )
         return text
@@ -115,7 +117,7 @@ def dump_tasks(tasks: Sequence[Task]) -> str:
         if task.payload is not NO_PAYLOAD:
             item["payload"] = to_jsonable_python(task.payload)
         out.append(item)
-    return _compact(out)
+    return compact_json(out)
 
 
 def load_tasks(text: str) -> list[Task]:
@@ -132,7 +134,7 @@ def dump_result(result: TaskResult) -> str:
         for g in result.goto
     ]
     update = None if result.update is None else to_jsonable_python(dict(result.update))
-    return _compact({"update": update, "goto": goto})
+    return compact_json({"update": update, "goto": goto})
 
 
 def load_result(text: str) -> TaskResult:

@@ -15,11 +15,10 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
-from pydantic_core import to_json
 
 from . import _faults
 from ._tasks import Task, TaskResult
-from .checkpoint import dump_delta, dump_result, dump_state, dump_tasks
+from .checkpoint import compact_json, dump_delta, dump_result, dump_state, dump_tasks
 from .errors import InvalidUpdateError, RunStoreError, StoreError
 from .events import Event, NodeFinished, NodeStarted, StepCommitted
 from .state import FieldDelta
@@ -40,10 +39,6 @@ if TYPE_CHECKING:
 __all__ = ("Recorder",)
 
 SNAPSHOT_EVERY = 1_000
-
-
-def _compact(value: Any) -> str:
-    return to_json(value, fallback=str).decode()
 
 
 _SKIP = frozenset({"run_id", "at", "outcome"})
@@ -70,7 +65,7 @@ def _plan(cls: type) -> tuple[tuple[str, Any], ...]:
 def event_row(event: Event, step: int | None) -> EventRow:
     """Make the stored form of a run-level event (run_id and time are columns)."""
     data = {name: getattr(event, name) for name, _ in _plan(type(event))}
-    return EventRow(step=step, kind=event.kind, at=event.at, data=_compact(data))
+    return EventRow(step=step, kind=event.kind, at=event.at, data=compact_json(data))
 
 
 def usage_json(usage: dict[str, Any]) -> str:
@@ -116,7 +111,7 @@ def step_events(events: Sequence[Event], step: int) -> str | None:
             if value != (step if default is _ROW_STEP else default):
                 item[name] = value
         items.append(item)
-    return _compact(items) if items else None
+    return compact_json(items) if items else None
 
 
 @contextmanager
