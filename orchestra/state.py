@@ -143,7 +143,7 @@ class StateSchema:
         values = dict(state.__dict__)
         plain: dict[str, tuple[str, Any]] = {}
         added: dict[str, list[Any]] = {}  # append/extend: items gathered, joined once
-        revalidate: dict[str, str] = {}
+        reduced: dict[str, str] = {}  # reducer field -> its last writer
         for writer, update in writes:
             for key, value in update.items():
                 spec = self.fields.get(key)
@@ -185,10 +185,7 @@ class StateSchema:
                         step=step,
                         node=writer,
                     ) from exc
-                if spec.validate_result:
-                    revalidate[key] = writer
-                else:
-                    revalidate.setdefault(key, "")
+                reduced[key] = writer
         deltas: dict[str, FieldDelta] = {}
         for key, items in added.items():
             values[key] = [*(values[key] or ()), *items]
@@ -196,10 +193,10 @@ class StateSchema:
         new = _copy_with(state, values)
         for key, (writer, value) in plain.items():
             self._assign(new, key, value, writer, run_id, step)
-        for key, writer in revalidate.items():
-            if writer:  # custom and add reducers: validate the combined value once
+        for key, writer in reduced.items():
+            if self.fields[key].validate_result:  # custom and add: the combined value, once
                 self._assign(new, key, new.__dict__[key], writer, run_id, step)
-        for key in (*plain, *revalidate):
+        for key in (*plain, *reduced):
             deltas[key] = FieldDelta("set", new.__dict__[key])
         return new, deltas
 
