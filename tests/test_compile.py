@@ -91,7 +91,8 @@ def test_compile_self_loop_through_a_route_is_valid() -> None:
     graph.add_node("again", step)
     graph.add_edge(START, "again")
     graph.add_route("again", stop, targets=["again", END])
-    graph.compile()
+    app = graph.compile()
+    assert app.routes["again"][0].targets == ("again", END)
 
 
 def test_compile_join_and_command_targets_are_valid() -> None:
@@ -105,7 +106,8 @@ def test_compile_join_and_command_targets_are_valid() -> None:
     graph.add_edge(START, "b")
     graph.add_edge(["a", "c"], "d")
     graph.add_edge("d", END)
-    graph.compile()
+    app = graph.compile()
+    assert [join.sources for join in app.joins] == [("a", "c")]
 
 
 def test_compile_error_is_a_definition_error_naming_the_graph() -> None:
@@ -346,7 +348,7 @@ def test_compile_accepts_an_object_with_an_async_call() -> None:
     graph.add_node("w", Worker())
     graph.add_edge(START, "w")
     graph.add_edge("w", END)
-    graph.compile()
+    assert isinstance(graph.compile().nodes["w"].fn, Worker)
 
 
 @pytest.mark.parametrize("timeout", [0, -0.5, "1s", float("nan"), True])
