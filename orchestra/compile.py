@@ -270,6 +270,8 @@ class CompiledGraph(Generic[StateT]):
         from .recorder import Recorder
         from .store.base import new_owner_id
 
+        if run_id is not None and (not isinstance(run_id, str) or not run_id.strip()):
+            raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
         state = self.validate_input(input)
         run_id = run_id or new_run_id()
         recorder = None

@@ -1335,3 +1335,17 @@ def test_event_to_dict_names_the_event_kind() -> None:
     assert data["event"] == "run_finished"
     assert data["steps"] == 2
     assert "outcome" not in data
+
+
+@pytest.mark.parametrize("run_id", ["", "   ", 42])
+async def test_run_refuses_a_bad_run_id_before_anything_runs(run_id: Any) -> None:
+    """A run id that is not a non-empty string is refused before any node runs."""
+    ran: list[str] = []
+
+    async def node(state: State, ctx: NodeContext) -> None:
+        ran.append(ctx.node)
+
+    app = graph_of({"a": node}, [(START, "a"), ("a", END)])
+    with pytest.raises(ValueError, match="run_id must be a non-empty string"):
+        await app.run(State(), run_id=run_id)
+    assert ran == []
