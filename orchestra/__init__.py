@@ -2,10 +2,11 @@
 
 Define a graph over a typed state, compile it (every problem reported at once), run it in
 supersteps. Everything public is importable from here or from a named subpackage
-(``orchestra.errors``, ``orchestra.events``).
+(``orchestra.errors``, ``orchestra.events``, ``orchestra.models``).
 """
 
 from ._version import __version__ as __version__
+from .agents import Agent as Agent
 from .compile import CompiledGraph as CompiledGraph
 from .context import NodeContext as NodeContext
 from .errors import GraphValidationError as GraphValidationError
@@ -29,25 +30,41 @@ from .reducers import extend as extend
 from .reducers import merge as merge
 from .reducers import reducer as reducer
 from .safeguards.budgets import Budget as Budget
+from .safeguards.interrupts import Abort as Abort
+from .safeguards.interrupts import Done as Done
+from .safeguards.interrupts import Request as Request
+from .safeguards.interrupts import Retry as Retry
+from .tools import Effect as Effect
+from .tools import Tool as Tool
+from .tools import ToolContext as ToolContext
+from .tools import tool as tool
 
 __all__ = (
     "END",
     "START",
+    "Abort",
+    "Agent",
     "Budget",
     "Command",
     "CompiledGraph",
+    "Done",
+    "Effect",
     "Graph",
     "GraphValidationError",
     "NodeContext",
     "NodeError",
     "OrchestraError",
     "Reducer",
+    "Request",
+    "Retry",
     "RetryPolicy",
     "RunError",
     "RunOutcome",
     "RunStatus",
     "Send",
     "StateConflictError",
+    "Tool",
+    "ToolContext",
     "Usage",
     "__version__",
     "add",
@@ -55,4 +72,5 @@ __all__ = (
     "extend",
     "merge",
     "reducer",
+    "tool",
 )

@@ -3,7 +3,9 @@
 Enabled only by the environment variable ``ORCHESTRA_FAULTS`` (a comma-separated list of
 ``point`` or ``point@step``); when a listed point is reached the process ends at once with
 ``os._exit(FAULT_EXIT_CODE)``, as a SIGKILL would, so each crash window can be tested
-deterministically. Points: ``after_run_created``, ``after_pending_write``, ``before_commit``,
+deterministically. Points: ``after_run_created``, ``after_pending_write``, ``after_call_started``
+(an irreversible tool call recorded as started, before it runs), ``after_call_recorded`` (a
+model or tool call's result recorded in the ledger), ``before_commit``,
 ``after_commit``. Unset (always, outside tests), :data:`ACTIVE` is false and the executor
 never calls :func:`reach`.
 """

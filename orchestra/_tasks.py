@@ -8,6 +8,7 @@ from typing import Any
 
 from .errors import OrchestraError
 from .graph import Send
+from .models.base import Message, ToolCall
 
 NO_PAYLOAD: Any = type("NoPayload", (), {"__repr__": lambda self: "NO_PAYLOAD"})()
 """Marks a task started by an edge: its input is the run state, not a Send payload."""
@@ -29,3 +30,7 @@ class TaskResult:
     goto: tuple[str | Send, ...] = ()
     error: OrchestraError | None = None
     duration: float = 0.0
+    # an agent's turn: messages for its conversation, proposed tool calls, run again?
+    messages: list[Message] | None = None
+    calls: tuple[ToolCall, ...] = ()
+    again: bool = False

@@ -16,6 +16,7 @@ from pydantic_core import to_json, to_jsonable_python
 
 from ._tasks import NO_PAYLOAD, Task, TaskResult
 from .graph import Send
+from .models.base import Message, ToolCall
 from .state import FieldDelta, StateSchema
 from .store.base import CheckpointRow
 
@@ -134,7 +135,14 @@ def dump_result(result: TaskResult) -> str:
         for g in result.goto
     ]
     update = None if result.update is None else to_jsonable_python(dict(result.update))
-    return compact_json({"update": update, "goto": goto})
+    data: dict[str, Any] = {"update": update, "goto": goto}
+    if result.messages:
+        data["messages"] = dump_messages(result.messages)
+    if result.calls:
+        data["calls"] = [c.model_dump(mode="json") for c in result.calls]
+    if result.again:
+        data["again"] = True
+    return compact_json(data)
 
 
 def load_result(text: str) -> TaskResult:
@@ -142,4 +150,66 @@ def load_result(text: str) -> TaskResult:
     goto = tuple(
         Send(g["send"], g.get("payload")) if isinstance(g, dict) else g for g in data["goto"]
     )
-    return TaskResult(update=data["update"], goto=goto)
+    return TaskResult(
+        update=data["update"],
+        goto=goto,
+        messages=load_messages(data["messages"]) if "messages" in data else None,
+        calls=tuple(ToolCall.model_validate(c) for c in data.get("calls", ())),
+        again=bool(data.get("again", False)),
+    )
+
+
+# -- agents' conversations ---------------------------------------------------------------
+
+
+def dump_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    return [m.model_dump(mode="json", exclude_defaults=True) for m in messages]
+
+
+def load_messages(items: Sequence[Any]) -> list[Message]:
+    return [Message.model_validate(item) for item in items]
+
+
+def dump_memory(
+    memory: Mapping[str, Sequence[Message]],
+    added: Mapping[str, Sequence[Message]],
+    dropped: Sequence[str],
+    *,
+    full: bool,
+) -> str | None:
+    """Serialize the conversations for a checkpoint: all of them with a snapshot, else only
+    the messages a step added and the conversations it dropped."""
+    if full:
+        return (
+            compact_json({"all": {k: dump_messages(v) for k, v in memory.items()}})
+            if (memory)
+            else None
+        )
+    data: dict[str, Any] = {}
+    if added:
+        data["add"] = {k: dump_messages(v) for k, v in added.items()}
+    if dropped:
+        data["drop"] = list(dropped)
+    return compact_json(data) if data else None
+
+
+def replay_memory(chain: Sequence[CheckpointRow]) -> dict[str, list[Any]]:
+    """Rebuild the conversations (JSON form) from a chain, like the state."""
+    memory: dict[str, list[Any]] = {}
+    for row in chain:
+        if row.snapshot is not None:
+            memory = {}
+        if not row.memory:
+            continue
+        data = json.loads(row.memory)
+        if "all" in data:
+            memory = {k: list(v) for k, v in data["all"].items()}
+        for key, items in data.get("add", {}).items():
+            memory.setdefault(key, []).extend(items)
+        for key in data.get("drop", ()):
+            memory.pop(key, None)
+    return memory
+
+
+def load_memory(chain: Sequence[CheckpointRow]) -> dict[str, list[Message]]:
+    return {k: load_messages(v) for k, v in replay_memory(chain).items()}

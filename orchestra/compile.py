@@ -25,12 +25,18 @@ from .graph import END, START, EdgeSpec, NodeSpec, RouteSpec
 from .outcome import RunOutcome
 from .safeguards.budgets import Budget
 from .state import StateSchema
-from .validation import node_problems, reference_problems, structure_problems
+from .validation import (
+    graph_tool_problems,
+    node_problems,
+    reference_problems,
+    structure_problems,
+)
 
 if TYPE_CHECKING:
     from .executor import Execution
     from .graph import Graph
     from .store.base import RunRecord, Store
+    from .tools import Tool
 
 __all__ = ("CompiledGraph",)
 
@@ -56,6 +62,7 @@ class CompiledGraph(Generic[StateT]):
         "store",
         "structure_hash",
         "successors",
+        "tools",
     )
 
     name: str
@@ -70,6 +77,7 @@ class CompiledGraph(Generic[StateT]):
     max_concurrency: int | None
     structure_hash: str
     store: Store | None
+    tools: Mapping[str, Tool]
     _app_ref: str | None
     _origin: tuple[str | None, str | None]
 
@@ -93,6 +101,10 @@ class CompiledGraph(Generic[StateT]):
         set_(self, "state_model", state_model)
         set_(self, "schema", schema)
         set_(self, "nodes", MappingProxyType(dict(nodes)))
+        from .agents import tool_map
+
+        every = [t for node in self.nodes.values() for t in node.tools]
+        set_(self, "tools", MappingProxyType(dict(tool_map(every))))
         edges = tuple(edges)
         set_(self, "edges", edges)
         successors: dict[str, list[str]] = defaultdict(list)
@@ -279,18 +291,30 @@ class CompiledGraph(Generic[StateT]):
             recorder = Recorder(self.store, self, run_id, new_owner_id())
         return Execution(self, state, run_id=run_id, recorder=recorder, events=events)
 
-    async def resume(self, run_id: str, *, allow_graph_change: bool = False) -> RunOutcome[StateT]:
+    async def resume(
+        self,
+        run_id: str,
+        *,
+        answers: Mapping[str, Any] | None = None,
+        allow_graph_change: bool = False,
+    ) -> RunOutcome[StateT]:
         """Continue an unfinished run from its last checkpoint; return the new outcome.
 
         Works for crashed, interrupted, aborted, failed and budget-stopped runs. Tasks that
-        finished in the step that was in flight are not run again. Refused with a clear
-        error for an unknown or completed run, a run another live process owns, or a graph
-        whose structure changed (unless ``allow_graph_change``).
+        finished in the step that was in flight are not run again, and the model and tool
+        calls of that step that completed are replayed from the ledger, not made again.
+        ``answers`` maps the ids of an interrupted run's requests (``outcome.pending``) to
+        their answers; every answer is checked before anything changes
+        (:class:`~orchestra.errors.AnswerError`). Refused with a clear error for an unknown
+        or completed run, a run another live process owns, or a graph whose structure
+        changed (unless ``allow_graph_change``).
         """
         from .executor import run_to_end
         from .runs import prepare_resume
 
-        execution = await prepare_resume(self, run_id, allow_graph_change=allow_graph_change)
+        execution = await prepare_resume(
+            self, run_id, allow_graph_change=allow_graph_change, answers=answers
+        )
         return await run_to_end(execution)
 
     async def abort(self, run_id: str, reason: str = "aborted by operator") -> RunRecord:
@@ -366,7 +390,10 @@ def compile_graph(
             problems.append(f"node name {name!r} is used by {count} nodes; names must be unique")
     for node in definition.nodes:
         problems.extend(node_problems(node))
+        if node.kind == "agent" and schema is not None:
+            problems.extend(node.fn.problems(state))
         nodes.setdefault(node.name, node)
+    problems.extend(graph_tool_problems(definition.nodes))
 
     known = set(nodes)
     problems.extend(reference_problems(definition.edges, definition.routes, nodes, known))

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ._logging import get_logger
 from .outcome import Usage
+
+if TYPE_CHECKING:
+    from .gateway import Caller, Gateway
+    from .models.base import Model, ModelRequest, ModelResponse
+    from .tools import Tool
 
 __all__ = ("NodeContext",)
 
@@ -19,7 +24,7 @@ class NodeContext:
     read-only: a node changes the state only by returning an update.
     """
 
-    __slots__ = ("_log", "_usage", "node", "run_id", "state", "step", "task")
+    __slots__ = ("_caller", "_gateway", "_log", "_usage", "node", "run_id", "state", "step", "task")
 
     def __init__(
         self,
@@ -30,6 +35,8 @@ class NodeContext:
         task: int,
         state: Any,
         usage: Callable[[], Usage],
+        gateway: Gateway | None = None,
+        caller: Caller | None = None,
     ) -> None:
         self.run_id = run_id
         self.step = step
@@ -38,6 +45,8 @@ class NodeContext:
         self.state = state
         self._usage = usage
         self._log: Any = None
+        self._gateway = gateway
+        self._caller = caller
 
     @property
     def usage(self) -> Usage:
@@ -52,6 +61,38 @@ class NodeContext:
                 run_id=self.run_id, step=self.step, node=self.node
             )
         return self._log
+
+    async def call_tool(
+        self, tool: str | Tool, arguments: Mapping[str, Any] | None = None, /, **kwargs: Any
+    ) -> Any:
+        """Call a tool on this node's allowlist through the gateway; return its result.
+
+        ``await ctx.call_tool("refund", order_id="42", amount=10.0)``. The call is validated,
+        recorded in the ledger (a re-run of this step replays it instead of calling again)
+        and reported as an event. Raises :class:`~orchestra.errors.ToolDeniedError` for a
+        tool not given to the node (``add_node(..., tools=[...])``),
+        :class:`~orchestra.errors.ToolArgumentsError` for arguments that do not fit, and
+        :class:`~orchestra.errors.ToolCallError` when the tool failed, timed out or returned
+        something invalid or too large.
+        """
+        from .models.base import ToolCall
+
+        if self._gateway is None or self._caller is None:
+            raise RuntimeError("ctx.call_tool works only inside a running node")
+        name = tool if isinstance(tool, str) else tool.name
+        args = {**(arguments or {}), **kwargs}
+        caller = self._caller
+        call = ToolCall(name=name, arguments=args, id=f"{caller.label}-{self.step}-{caller.seq}")
+        outcome = await self._gateway.call(caller, call)
+        outcome.raise_for_status()
+        known = caller.tools[name]
+        return known.load_result(outcome.value)
+
+    async def _call_model(self, model: Model, request: ModelRequest) -> ModelResponse:
+        """Call a model through the ledger (agents use this)."""
+        assert self._gateway is not None
+        assert self._caller is not None
+        return await self._gateway.model_call(self._caller, model, request)
 
     def __repr__(self) -> str:
         return f"<NodeContext run={self.run_id} step={self.step} node={self.node!r}>"

@@ -6,12 +6,22 @@ Every error a user can catch derives from :class:`OrchestraError`::
     ├── DefinitionError                 the graph or its configuration is wrong
     │   └── GraphValidationError        every problem found by compile, at once (.problems)
     ├── InputValidationError            the input state of a run does not fit the state model
+    ├── ModelError                      a model call failed (.model)
+    │   ├── ModelRequestError           the endpoint refused the request, e.g. a 4xx (.status)
+    │   ├── ModelResponseError          the endpoint answered something malformed
+    │   └── ModelUnavailableError       429, 5xx, connection errors or timeouts, every retry
+    ├── ToolCallError                   ctx.call_tool got no result (.tool, .status)
+    │   ├── ToolDeniedError             the tool is not on the caller's allowlist
+    │   └── ToolArgumentsError          the arguments do not fit the tool's schema
     ├── RunError                        a run stopped on an error (.run_id, .step, .node)
     │   ├── NodeError                   a node raised; the original is chained as __cause__
     │   │   └── NodeTimeoutError        a node attempt ran past its timeout
     │   ├── RouteError                  a route function raised; the original is __cause__
     │   ├── InvalidUpdateError          a node or route returned something the graph refuses
     │   ├── StateConflictError          two writers set one plain field in one step
+    │   ├── AgentOutputError            an agent's final output stayed invalid after its retries
+    │   ├── AgentTurnsError             an agent used up its max_turns without a final output
+    │   ├── LedgerMismatchError         a replayed step asked for a different call than recorded
     │   ├── LeaseLostError              another process took the run over; this one is fenced
     │   └── RunStoreError               the store failed while the run was recording a step
     └── StoreError                      the run store refused or failed
@@ -20,6 +30,7 @@ Every error a user can catch derives from :class:`OrchestraError`::
         ├── RunStatusError              the run's status does not allow that (resume completed)
         ├── GraphChangedError           the graph's structure differs from the stored run's
         ├── LeaseHeldError              another live process owns the run (.owner)
+        ├── AnswerError                 an answer is for no open request, expired, or invalid
         └── StopAllActiveError          `orchestra stop-all` is in force; no run may start
 
 Messages are built in ``__init__`` from typed arguments; the context stays available as
@@ -32,6 +43,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = (
+    "AgentOutputError",
+    "AgentTurnsError",
+    "AnswerError",
     "DefinitionError",
     "GraphChangedError",
     "GraphValidationError",
@@ -39,6 +53,11 @@ __all__ = (
     "InvalidUpdateError",
     "LeaseHeldError",
     "LeaseLostError",
+    "LedgerMismatchError",
+    "ModelError",
+    "ModelRequestError",
+    "ModelResponseError",
+    "ModelUnavailableError",
     "NodeError",
     "NodeTimeoutError",
     "OrchestraError",
@@ -51,6 +70,9 @@ __all__ = (
     "StopAllActiveError",
     "StoreError",
     "StoreFileError",
+    "ToolArgumentsError",
+    "ToolCallError",
+    "ToolDeniedError",
 )
 
 
@@ -95,6 +117,65 @@ class InputValidationError(OrchestraError):
         self.state_model = state_model
         self.detail = detail
         super().__init__(f"input does not fit state model {state_model}: {detail}")
+
+
+class ModelError(OrchestraError):
+    """A model call failed; ``model`` names the model."""
+
+    def __init__(self, model: str, detail: str) -> None:
+        self.model = model
+        self.detail = detail
+        super().__init__(f"model {model!r}: {detail}")
+
+
+class ModelRequestError(ModelError):
+    """The endpoint refused the request (a 4xx other than 429, or any other status that is
+    not retried); retrying will not help."""
+
+    def __init__(self, model: str, status: int, detail: str) -> None:
+        self.status = status
+        super().__init__(model, f"request refused with HTTP {status}: {detail}")
+
+
+class ModelResponseError(ModelError):
+    """The endpoint answered with something that is not a chat completion."""
+
+
+class ModelUnavailableError(ModelError):
+    """Rate limits, server errors, connection errors or timeouts outlasted every retry."""
+
+    def __init__(self, model: str, attempts: int, detail: str) -> None:
+        self.attempts = attempts
+        tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+        super().__init__(model, f"unavailable after {tries}: {detail}")
+
+
+class ToolCallError(OrchestraError):
+    """A tool call made with ``ctx.call_tool`` returned no result.
+
+    ``status`` says why: ``denied``, ``invalid_arguments``, ``error`` (the tool raised),
+    ``timeout``, ``too_large``, ``invalid_result``, ``rejected`` or ``conflict``.
+    """
+
+    def __init__(self, tool: str, status: str, detail: str) -> None:
+        self.tool = tool
+        self.status = status
+        self.detail = detail
+        super().__init__(f"tool {tool!r} {status.replace('_', ' ')}: {detail}")
+
+
+class ToolDeniedError(ToolCallError):
+    """The tool is not on the calling node's or agent's allowlist; it did not run."""
+
+    def __init__(self, tool: str, detail: str) -> None:
+        super().__init__(tool, "denied", detail)
+
+
+class ToolArgumentsError(ToolCallError):
+    """The arguments do not validate against the tool's schema; it did not run."""
+
+    def __init__(self, tool: str, detail: str) -> None:
+        super().__init__(tool, "invalid_arguments", detail)
 
 
 class RunError(OrchestraError):
@@ -183,6 +264,19 @@ class StateConflictError(RunError):
         )
 
 
+class AgentOutputError(RunError):
+    """An agent's final output did not validate against its output type, after every retry."""
+
+
+class AgentTurnsError(RunError):
+    """An agent reached ``max_turns`` model turns in one visit without a final output."""
+
+
+class LedgerMismatchError(RunError):
+    """Re-running an unfinished step asked for a different call than the ledger recorded
+    for the same position: the node is not deterministic up to its calls."""
+
+
 class LeaseLostError(RunError):
     """Another process took this run over (its lease expired); this process may not write."""
 
@@ -260,6 +354,16 @@ class LeaseHeldError(StoreError):
             f"run {run_id} is owned by {owner} (lease valid for {max(expires_in, 0):.1f}s "
             f"more); if that process is gone, resume after the lease expires"
         )
+
+
+class AnswerError(StoreError):
+    """An answer given to ``resume`` was refused; nothing was changed."""
+
+    def __init__(self, run_id: str, request_id: str, detail: str) -> None:
+        self.run_id = run_id
+        self.request_id = request_id
+        self.detail = detail
+        super().__init__(f"run {run_id}, request {request_id}: {detail}")
 
 
 class StopAllActiveError(StoreError):

@@ -15,12 +15,14 @@ if TYPE_CHECKING:
 
 __all__ = (
     "Event",
+    "ModelCalled",
     "NodeFinished",
     "NodeRetried",
     "NodeStarted",
     "RunFinished",
     "RunStarted",
     "StepCommitted",
+    "ToolCalled",
 )
 
 
@@ -78,6 +80,43 @@ class NodeFinished(Event):
     duration: float
     attempts: int
     error: str | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class ModelCalled(Event):
+    """An agent's model answered (``replayed``: the answer came from the ledger, unbilled
+    again, after a resume)."""
+
+    kind: ClassVar[str] = "model_called"
+    step: int
+    node: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    duration: float
+    finish_reason: str | None = None
+    replayed: bool = False
+
+
+@dataclass(slots=True, kw_only=True)
+class ToolCalled(Event):
+    """A tool call went through the gateway.
+
+    ``status`` is ``ok``, ``denied`` (not on the caller's allowlist; it did not run),
+    ``invalid_arguments`` (did not run), ``error`` (the tool raised), ``timeout``,
+    ``too_large``, ``invalid_result`` or ``in_doubt`` (an irreversible call with no recorded
+    result: the run waits for an operator). ``replayed``: the result came from the ledger.
+    """
+
+    kind: ClassVar[str] = "tool_called"
+    step: int
+    node: str
+    tool: str
+    call_id: str
+    status: str
+    duration: float = 0.0
+    error: str | None = None
+    replayed: bool = False
 
 
 @dataclass(slots=True, kw_only=True)

@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from ._logging import debug_enabled, get_logger
 from ._tasks import NO_PAYLOAD, Task, TaskResult
+from .agents import conversation_key, tool_map
 from .context import NodeContext
 from .errors import (
     InvalidUpdateError,
@@ -48,13 +49,18 @@ from .events import (
     RunStarted,
     StepCommitted,
 )
+from .gateway import Caller, Gateway, Meter
 from .graph import NodeSpec
+from .ledger import Ledger
 from .outcome import RunOutcome, RunStatus, Usage
 from .routing import initial_tasks, next_tasks, normalize
+from .safeguards.interrupts import Request, StepInterrupted
 
 if TYPE_CHECKING:
     from .compile import CompiledGraph
+    from .models.base import Message
     from .recorder import Recorder
+    from .tools import Tool
 
 __all__ = ("Execution", "run_to_end", "stream_events")
 
@@ -79,6 +85,7 @@ class Execution:
         tasks: list[Task] | None = None,
         done: Mapping[str, TaskResult] | None = None,
         usage: Mapping[str, Any] | None = None,
+        memory: Mapping[str, list[Message]] | None = None,
         events: bool = True,
     ) -> None:
         self.graph = graph
@@ -108,6 +115,16 @@ class Execution:
         self._carried: list[Event] = []
         self._buffer: list[Event] = []
         self._checked = self._renewed = time.monotonic()
+        # agents: their conversations, the ledger of calls, usage, the gateway
+        self.memory: dict[str, list[Message]] = dict(memory or {})
+        self.meter = Meter()
+        self.meter.load(prior)
+        self.ledger = Ledger(run_id, recorder)
+        self.gateway = Gateway(
+            run_id=run_id, ledger=self.ledger, meter=self.meter, emit=self._report
+        )
+        self.pending: list[Request] = []
+        self._allow: dict[str, Mapping[str, Tool]] = {}
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -163,6 +180,14 @@ class Execution:
         except RunError as exc:  # a node, a merge, or the store (RunStoreError)
             self.status, self.error = RunStatus.FAILED, exc
             self._carried.extend(buffer)  # the failed step's events go into the record
+        except StepInterrupted as signal:  # a person must answer before the step goes on
+            self.status, self.pending = RunStatus.INTERRUPTED, signal.requests
+            count = len(signal.requests)
+            self.reason = (
+                f"step {self.step + 1} waits for {count} request{'s' if count != 1 else ''} "
+                f"to be answered"
+            )
+            self._carried.extend(buffer)
         self._buffer = []
         return buffer
 
@@ -196,6 +221,7 @@ class Execution:
             usage=usage,
             error=error,
             stop_reason=self.reason,
+            pending=tuple(self.pending),
             next=(
                 tuple(dict.fromkeys(t.node for t in self.tasks))
                 if status is not RunStatus.COMPLETED
@@ -220,6 +246,7 @@ class Execution:
                     usage=self._stored_usage(),
                     events=[*self._carried, event],
                     step=self.step,
+                    requests=self.pending,
                 )
             except RunError as exc:  # fenced off, or the store failed
                 # the outcome stands; the stored run stays as it was (resumable once its
@@ -296,6 +323,8 @@ class Execution:
             if result.error is not None:
                 self.tasks_run += len(tasks)
                 raise result.error
+        if any(r.calls for r in results):
+            await self._act(tasks, results, step)
         writes = [(t.label, r.update) for t, r in zip(tasks, results, strict=True) if r.update]
         state = self.state
         deltas: dict[str, Any] = {}
@@ -311,6 +340,7 @@ class Execution:
                     await self.recorder.discard_pending(step)
                 raise
         following = await next_tasks(self.graph, self.run_id, state, tasks, results, step)
+        memory, added, dropped = self._remember(tasks, results)
         if self._events:
             event = StepCommitted(
                 run_id=self.run_id,
@@ -326,12 +356,68 @@ class Execution:
         if self.recorder is not None:
             recorded = [*self._carried, *buffer] if self._carried else buffer
             usage = self._stored_usage(step, self.tasks_run + len(tasks))
-            await self.recorder.commit(step, state, deltas, tasks, following, recorded, usage)
+            await self.recorder.commit(
+                step, state, deltas, tasks, following, recorded, usage, (memory, added, dropped)
+            )
             self._carried.clear()
         # the commit: nothing below awaits
         self.state, self.step, self.tasks = state, step, following
+        self.memory = memory
         self.tasks_run += len(tasks)
         self.done.clear()
+        self.ledger.forget(step)
+
+    async def _act(self, tasks: list[Task], results: list[TaskResult], step: int) -> None:
+        """The act phase: run every tool call the step's agents proposed, through the
+        gateway, all seen at once; each agent gets the results as tool messages."""
+        batch = []
+        owners = []
+        for task, result in zip(tasks, results, strict=True):
+            if result.calls:
+                # seq 0 was the turn's model call
+                caller = Caller(task.node, task.label, step, self._tools_of(task.node), seq=1)
+                batch.append((caller, result.calls))
+                owners.append(result)
+        outcomes = await self.gateway.act(batch)
+        for result, done in zip(owners, outcomes, strict=True):
+            messages = result.messages if result.messages is not None else []
+            messages.extend(outcome.to_message() for outcome in done)
+            result.messages = messages
+
+    def _remember(
+        self, tasks: list[Task], results: list[TaskResult]
+    ) -> tuple[dict[str, list[Message]], dict[str, list[Message]], list[str]]:
+        """The conversations after the step: the messages its agents added; a finished
+        Send-started agent's conversation is dropped."""
+        added: dict[str, list[Message]] = {}
+        dropped: list[str] = []
+        for task, result in zip(tasks, results, strict=True):
+            if result.messages is None and self.graph.nodes[task.node].kind != "agent":
+                continue
+            key = conversation_key(task.node, task.label, task.payload)
+            if result.messages:
+                added[key] = result.messages
+            if not result.again and task.payload is not NO_PAYLOAD:
+                dropped.append(key)
+        if not added and not dropped:
+            return self.memory, added, dropped
+        memory = dict(self.memory)
+        for key, messages in added.items():
+            memory[key] = [*memory.get(key, ()), *messages]
+        for key in dropped:
+            memory.pop(key, None)
+        return memory, added, dropped
+
+    def _tools_of(self, node: str) -> Mapping[str, Tool]:
+        allowed = self._allow.get(node)
+        if allowed is None:
+            allowed = self._allow[node] = tool_map(self.graph.nodes[node].tools)
+        return allowed
+
+    def _report(self, event: Event, level: str) -> None:
+        """Take an event from the gateway (a model or tool call) into the step's record."""
+        if self._events or level != "debug":
+            self._emit(event, self._buffer, level)
 
     async def _think(self, tasks: list[Task], step: int, buffer: list[Event]) -> list[TaskResult]:
         """Run every task of the step; one ready task runs inline, without a task group.
@@ -345,12 +431,19 @@ class Execution:
         results: list[TaskResult | None] = [done.get(t.label) for t in tasks]
         recorder = self.recorder
 
+        asked: list[Request] = []
+
         async def run_one(i: int, task: Task, group: anyio.abc.TaskGroup) -> None:
-            if self._limiter is not None:
-                async with self._limiter:
+            try:
+                if self._limiter is not None:
+                    async with self._limiter:
+                        result = await self._run_task(task, step, buffer)
+                else:
                     result = await self._run_task(task, step, buffer)
-            else:
-                result = await self._run_task(task, step, buffer)
+            except StepInterrupted as signal:
+                # the other tasks go on: their own requests are gathered, their results kept
+                asked.extend(signal.requests)
+                return
             if result.error is None and recorder is not None:
                 try:
                     await recorder.pending(step, task, result)
@@ -367,19 +460,14 @@ class Execution:
         failed = [r for r in results if r is not None and r.error is not None]
         if failed:
             return failed[:1]
+        if asked:
+            raise StepInterrupted(asked)
         return [r if r is not None else TaskResult() for r in results]
 
     async def _run_task(self, task: Task, step: int, buffer: list[Event]) -> TaskResult:
         """Run one task with its node's timeout and retry policy."""
         node = self.graph.nodes[task.node]
-        ctx = NodeContext(
-            run_id=self.run_id,
-            step=step,
-            node=task.node,
-            task=task.index,
-            state=self.state,
-            usage=self._usage,
-        )
+        agent = node.fn if node.kind == "agent" else None
         arg = self.state if task.payload is NO_PAYLOAD else task.payload
         began = time.monotonic()
         if self._watched:
@@ -390,14 +478,34 @@ class Execution:
         attempts = 0
         while True:
             attempts += 1
+            # a fresh call counter each attempt: a retried node replays its recorded calls
+            caller = Caller(task.node, task.label, step, self._tools_of(task.node))
+            ctx = NodeContext(
+                run_id=self.run_id,
+                step=step,
+                node=task.node,
+                task=task.index,
+                state=self.state,
+                usage=self._usage,
+                gateway=self.gateway,
+                caller=caller,
+            )
+            if agent is not None:
+                key = conversation_key(task.node, task.label, task.payload)
+                call = agent.turn(arg, ctx, self.memory.get(key, ()))
+            else:
+                call = node.fn(arg, ctx)
             try:
                 if node.timeout is None:
-                    out = await node.fn(arg, ctx)
+                    out = await call
                 else:
                     with anyio.move_on_after(node.timeout) as scope:
-                        out = await node.fn(arg, ctx)
+                        out = await call
                     if scope.cancelled_caught:
                         raise _NodeTimedOut(f"no result within {node.timeout:g}s")
+            except RunError as exc:  # the framework's own verdict (an agent's, the store's)
+                self._finish(task, step, began, attempts, buffer, exc)
+                return TaskResult(error=exc)
             except Exception as exc:
                 policy = node.retry
                 if policy is not None and attempts < policy.attempts and policy.retries(exc):
@@ -419,6 +527,16 @@ class Execution:
                 self._finish(task, step, began, attempts, buffer, error)
                 return TaskResult(error=error)
             break
+        if agent is not None:
+            if self._watched or (attempts > 1 and self._events):
+                self._finish(task, step, began, attempts, buffer, None)
+            return TaskResult(
+                update=out.update,
+                messages=out.messages,
+                calls=out.calls,
+                again=out.again,
+                duration=time.monotonic() - began,
+            )
         try:
             update, goto = normalize(self.graph, self.run_id, out, node, step, self.state)
         except InvalidUpdateError as exc:
@@ -474,15 +592,28 @@ class Execution:
         return time.monotonic() - self.started
 
     def _usage(self) -> Usage:
-        return Usage(steps=self.step, tasks=self.tasks_run, wall_seconds=self._elapsed())
+        meter = self.meter
+        return Usage(
+            steps=self.step,
+            tasks=self.tasks_run,
+            wall_seconds=self._elapsed(),
+            input_tokens=meter.input_tokens,
+            output_tokens=meter.output_tokens,
+            model_calls=meter.model_calls,
+            tool_calls=meter.tool_calls,
+            by_node={k: dict(v) for k, v in meter.by_node.items()},
+        )
 
     def _stored_usage(self, step: int | None = None, tasks: int | None = None) -> dict[str, Any]:
         """Usage as the store keeps it (with every checkpoint, so built without a Usage)."""
-        return {
+        usage = {
             "steps": self.step if step is None else step,
             "tasks": self.tasks_run if tasks is None else tasks,
             "wall_seconds": round(self._elapsed(), 6),
         }
+        if self.meter.model_calls or self.meter.tool_calls:
+            usage.update(self.meter.stored())
+        return usage
 
     def _emit(self, event: Event, buffer: list[Event], level: str = "debug") -> None:
         buffer.append(event)

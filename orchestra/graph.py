@@ -102,6 +102,7 @@ class NodeSpec:
     retry: RetryPolicy | None = None
     targets: tuple[str, ...] = ()
     kind: str = "function"
+    tools: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,20 +153,35 @@ class Graph(Generic[StateT]):
         timeout: float | None = None,
         retry: RetryPolicy | int | None = None,
         targets: Iterable[str] = (),
+        tools: Iterable[Any] = (),
     ) -> Graph[StateT]:
-        """Add a node: an async function ``(state, ctx) -> update``.
+        """Add a node: an async function ``(state, ctx) -> update``, or an :class:`Agent`.
 
         ``timeout`` bounds each attempt in seconds; ``retry`` is a :class:`RetryPolicy` or a
         number of attempts; ``targets`` declares where a :class:`Command` ``goto`` or a
-        :class:`Send` returned by this node may lead.
+        :class:`Send` returned by this node may lead; ``tools`` are the tools the node may
+        call with ``ctx.call_tool`` (its allowlist). An agent brings its own name, tools,
+        timeout and retry: ``add_node(agent)`` or ``add_node(agent, targets=[...])``.
         """
-        if isinstance(node, str):
-            name = node
+        from .agents import Agent
+
+        if isinstance(node, Agent):
+            if fn is not None or tools:
+                self._definition.problems.append(
+                    f"agent {node.name!r}: add_node(agent) takes no function or tools; give "
+                    f"the agent its tools with Agent(..., tools=[...])"
+                )
+            fn, tools = node, node.tools  # type: ignore[assignment]  # an Agent is its own fn
+            name, kind = node.name, "agent"
+            timeout = node.timeout if timeout is None else timeout
+            retry = node.retry if retry is None else retry
+        elif isinstance(node, str):
+            name, kind = node, "function"
         else:
             name = getattr(node, "name", repr(node))
             self._definition.problems.append(
                 f"node {name!r}: add_node takes a name and an async function "
-                f"(add_node('name', fn)); agent objects are not supported by this version"
+                f"(add_node('name', fn)) or an Agent, got {type(node).__name__}"
             )
             return self
         policy: Any = retry
@@ -174,7 +190,15 @@ class Graph(Generic[StateT]):
         if isinstance(targets, str):
             targets = (targets,)
         self._definition.nodes.append(
-            NodeSpec(name=name, fn=fn, timeout=timeout, retry=policy, targets=tuple(targets))
+            NodeSpec(
+                name=name,
+                fn=fn,
+                timeout=timeout,
+                retry=policy,
+                targets=tuple(targets),
+                kind=kind,
+                tools=tuple(tools),
+            )
         )
         return self
 

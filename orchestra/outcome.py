@@ -40,8 +40,12 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    model_calls: int = 0
     tool_calls: int = 0
     wall_seconds: float = 0.0
+    by_node: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per agent or node: ``input_tokens``, ``output_tokens``, ``model_calls``,
+    ``tool_calls``."""
 
     @property
     def tokens(self) -> int:
@@ -54,7 +58,8 @@ class RunOutcome(Generic[StateT]):
 
     ``state`` is the last committed state: for a failed or stopped run, the state after the
     last step that completed. ``stop_reason`` says in words why a safeguard stopped the run;
-    ``next`` names the nodes that were ready to run when it stopped.
+    ``next`` names the nodes that were ready to run when it stopped. ``pending`` holds the
+    open :class:`~orchestra.safeguards.interrupts.Request` objects of an ``interrupted`` run.
     """
 
     run_id: str

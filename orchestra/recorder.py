@@ -18,7 +18,14 @@ from pydantic import BaseModel
 
 from . import _faults
 from ._tasks import Task, TaskResult
-from .checkpoint import compact_json, dump_delta, dump_result, dump_state, dump_tasks
+from .checkpoint import (
+    compact_json,
+    dump_delta,
+    dump_memory,
+    dump_result,
+    dump_state,
+    dump_tasks,
+)
 from .errors import InvalidUpdateError, RunStoreError, StoreError
 from .events import Event, NodeFinished, NodeStarted, StepCommitted
 from .state import FieldDelta
@@ -27,7 +34,9 @@ from .store.base import (
     STEP_EVENT_DEFAULTS,
     CheckpointRow,
     EventRow,
+    LedgerEntry,
     PendingWrite,
+    RequestRow,
     RunRecord,
     StepCommit,
     Store,
@@ -35,6 +44,7 @@ from .store.base import (
 
 if TYPE_CHECKING:
     from .compile import CompiledGraph
+    from .safeguards.interrupts import Request
 
 __all__ = ("Recorder",)
 
@@ -69,7 +79,10 @@ def event_row(event: Event, step: int | None) -> EventRow:
 
 
 def usage_json(usage: dict[str, Any]) -> str:
-    """Serialize a usage record (the executor's ``steps``, ``tasks``, ``wall_seconds``)."""
+    """Serialize a usage record (the executor's ``steps``, ``tasks``, ``wall_seconds``, and
+    model and tool usage once there is some)."""
+    if len(usage) > 3:
+        return compact_json(usage)
     return (
         f'{{"steps":{int(usage["steps"])},"tasks":{int(usage["tasks"])},'
         f'"wall_seconds":{float(usage["wall_seconds"])!r}}}'
@@ -205,11 +218,13 @@ class Recorder:
         tasks: Sequence[Task],
         events: Sequence[Event],
         usage: dict[str, Any],
+        memory: tuple[Mapping[str, Any], Mapping[str, Any], Sequence[str]] | None = None,
     ) -> None:
         """Commit one step in one transaction: the checkpoint, the step's events, usage.
 
         ``ran`` are the step's tasks (named when a value cannot be stored), ``tasks`` the next
-        step's.
+        step's. ``memory`` is the agents' conversations after the step, the messages the step
+        added and the conversations it dropped.
         """
         try:
             delta = dump_delta(self.graph.schema, state, deltas) if deltas else None
@@ -223,13 +238,18 @@ class Recorder:
                 step=step,
                 node=labels[0] if len(labels) == 1 else None,
             ) from exc
-        self._since_bytes += len(delta or "")
+        conversations = None
+        if memory is not None and (memory[1] or memory[2]):
+            conversations = dump_memory(memory[0], memory[1], memory[2], full=False)
+        self._since_bytes += len(delta or "") + len(conversations or "")
         self._since_steps += 1
         snapshot = None
         if self._since_bytes > self._snapshot_size or self._since_steps >= SNAPSHOT_EVERY:
             snapshot = dump_state(state)
             delta = None
-            self._snapshot_size = len(snapshot)
+            if memory is not None:
+                conversations = dump_memory(memory[0], {}, (), full=True)
+            self._snapshot_size = len(snapshot) + len(conversations or "")
             self._since_bytes = self._since_steps = 0
         checkpoint = CheckpointRow(
             step=step,
@@ -239,6 +259,7 @@ class Recorder:
             created_at=time.time(),
             events=step_events(events, step),
             usage=usage_json(usage),
+            memory=conversations,
         )
         commit = StepCommit(step=step, checkpoint=checkpoint, had_pending=self._had_pending)
         if _faults.ACTIVE:
@@ -258,8 +279,9 @@ class Recorder:
         usage: dict[str, Any],
         events: Sequence[Event],
         step: int,
+        requests: Sequence[Request] = (),
     ) -> None:
-        """Record how the run ended and release its lease."""
+        """Record how the run ended and release its lease, with its open requests."""
         with _store_failures(self.run_id, step):
             await self.store.finish_run(
                 self.run_id,
@@ -269,7 +291,13 @@ class Recorder:
                 error=error,
                 usage=usage,
                 events=[event_row(e, getattr(e, "step", step)) for e in events],
+                requests=[request_row(r) for r in requests],
             )
+
+    async def put_ledger(self, entry: LedgerEntry) -> None:
+        """Record one call in the ledger, durably and fenced."""
+        with _store_failures(self.run_id, entry.step):
+            await self.store.put_ledger(self.run_id, self.epoch, entry)
 
     async def abort_requested(self) -> str | None:
         """Return why an abort (or stop-all) was requested for the run, if it was."""
@@ -280,3 +308,19 @@ class Recorder:
         """Extend the lease; False means another owner took the run over."""
         with _store_failures(self.run_id, step):
             return await self.store.renew(self.run_id, self.epoch, step=step, usage=usage)
+
+
+def request_row(request: Request) -> RequestRow:
+    """The stored form of a request."""
+    return RequestRow(
+        run_id=request.run_id,
+        request_id=request.id,
+        step=request.step,
+        task=request.node,
+        kind=request.kind,
+        payload=compact_json(request.payload),
+        schema=None if request.schema is None else compact_json(request.schema),
+        status="open",
+        created_at=request.created_at,
+        expires_at=request.expires_at,
+    )

@@ -151,8 +151,17 @@ async def next_tasks(
     results: Sequence[TaskResult],
     step: int,
 ) -> list[Task]:
-    """Find the next step's tasks: static edges, routes, goto, then joins."""
-    ran = sorted({t.node for t in tasks}) if len(tasks) > 1 else [tasks[0].node]
+    """Find the next step's tasks: static edges, routes, goto, then joins.
+
+    A task whose agent runs again (its tool calls' results are waiting) is carried into the
+    next step as it is; its node's edges and routes are followed only once it finishes.
+    """
+    carried = [t for t, r in zip(tasks, results, strict=True) if r.again]
+    if carried:
+        finished = [t for t, r in zip(tasks, results, strict=True) if not r.again]
+        ran = sorted({t.node for t in finished})
+    else:
+        ran = sorted({t.node for t in tasks}) if len(tasks) > 1 else [tasks[0].node]
     triggered: set[str] = set()
     sends: list[Send] = []
     for name in ran:
@@ -170,7 +179,7 @@ async def next_tasks(
         for join in graph.joins:
             if done.issuperset(join.sources):
                 triggered.add(join.target)
-    return make_tasks(triggered, sends)
+    return make_tasks(triggered, sends, carried)
 
 
 async def _follow(
@@ -216,9 +225,16 @@ async def _follow(
             triggered.add(item)
 
 
-def make_tasks(triggered: set[str], sends: list[Send]) -> list[Task]:
-    """Order the next step's tasks by node name; a node's Send tasks follow its edge task."""
+def make_tasks(triggered: set[str], sends: list[Send], carried: Sequence[Task] = ()) -> list[Task]:
+    """Order the next step's tasks by node name; a node's Send tasks follow its edge task.
+
+    ``carried`` tasks (agents running again) keep their labels; an edge trigger of a node
+    whose edge task is carried is absorbed by it, and new Send tasks of that node are
+    numbered after the carried ones.
+    """
     triggered.discard(END)
+    if carried:
+        return _with_carried(triggered, sends, carried)
     if not sends:
         if len(triggered) == 1:
             (name,) = triggered
@@ -234,4 +250,26 @@ def make_tasks(triggered: set[str], sends: list[Send]) -> list[Task]:
         many = len(inputs) > 1
         for index, payload in enumerate(inputs):
             tasks.append(Task(name, index, payload, f"{name}[{index}]" if many else name))
+    return tasks
+
+
+def _with_carried(triggered: set[str], sends: list[Send], carried: Sequence[Task]) -> list[Task]:
+    fresh = make_tasks(set(triggered), sends)
+    taken: dict[str, int] = defaultdict(int)
+    edge = set()
+    for task in carried:
+        taken[task.node] = max(taken[task.node], task.index + 1)
+        if task.payload is NO_PAYLOAD:
+            edge.add(task.node)
+    tasks = list(carried)
+    for task in fresh:
+        if task.node not in taken:
+            tasks.append(task)
+        elif task.payload is NO_PAYLOAD and task.node in edge:
+            continue  # the carried task will see the new state anyway
+        else:
+            index = taken[task.node]
+            taken[task.node] += 1
+            tasks.append(Task(task.node, index, task.payload, f"{task.node}[{index}]"))
+    tasks.sort(key=lambda t: (t.node, t.index))
     return tasks

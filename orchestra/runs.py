@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import load_result, load_state, load_tasks, replay_json
-from .errors import GraphChangedError, OrchestraError, RunStatusError, StoreError
-from .store.base import CheckpointRow, EventRow, RunRecord, Store, new_owner_id
+from .checkpoint import (
+    compact_json,
+    load_memory,
+    load_result,
+    load_state,
+    load_tasks,
+    replay_json,
+    replay_memory,
+)
+from .errors import AnswerError, GraphChangedError, OrchestraError, RunStatusError, StoreError
+from .outcome import RunStatus
+from .safeguards.interrupts import Abort, Done, Retry
+from .store.base import CheckpointRow, EventRow, RequestRow, RunRecord, Store, new_owner_id
 
 if TYPE_CHECKING:
     from .compile import CompiledGraph
@@ -19,9 +30,17 @@ __all__ = ("fork_run", "prepare_resume")
 
 
 async def prepare_resume(
-    app: CompiledGraph[Any], run_id: str, *, allow_graph_change: bool
+    app: CompiledGraph[Any],
+    run_id: str,
+    *,
+    allow_graph_change: bool,
+    answers: Mapping[str, Any] | None = None,
 ) -> Execution:
-    """Check, take the lease of, and load a run; return the Execution that continues it."""
+    """Check, take the lease of, and load a run; return the Execution that continues it.
+
+    ``answers`` (request id -> answer) are all checked before anything changes; a refused
+    one raises :class:`AnswerError` and the run stays as it was.
+    """
     from .executor import Execution
     from .recorder import Recorder
 
@@ -31,11 +50,15 @@ async def prepare_resume(
         raise RunStatusError(run_id, record.status, "resume it")
     if record.structure_hash != app.structure_hash and not allow_graph_change:
         raise GraphChangedError(run_id, record.structure_hash, app.structure_hash)
+    checked = await check_answers(app, store, run_id, answers or {})
     owner = new_owner_id()
     record = await store.acquire(run_id, owner)
+    stop: str | None = None
     try:
+        stop = await apply_answers(store, run_id, record.epoch, checked)
         chain = await store.checkpoint_chain(run_id)
         state = load_state(app.schema, chain)
+        memory = load_memory(chain)
         tasks = load_tasks(chain[-1].tasks)
         missing = sorted({t.node for t in tasks} - set(app.nodes))
         if missing:
@@ -50,6 +73,7 @@ async def prepare_resume(
         for key in ("tasks", "wall_seconds"):
             usage[key] = max(usage.get(key, 0), record.usage.get(key, 0))
         done = {write.task: load_result(write.result) for write in pending}
+        entries = await store.ledger(run_id, step + 1)
     except Exception as exc:
         message = f"could not load the run to resume it: {type(exc).__name__}: {exc}"
         await store.finish_run(
@@ -65,7 +89,7 @@ async def prepare_resume(
             raise
         raise StoreError(f"run {run_id}: {message}") from exc
     recorder = Recorder(store, app, run_id, owner).resumed(record, chain)
-    return Execution(
+    execution = Execution(
         app,
         state,
         run_id=run_id,
@@ -74,8 +98,111 @@ async def prepare_resume(
         tasks=tasks,
         done=done,
         usage=usage,
+        memory=memory,
         events=False,
     )
+    execution.ledger.preload(entries)
+    if stop is not None:
+        execution.status, execution.reason = RunStatus.ABORTED, stop
+    return execution
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    row: RequestRow
+    answer: Any
+    text: str
+    result: Any = None
+
+
+async def check_answers(
+    app: CompiledGraph[Any], store: Store, run_id: str, answers: Mapping[str, Any]
+) -> list[_Checked]:
+    """Check every answer against the run's open requests; change nothing."""
+    if not answers:
+        return []
+    if not isinstance(answers, Mapping):
+        raise TypeError(f"answers must map request ids to answers, got {type(answers).__name__}")
+    rows = {row.request_id: row for row in await store.requests(run_id, statuses=())}
+    now = time.time()
+    checked = []
+    for request_id, answer in answers.items():
+        row = rows.get(request_id)
+        if row is None:
+            open_ids = ", ".join(r for r, v in rows.items() if v.status == "open") or "none"
+            raise AnswerError(run_id, request_id, f"no such request (open: {open_ids})")
+        if row.status != "open":
+            raise AnswerError(run_id, request_id, f"already {row.status}; an answer is used once")
+        if row.expires_at is not None and row.expires_at < now:
+            raise AnswerError(run_id, request_id, "expired; it can no longer be answered")
+        checked.append(_check_one(app, run_id, row, answer))
+    return checked
+
+
+def _check_one(app: CompiledGraph[Any], run_id: str, row: RequestRow, answer: Any) -> _Checked:
+    from pydantic import ValidationError
+
+    from .tools import describe_validation_error
+
+    if row.kind != "in_doubt":
+        raise AnswerError(run_id, row.request_id, f"requests of kind {row.kind!r} are unknown")
+    if not isinstance(answer, Done | Retry | Abort):
+        raise AnswerError(
+            run_id,
+            row.request_id,
+            f"an in-doubt call is resolved with Done(result=...), Retry() or Abort(), "
+            f"got {answer!r:.80}",
+        )
+    if not isinstance(answer, Done):
+        text = compact_json({"answer": type(answer).__name__.lower(), **_fields(answer)})
+        return _Checked(row, answer, text)
+    payload = json.loads(row.payload)
+    tool = app.tools.get(payload["tool"])
+    if tool is None:
+        raise AnswerError(
+            run_id, row.request_id, f"this graph has no tool {payload['tool']!r} any more"
+        )
+    try:
+        result = tool.dump_result(answer.result)
+    except ValidationError as exc:
+        raise AnswerError(
+            run_id,
+            row.request_id,
+            f"the result does not fit tool {tool.name!r}: "
+            f"{describe_validation_error(exc, 'result')}",
+        ) from exc
+    except (TypeError, ValueError) as exc:
+        raise AnswerError(run_id, row.request_id, f"the result is not JSON data: {exc}") from exc
+    return _Checked(row, answer, compact_json({"answer": "done", "result": result}), result)
+
+
+def _fields(answer: Any) -> dict[str, Any]:
+    return {"reason": answer.reason} if isinstance(answer, Abort) else {}
+
+
+async def apply_answers(
+    store: Store, run_id: str, epoch: int, checked: list[_Checked]
+) -> str | None:
+    """Record checked answers under the lease; return the reason if one aborts the run."""
+    stop = None
+    for item in checked:
+        row, answer = item.row, item.answer
+        payload = json.loads(row.payload)
+        if isinstance(answer, Done | Retry):
+            entries = await store.ledger(run_id, row.step)
+            entry = next(
+                (e for e in entries if e.task == row.task and e.seq == payload["seq"]), None
+            )
+            if entry is not None and isinstance(answer, Done):
+                outcome = compact_json({"status": "ok", "result": item.result})
+                done = replace(entry, status="done", result=outcome, finished_at=time.time())
+                await store.put_ledger(run_id, epoch, done)
+            elif entry is not None:
+                await store.delete_ledger(run_id, epoch, row.step, row.task, payload["seq"])
+        else:
+            stop = answer.reason
+        await store.answer_request(run_id, epoch, row.request_id, item.text)
+    return stop
 
 
 async def fork_run(store: Store, run_id: str, step: int, new_run_id: str) -> RunRecord:
@@ -105,8 +232,14 @@ async def fork_run(store: Store, run_id: str, step: int, new_run_id: str) -> Run
         parent_run_id=run_id,
         parent_step=step,
     )
+    memory = replay_memory(chain)
     checkpoint = CheckpointRow(
-        step=step, snapshot=snapshot, delta=None, tasks=chain[-1].tasks, created_at=now
+        step=step,
+        snapshot=snapshot,
+        delta=None,
+        tasks=chain[-1].tasks,
+        created_at=now,
+        memory=compact_json({"all": memory}) if memory else None,
     )
     event = EventRow(
         step=step,

@@ -26,7 +26,9 @@ def node_problems(node: NodeSpec) -> list[str]:
     elif "[" in name or "]" in name:
         # "worker[2]" names the third Send task of node "worker" in events and checkpoints
         problems.append(f"node name {name!r} may not contain '[' or ']'")
-    if node.fn is None:
+    if node.kind == "agent":
+        pass  # checked against the state by compile (Agent.problems)
+    elif node.fn is None:
         problems.append(f"node {name!r} has no function; add_node('{name}', fn)")
     elif not callable(node.fn):
         problems.append(f"node {name!r}: {node.fn!r} is not callable")
@@ -42,12 +44,50 @@ def node_problems(node: NodeSpec) -> list[str]:
         or node.timeout <= 0
     ):
         problems.append(f"node {name!r}: timeout must be a positive number, got {node.timeout!r}")
+    if node.kind != "agent":
+        problems.extend(tool_problems(name, node.tools))
     if node.retry is not None and not isinstance(node.retry, RetryPolicy):
         problems.append(
             f"node {name!r}: retry must be a RetryPolicy or a number of attempts, "
             f"got {node.retry!r}"
         )
     return problems
+
+
+def tool_problems(name: str, tools: Iterable[Any]) -> list[str]:
+    """A node's allowlist: tools made with @tool, with distinct names."""
+    from .tools import Tool
+
+    problems = []
+    names: list[str] = []
+    for item in tools:
+        if isinstance(item, Tool):
+            names.append(item.name)
+        else:
+            label = getattr(item, "__name__", repr(item))
+            problems.append(f"node {name!r}: {label} is not a tool; decorate it with @tool")
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"node {name!r}: two tools are named {dup!r}")
+    return problems
+
+
+def graph_tool_problems(nodes: Iterable[NodeSpec]) -> list[str]:
+    """Tools are known by name across the graph: one name, one tool."""
+    from .tools import Tool
+
+    seen: dict[str, Any] = {}
+    problems = []
+    for node in nodes:
+        for item in node.tools:
+            if not isinstance(item, Tool):
+                continue
+            other = seen.setdefault(item.name, item)
+            if other is not item and other.fn is not item.fn:
+                problems.append(
+                    f"two different tools are named {item.name!r} (one is used by node "
+                    f"{node.name!r}); give them distinct names with @tool(name=...)"
+                )
+    return sorted(set(problems))
 
 
 def _is_async(fn: Any) -> bool:

@@ -456,8 +456,8 @@ async def test_compile_accepts_optional_list_and_dict_reducer_fields() -> None:
     assert outcome.state == Optionals(notes=["one", "two"], seen={"a": 1, "b": 2})
 
 
-def test_compile_reports_agent_objects_as_unsupported() -> None:
-    """add_node with a non-string node is reported at compile, not raised at once."""
+def test_compile_reports_node_objects_that_are_not_agents() -> None:
+    """add_node with an object that is neither a name nor an Agent is reported at compile."""
 
     class FakeAgent:
         name = "triage"
@@ -466,7 +466,7 @@ def test_compile_reports_agent_objects_as_unsupported() -> None:
     graph.add_node(FakeAgent())
     graph.add_edge("a", "b")
     problems = problems_of(graph)
-    assert has(problems, "'triage'", "agent objects are not supported")
+    assert has(problems, "'triage'", "or an Agent, got FakeAgent")
     assert has(problems, "unknown node 'b'")
 
 

@@ -23,7 +23,9 @@ __all__ = (
     "STEP_EVENT_DEFAULTS",
     "CheckpointRow",
     "EventRow",
+    "LedgerEntry",
     "PendingWrite",
+    "RequestRow",
     "RunRecord",
     "StepCommit",
     "Store",
@@ -85,6 +87,7 @@ class CheckpointRow:
     events: str | None = None
     usage: str | None = None
     size: int = 0
+    memory: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,6 +97,49 @@ class PendingWrite:
     step: int
     task: str
     result: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerEntry:
+    """One model or tool call of a step, keyed by (step, task, seq).
+
+    ``status`` is ``started`` (an irreversible tool call, written before it runs) or
+    ``done`` (``result`` holds the call's outcome as JSON). ``request_hash`` fingerprints
+    what was asked, so a replay that asks something else is caught.
+    """
+
+    step: int
+    task: str
+    seq: int
+    kind: str
+    name: str
+    request_hash: str
+    status: str
+    result: str | None
+    created_at: float
+    finished_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestRow:
+    """A request for a human: an in-doubt call, an approval, a question.
+
+    ``payload`` and ``answer`` are JSON; ``schema`` the JSON schema of a valid answer.
+    ``status`` is ``open`` until answered.
+    """
+
+    run_id: str
+    request_id: str
+    step: int
+    task: str
+    kind: str
+    payload: str
+    schema: str | None
+    status: str
+    created_at: float
+    expires_at: float | None = None
+    answer: str | None = None
+    answered_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,8 +195,34 @@ class Store(Protocol):
         error: str | None,
         usage: dict[str, Any],
         events: Sequence[EventRow],
+        requests: Sequence[RequestRow] = (),
     ) -> None:
-        """Record the run's final status for now and release its lease."""
+        """Record the run's final status for now and release its lease; store ``requests``
+        (kept open ones stay as they are, new ones are added) in the same transaction."""
+        ...
+
+    async def put_ledger(self, run_id: str, epoch: int, entry: LedgerEntry) -> None:
+        """Record (or update) one call in the ledger, durably, fenced like a commit."""
+        ...
+
+    async def delete_ledger(self, run_id: str, epoch: int, step: int, task: str, seq: int) -> None:
+        """Forget one ledger entry (an in-doubt call an operator chose to retry)."""
+        ...
+
+    async def ledger(self, run_id: str, step: int | None = None) -> list[LedgerEntry]:
+        """Return a run's ledger entries (of one step, or all), in (step, task, seq) order."""
+        ...
+
+    async def requests(
+        self, run_id: str | None = None, *, statuses: Sequence[str] = ("open",)
+    ) -> list[RequestRow]:
+        """Return requests (of one run, or of every run), oldest first."""
+        ...
+
+    async def answer_request(
+        self, run_id: str, epoch: int, request_id: str, answer: str, status: str = "answered"
+    ) -> None:
+        """Record the answer of an open request, fenced; refuse one that is not open."""
         ...
 
     async def acquire(self, run_id: str, owner: str) -> RunRecord:

@@ -25,7 +25,9 @@ from .base import (
     ACTIVE,
     CheckpointRow,
     EventRow,
+    LedgerEntry,
     PendingWrite,
+    RequestRow,
     RunRecord,
     StepCommit,
     merge_events,
@@ -53,6 +55,8 @@ class MemoryStore:
         self._checkpoints: dict[str, dict[int, CheckpointRow]] = {}
         self._pending: dict[str, dict[tuple[int, str], PendingWrite]] = {}
         self._events: dict[str, list[EventRow]] = {}
+        self._ledger: dict[str, dict[tuple[int, str, int], LedgerEntry]] = {}
+        self._requests: dict[str, dict[str, RequestRow]] = {}
         self._stop_all: str | None = None
 
     def __repr__(self) -> str:
@@ -91,6 +95,8 @@ class MemoryStore:
         self._checkpoints[record.run_id] = {checkpoint.step: _sized(checkpoint)}
         self._pending[record.run_id] = {}
         self._events[record.run_id] = list(events)
+        self._ledger[record.run_id] = {}
+        self._requests[record.run_id] = {}
 
     async def commit_step(self, run_id: str, epoch: int, commit: StepCommit) -> None:
         record = self._fenced(run_id, epoch, commit.step)
@@ -121,8 +127,12 @@ class MemoryStore:
         error: str | None,
         usage: dict[str, Any],
         events: Sequence[EventRow],
+        requests: Sequence[RequestRow] = (),
     ) -> None:
         record = self._fenced(run_id, epoch, None)
+        kept = self._requests[run_id]
+        for request in requests:
+            kept.setdefault(request.request_id, request)
         self._runs[run_id] = replace(
             record,
             status=status,
@@ -135,6 +145,41 @@ class MemoryStore:
             updated_at=time.time(),
         )
         self._events[run_id].extend(events)
+
+    async def put_ledger(self, run_id: str, epoch: int, entry: LedgerEntry) -> None:
+        self._fenced(run_id, epoch, entry.step)
+        self._ledger[run_id][(entry.step, entry.task, entry.seq)] = entry
+
+    async def delete_ledger(self, run_id: str, epoch: int, step: int, task: str, seq: int) -> None:
+        self._fenced(run_id, epoch, step)
+        self._ledger[run_id].pop((step, task, seq), None)
+
+    async def ledger(self, run_id: str, step: int | None = None) -> list[LedgerEntry]:
+        entries = self._ledger.get(run_id, {})
+        return [entries[k] for k in sorted(entries) if step is None or k[0] == step]
+
+    async def requests(
+        self, run_id: str | None = None, *, statuses: Sequence[str] = ("open",)
+    ) -> list[RequestRow]:
+        runs = [run_id] if run_id is not None else list(self._requests)
+        rows = [
+            row
+            for name in runs
+            for row in self._requests.get(name, {}).values()
+            if not statuses or row.status in statuses
+        ]
+        return sorted(rows, key=lambda r: (r.created_at, r.request_id))
+
+    async def answer_request(
+        self, run_id: str, epoch: int, request_id: str, answer: str, status: str = "answered"
+    ) -> None:
+        self._fenced(run_id, epoch, None)
+        row = self._requests[run_id].get(request_id)
+        if row is None or row.status != "open":
+            raise StoreError(f"run {run_id} has no open request {request_id}")
+        self._requests[run_id][request_id] = replace(
+            row, status=status, answer=answer, answered_at=time.time()
+        )
 
     async def acquire(self, run_id: str, owner: str) -> RunRecord:
         if self._stop_all is not None:
@@ -272,7 +317,14 @@ class MemoryStore:
             if r.updated_at < older_than and r.status in statuses
         ]
         for run_id in doomed:
-            for table in (self._runs, self._checkpoints, self._pending, self._events):
+            for table in (
+                self._runs,
+                self._checkpoints,
+                self._pending,
+                self._events,
+                self._ledger,
+                self._requests,
+            ):
                 table.pop(run_id, None)
         return len(doomed)
 

@@ -8,13 +8,13 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from .base import CheckpointRow, RunRecord
+from .base import CheckpointRow, LedgerEntry, RequestRow, RunRecord
 
 MIGRATION_SET = "orchestra"
-KNOWN_MIGRATIONS = ("m001_initial",)
+KNOWN_MIGRATIONS = ("m001_initial", "m002_agents")
 CHECKPOINT_COLUMNS = (
     "step, snapshot, delta, tasks, created_at, events, usage, "
-    "length(CAST(coalesce(snapshot, delta, '') AS BLOB))"
+    "length(CAST(coalesce(snapshot, delta, '') AS BLOB)), memory"
 )
 RUN_COLUMNS = (
     "run_id, graph, structure_hash, app_ref, status, step, owner, epoch, lease_expires_at, "
@@ -99,6 +99,47 @@ def migrations() -> Any:
         db.execute("CREATE INDEX events_by_run ON events (run_id, id)")
         db.execute("CREATE TABLE control (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID")
 
+    @migrations(name="m002_agents")
+    def m002_agents(db: Any) -> None:
+        # agents' conversations, checkpointed with the state (deltas, snapshots)
+        db.execute("ALTER TABLE checkpoints ADD COLUMN memory TEXT")
+        db.execute(
+            """
+            CREATE TABLE ledger (
+                run_id TEXT NOT NULL,
+                step INTEGER NOT NULL,
+                task TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                kind TEXT NOT NULL,
+                name TEXT NOT NULL,
+                request_hash TEXT NOT NULL,
+                status TEXT NOT NULL,
+                result TEXT,
+                created_at REAL NOT NULL,
+                finished_at REAL,
+                PRIMARY KEY (run_id, step, task, seq)
+            ) WITHOUT ROWID"""
+        )
+        db.execute(
+            """
+            CREATE TABLE requests (
+                run_id TEXT NOT NULL,
+                request_id TEXT NOT NULL,
+                step INTEGER NOT NULL,
+                task TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                payload TEXT NOT NULL,
+                schema TEXT,
+                status TEXT NOT NULL,
+                created_at REAL NOT NULL,
+                expires_at REAL,
+                answer TEXT,
+                answered_at REAL,
+                PRIMARY KEY (run_id, request_id)
+            ) WITHOUT ROWID"""
+        )
+        db.execute("CREATE INDEX requests_by_status ON requests (status, created_at)")
+
     return migrations
 
 
@@ -112,8 +153,15 @@ def describe_error(exc: sqlite3.DatabaseError) -> str:
 
 
 INSERT_CHECKPOINT = (
-    "INSERT INTO checkpoints (id, step, snapshot, delta, tasks, events, usage, created_at) "
-    "SELECT (run_no << 32) + ?, ?, ?, ?, ?, ?, ?, ? FROM runs WHERE run_id = ?"
+    "INSERT INTO checkpoints (id, step, snapshot, delta, tasks, events, usage, created_at, "
+    "memory) SELECT (run_no << 32) + ?, ?, ?, ?, ?, ?, ?, ?, ? FROM runs WHERE run_id = ?"
+)
+LEDGER_COLUMNS = (
+    "step, task, seq, kind, name, request_hash, status, result, created_at, finished_at"
+)
+REQUEST_COLUMNS = (
+    "run_id, request_id, step, task, kind, payload, schema, status, created_at, expires_at, "
+    "answer, answered_at"
 )
 
 
@@ -127,6 +175,7 @@ def checkpoint_values(run_id: str, row: CheckpointRow) -> tuple[Any, ...]:
         row.events,
         row.usage,
         row.created_at,
+        row.memory,
         run_id,
     )
 
@@ -185,4 +234,37 @@ def checkpoint_from_row(row: Sequence[Any]) -> CheckpointRow:
         events=row[5],
         usage=row[6],
         size=row[7],
+        memory=row[8],
+    )
+
+
+def ledger_from_row(row: Sequence[Any]) -> LedgerEntry:
+    return LedgerEntry(
+        step=row[0],
+        task=row[1],
+        seq=row[2],
+        kind=row[3],
+        name=row[4],
+        request_hash=row[5],
+        status=row[6],
+        result=row[7],
+        created_at=row[8],
+        finished_at=row[9],
+    )
+
+
+def request_from_row(row: Sequence[Any]) -> RequestRow:
+    return RequestRow(
+        run_id=row[0],
+        request_id=row[1],
+        step=row[2],
+        task=row[3],
+        kind=row[4],
+        payload=row[5],
+        schema=row[6],
+        status=row[7],
+        created_at=row[8],
+        expires_at=row[9],
+        answer=row[10],
+        answered_at=row[11],
     )

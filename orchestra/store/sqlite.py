@@ -43,7 +43,9 @@ from .base import (
     ACTIVE,
     CheckpointRow,
     EventRow,
+    LedgerEntry,
     PendingWrite,
+    RequestRow,
     RunRecord,
     StepCommit,
     merge_events,
@@ -52,15 +54,19 @@ from .schema import (
     CHECKPOINT_COLUMNS,
     INSERT_CHECKPOINT,
     KNOWN_MIGRATIONS,
+    LEDGER_COLUMNS,
     MIGRATION_SET,
     READ_COLUMNS,
+    REQUEST_COLUMNS,
     RUN_COLUMNS,
     STEP_MASK,
     checkpoint_from_row,
     checkpoint_values,
     describe_error,
+    ledger_from_row,
     migrations,
     record_from_row,
+    request_from_row,
     run_values,
 )
 
@@ -345,6 +351,7 @@ class SQLiteStore:
         error: str | None,
         usage: dict[str, Any],
         events: Sequence[EventRow],
+        requests: Sequence[RequestRow] = (),
     ) -> None:
         with self._write() as conn:
             cursor = conn.execute(
@@ -358,6 +365,87 @@ class SQLiteStore:
             if cursor.rowcount != 1:
                 raise LeaseLostError(run_id=run_id, step=None, epoch=epoch)
             self._insert_events(conn, run_id, events)
+            # a request asked again (the same call still in doubt) keeps its id and answer
+            conn.executemany(
+                f"INSERT OR IGNORE INTO requests ({REQUEST_COLUMNS}) "
+                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [_request_values(r) for r in requests],
+            )
+
+    # -- ledger, requests -----------------------------------------------------------------
+
+    async def put_ledger(self, run_id: str, epoch: int, entry: LedgerEntry) -> None:
+        with self._write() as conn:
+            cursor = conn.execute(
+                f"INSERT OR REPLACE INTO ledger (run_id, {LEDGER_COLUMNS}) "
+                f"SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS "
+                f"(SELECT 1 FROM runs WHERE run_id = ? AND epoch = ?)",
+                (
+                    run_id,
+                    entry.step,
+                    entry.task,
+                    entry.seq,
+                    entry.kind,
+                    entry.name,
+                    entry.request_hash,
+                    entry.status,
+                    entry.result,
+                    entry.created_at,
+                    entry.finished_at,
+                    run_id,
+                    epoch,
+                ),
+            )
+            if cursor.rowcount != 1:
+                raise LeaseLostError(run_id=run_id, step=entry.step, epoch=epoch)
+
+    async def delete_ledger(self, run_id: str, epoch: int, step: int, task: str, seq: int) -> None:
+        with self._write() as conn:
+            if self._get(conn, run_id).epoch != epoch:
+                raise LeaseLostError(run_id=run_id, step=step, epoch=epoch)
+            conn.execute(
+                "DELETE FROM ledger WHERE run_id = ? AND step = ? AND task = ? AND seq = ?",
+                (run_id, step, task, seq),
+            )
+
+    async def ledger(self, run_id: str, step: int | None = None) -> list[LedgerEntry]:
+        sql = f"SELECT {LEDGER_COLUMNS} FROM ledger WHERE run_id = ?"
+        params: list[Any] = [run_id]
+        if step is not None:
+            sql += " AND step = ?"
+            params.append(step)
+        with self._read() as conn:
+            rows = conn.execute(sql + " ORDER BY step, task, seq", params).fetchall()
+        return [ledger_from_row(row) for row in rows]
+
+    async def requests(
+        self, run_id: str | None = None, *, statuses: Sequence[str] = ("open",)
+    ) -> list[RequestRow]:
+        sql = f"SELECT {REQUEST_COLUMNS} FROM requests WHERE 1"
+        params: list[Any] = []
+        if run_id is not None:
+            sql += " AND run_id = ?"
+            params.append(run_id)
+        if statuses:
+            sql += f" AND status IN ({', '.join('?' for _ in statuses)})"
+            params.extend(statuses)
+        with self._read() as conn:
+            rows = conn.execute(sql + " ORDER BY created_at, request_id", params).fetchall()
+        return [request_from_row(row) for row in rows]
+
+    async def answer_request(
+        self, run_id: str, epoch: int, request_id: str, answer: str, status: str = "answered"
+    ) -> None:
+        with self._write() as conn:
+            if self._get(conn, run_id).epoch != epoch:
+                raise LeaseLostError(run_id=run_id, step=None, epoch=epoch)
+            cursor = conn.execute(
+                "UPDATE requests SET status = ?, answer = ?, answered_at = ? "
+                "WHERE run_id = ? AND request_id = ? AND status = 'open'",
+                (status, answer, time.time(), run_id, request_id),
+            )
+            if cursor.rowcount != 1:
+                raise StoreError(f"run {run_id} has no open request {request_id}")
 
     async def acquire(self, run_id: str, owner: str) -> RunRecord:
         now = time.time()
@@ -583,7 +671,7 @@ class SQLiteStore:
             for run_id in ids:
                 low, high = self._bounds(conn, run_id)
                 conn.execute("DELETE FROM checkpoints WHERE id BETWEEN ? AND ?", (low, high))
-            for table in ("pending_writes", "events", "runs"):
+            for table in ("pending_writes", "events", "ledger", "requests", "runs"):
                 conn.executemany(f"DELETE FROM {table} WHERE run_id = ?", [(i,) for i in ids])
         return len(ids)
 
@@ -604,3 +692,20 @@ class SQLiteStore:
             with suppress(OSError):
                 total += os.path.getsize(self.path + suffix)
         return total
+
+
+def _request_values(row: RequestRow) -> tuple[Any, ...]:
+    return (
+        row.run_id,
+        row.request_id,
+        row.step,
+        row.task,
+        row.kind,
+        row.payload,
+        row.schema,
+        row.status,
+        row.created_at,
+        row.expires_at,
+        row.answer,
+        row.answered_at,
+    )

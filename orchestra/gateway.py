@@ -1,0 +1,503 @@
+"""The tool gateway: the one door to side effects.
+
+Every tool call, an agent's or a node's ``ctx.call_tool``, goes through the same steps in
+this order (DESIGN §3):
+
+1. permission: the tool is on the caller's allowlist; a call to any other tool is denied,
+   recorded as an event and returned to the caller as an error. It never runs;
+2. validation: the arguments against the tool's pydantic schema;
+3. approval: a hook (pass-through in this version; the approval policy fills it in);
+4. arbitration: a hook that sees every call of the step's act phase at once and decides
+   their order (pass-through in this version: they all run concurrently);
+5. ledger: a call with a recorded result is replayed, never re-executed; an irreversible
+   call is recorded as started before it runs, and a started call without a result is in
+   doubt: the run stops for an operator instead of running it again;
+6. execution under the tool's timeout, then the result validated against the tool's return
+   type and its size capped; each call is an event.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from pydantic import ValidationError
+
+from .checkpoint import compact_json
+from .errors import ToolArgumentsError, ToolCallError, ToolDeniedError
+from .events import Event, ModelCalled, ToolCalled
+from .ledger import DONE, STARTED, Ledger, fingerprint
+from .models.base import Message, ModelRequest, ModelResponse, ToolCall
+from .safeguards.interrupts import Request, StepInterrupted, request_id
+from .tools import Effect, Tool, ToolContext, describe_validation_error
+
+if TYPE_CHECKING:
+    from .models.base import Model
+    from .store.base import LedgerEntry
+
+__all__ = ("CallOutcome", "Caller", "Gateway", "Meter")
+
+# statuses of calls that never ran (not counted as tool calls)
+NOT_RUN = frozenset({"denied", "invalid_arguments", "in_doubt"})
+
+
+@dataclass(slots=True)
+class Caller:
+    """Who is calling: one task of a step, with its allowlist and its call counter."""
+
+    node: str
+    label: str
+    step: int
+    tools: Mapping[str, Tool]
+    seq: int = 0
+
+    def next_seq(self) -> int:
+        seq = self.seq
+        self.seq += 1
+        return seq
+
+
+@dataclass(slots=True)
+class CallOutcome:
+    """What became of one tool call. ``value`` is the result in JSON form (status ``ok``)."""
+
+    call_id: str
+    tool: str
+    status: str
+    value: Any = None
+    error: str | None = None
+    replayed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> str:
+        if self.ok:
+            return compact_json({"status": "ok", "result": self.value})
+        return compact_json({"status": self.status, "error": self.error})
+
+    @classmethod
+    def from_json(cls, call_id: str, tool: str, text: str) -> CallOutcome:
+        data = json.loads(text)
+        return cls(
+            call_id=call_id,
+            tool=tool,
+            status=data["status"],
+            value=data.get("result"),
+            error=data.get("error"),
+            replayed=True,
+        )
+
+    def to_message(self) -> Message:
+        """The tool message an agent sees next turn: data, with the tool as its source."""
+        if self.ok:
+            content = compact_json({"result": self.value})
+        else:
+            content = compact_json({"error": self.error, "status": self.status})
+        return Message(role="tool", name=self.tool, tool_call_id=self.call_id, content=content)
+
+    def raise_for_status(self) -> None:
+        if self.status == "denied":
+            raise ToolDeniedError(self.tool, self.error or "")
+        if self.status == "invalid_arguments":
+            raise ToolArgumentsError(self.tool, self.error or "")
+        if not self.ok:
+            raise ToolCallError(self.tool, self.status, self.error or "")
+
+
+@dataclass(slots=True)
+class Meter:
+    """Usage so far: model tokens and calls, tool calls; per agent too."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    model_calls: int = 0
+    tool_calls: int = 0
+    by_node: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def model(self, node: str, input_tokens: int, output_tokens: int) -> None:
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+        self.model_calls += 1
+        mine = self._mine(node)
+        mine["input_tokens"] += input_tokens
+        mine["output_tokens"] += output_tokens
+        mine["model_calls"] += 1
+
+    def tool(self, node: str) -> None:
+        self.tool_calls += 1
+        self._mine(node)["tool_calls"] += 1
+
+    def _mine(self, node: str) -> dict[str, int]:
+        mine = self.by_node.get(node)
+        if mine is None:
+            mine = self.by_node[node] = dict.fromkeys(
+                ("input_tokens", "output_tokens", "model_calls", "tool_calls"), 0
+            )
+        return mine
+
+    def load(self, usage: Mapping[str, Any]) -> None:
+        self.input_tokens = int(usage.get("input_tokens", 0))
+        self.output_tokens = int(usage.get("output_tokens", 0))
+        self.model_calls = int(usage.get("model_calls", 0))
+        self.tool_calls = int(usage.get("tool_calls", 0))
+        self.by_node = {k: dict(v) for k, v in usage.get("by_node", {}).items()}
+
+    def stored(self) -> dict[str, Any]:
+        """The counters as the store keeps them (empty while nothing was called)."""
+        if not self.model_calls and not self.tool_calls:
+            return {}
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "model_calls": self.model_calls,
+            "tool_calls": self.tool_calls,
+            "by_node": {k: dict(v) for k, v in self.by_node.items()},
+        }
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A call after permission and validation (``outcome`` set when it will not run)."""
+
+    caller: Caller
+    call: ToolCall
+    seq: int
+    tool: Tool | None = None
+    arguments: dict[str, Any] = field(default_factory=dict)
+    json_arguments: Any = None
+    request_hash: str = ""
+    outcome: CallOutcome | None = None
+
+
+Emit = Callable[[Event, str], None]
+
+
+class Gateway:
+    """One run's gateway (see the module doc)."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        ledger: Ledger,
+        meter: Meter,
+        emit: Emit,
+        idempotency_prefix: str | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.ledger = ledger
+        self.meter = meter
+        self.emit = emit
+        self.prefix = idempotency_prefix or run_id
+
+    # -- model calls ----------------------------------------------------------------------
+
+    async def model_call(
+        self, caller: Caller, model: Model, request: ModelRequest
+    ) -> ModelResponse:
+        """Call ``model`` once, or replay its recorded answer."""
+        seq = caller.next_seq()
+        name = getattr(model, "name", type(model).__name__)
+        digest = fingerprint(request.model_dump(mode="json"))
+        began = time.monotonic()
+        entry = self.ledger.find(
+            caller.step, caller.label, seq, kind="model", name=name, request_hash=digest
+        )
+        if entry is not None and entry.status == DONE and entry.result is not None:
+            response = ModelResponse.model_validate_json(entry.result)
+            replayed = True
+        else:
+            response = await model.complete(request)
+            if not isinstance(response, ModelResponse):
+                from .errors import ModelResponseError
+
+                raise ModelResponseError(
+                    name, f"complete() returned {type(response).__name__}, not a ModelResponse"
+                )
+            await self.ledger.finish(
+                caller.step,
+                caller.label,
+                seq,
+                kind="model",
+                name=name,
+                request_hash=digest,
+                result=response.model_dump_json(),
+            )
+            replayed = False
+        usage = response.usage
+        self.meter.model(caller.node, usage.input_tokens, usage.output_tokens)
+        self.emit(
+            ModelCalled(
+                run_id=self.run_id,
+                at=time.time(),
+                step=caller.step,
+                node=caller.label,
+                model=response.model or name,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                duration=time.monotonic() - began,
+                finish_reason=response.finish_reason,
+                replayed=replayed,
+            ),
+            "debug",
+        )
+        return response
+
+    # -- tool calls -----------------------------------------------------------------------
+
+    async def call(self, caller: Caller, call: ToolCall) -> CallOutcome:
+        """Make one call now (a node's ``ctx.call_tool``); an in-doubt call interrupts."""
+        prepared = self._prepare(caller, call, caller.next_seq())
+        if prepared.outcome is not None:
+            self._report(prepared, prepared.outcome, 0.0)
+            return prepared.outcome
+        await self._approve([prepared])
+        outcome = await self._execute(prepared)
+        if outcome.status == "in_doubt":
+            raise StepInterrupted([self._in_doubt_request(prepared)])
+        return outcome
+
+    async def act(
+        self, batch: Sequence[tuple[Caller, Sequence[ToolCall]]]
+    ) -> list[list[CallOutcome]]:
+        """Run the calls the step's agents proposed, all seen at once; return each caller's
+        outcomes in the order of its calls."""
+        prepared = [
+            [self._prepare(caller, call, caller.next_seq()) for call in calls]
+            for caller, calls in batch
+        ]
+        flat = [p for group in prepared for p in group]
+        for item in flat:
+            if item.outcome is not None:
+                self._report(item, item.outcome, 0.0)
+        runnable = [p for p in flat if p.outcome is None]
+        # a call found in doubt stops the step before anything new runs
+        doubtful = [p for p in runnable if _status(self._entry(p)) == STARTED]
+        if doubtful:
+            for item in doubtful:
+                self._report(item, CallOutcome(item.call.id, item.call.name, "in_doubt"), 0.0)
+            raise StepInterrupted([self._in_doubt_request(p) for p in doubtful])
+        await self._approve(runnable)
+        for group in self._arbitrate(runnable):
+            if len(group) == 1:
+                item = group[0]
+                item.outcome = await self._execute(item)
+                continue
+            async with anyio.create_task_group() as tasks:
+                for item in group:
+                    tasks.start_soon(self._execute_into, item)
+        timed_out = [
+            p for p in runnable if p.outcome is not None and p.outcome.status == "in_doubt"
+        ]
+        if timed_out:
+            raise StepInterrupted([self._in_doubt_request(p) for p in timed_out])
+        return [[p.outcome for p in group if p.outcome is not None] for group in prepared]
+
+    # -- the steps of one call ------------------------------------------------------------
+
+    def _prepare(self, caller: Caller, call: ToolCall, seq: int) -> _Prepared:
+        """Permission, then validation."""
+        prepared = _Prepared(caller=caller, call=call, seq=seq)
+        tool = caller.tools.get(call.name)
+        if tool is None:
+            allowed = ", ".join(map(repr, caller.tools)) or "none"
+            prepared.outcome = CallOutcome(
+                call.id,
+                call.name,
+                "denied",
+                error=f"tool {call.name!r} is not available to {caller.node!r} "
+                f"(its tools: {allowed}); the call was not made",
+            )
+            return prepared
+        prepared.tool = tool
+        arguments: Any = call.arguments
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError as exc:
+                prepared.outcome = self._invalid(call, f"arguments are not valid JSON: {exc}")
+                return prepared
+            if not isinstance(arguments, dict):
+                prepared.outcome = self._invalid(
+                    call, f"arguments must be a JSON object, got {type(arguments).__name__}"
+                )
+                return prepared
+        try:
+            prepared.arguments = tool.validate(arguments)
+        except ValidationError as exc:
+            prepared.outcome = self._invalid(call, describe_validation_error(exc, "arguments"))
+            return prepared
+        prepared.json_arguments = tool.arguments.model_validate(prepared.arguments).model_dump(
+            mode="json"
+        )
+        prepared.request_hash = fingerprint(
+            {"tool": tool.name, "arguments": prepared.json_arguments}
+        )
+        return prepared
+
+    @staticmethod
+    def _invalid(call: ToolCall, detail: str) -> CallOutcome:
+        return CallOutcome(
+            call.id, call.name, "invalid_arguments", error=f"{detail}; the call was not made"
+        )
+
+    async def _approve(self, calls: Sequence[_Prepared]) -> None:
+        """The approval seam: every call passes in this version."""
+
+    def _arbitrate(self, calls: Sequence[_Prepared]) -> list[list[_Prepared]]:
+        """The arbitration seam: in this version every call runs, all at once."""
+        return [list(calls)] if calls else []
+
+    def _entry(self, item: _Prepared) -> LedgerEntry | None:
+        assert item.tool is not None
+        return self.ledger.find(
+            item.caller.step,
+            item.caller.label,
+            item.seq,
+            kind="tool",
+            name=item.tool.name,
+            request_hash=item.request_hash,
+        )
+
+    async def _execute_into(self, item: _Prepared) -> None:
+        item.outcome = await self._execute(item)
+
+    async def _execute(self, item: _Prepared) -> CallOutcome:
+        """The ledger, then the call itself under its timeout, then its result checked."""
+        tool, caller, call = item.tool, item.caller, item.call
+        assert tool is not None
+        entry = self._entry(item)
+        if entry is not None:
+            if entry.status == DONE and entry.result is not None:
+                replayed = CallOutcome.from_json(call.id, tool.name, entry.result)
+                self._count(item, replayed)
+                self._report(item, replayed, 0.0)
+                return replayed
+            if entry.status == STARTED:
+                doubt = CallOutcome(call.id, tool.name, "in_doubt")
+                self._report(item, doubt, 0.0)
+                return doubt
+        key = dict(kind="tool", name=tool.name, request_hash=item.request_hash)
+        started = None
+        if tool.effect is Effect.IRREVERSIBLE:
+            started = await self.ledger.start(caller.step, caller.label, item.seq, **key)
+        context = ToolContext(
+            run_id=self.run_id,
+            step=caller.step,
+            caller=caller.label,
+            call_id=call.id,
+            idempotency_key=self.idempotency_key(caller.step, caller.label, item.seq),
+        )
+        began = time.monotonic()
+        outcome: CallOutcome | None = None
+        try:
+            if tool.timeout is None:
+                value = await tool.invoke(item.arguments, context)
+            else:
+                with anyio.move_on_after(tool.timeout) as scope:
+                    value = await tool.invoke(item.arguments, context)
+                if scope.cancelled_caught:
+                    detail = f"no result within {tool.timeout:g}s"
+                    if started is not None:
+                        # it may have taken effect: never silently retried
+                        outcome = CallOutcome(call.id, tool.name, "in_doubt", error=detail)
+                        self._report(item, outcome, time.monotonic() - began)
+                        return outcome
+                    outcome = CallOutcome(call.id, tool.name, "timeout", error=detail)
+        except Exception as exc:  # the tool failed: its caller is told, the run goes on
+            outcome = CallOutcome(call.id, tool.name, "error", error=f"{type(exc).__name__}: {exc}")
+        if outcome is None:
+            outcome = self._checked(tool, call, value)
+        await self.ledger.finish(
+            caller.step,
+            caller.label,
+            item.seq,
+            result=outcome.to_json(),
+            started=started,
+            **key,
+        )
+        self._count(item, outcome)
+        self._report(item, outcome, time.monotonic() - began)
+        return outcome
+
+    @staticmethod
+    def _checked(tool: Tool, call: ToolCall, value: Any) -> CallOutcome:
+        """Validate a result against the tool's return type and cap its size."""
+        try:
+            data = tool.dump_result(value)
+        except ValidationError as exc:
+            return CallOutcome(
+                call.id,
+                tool.name,
+                "invalid_result",
+                error=f"the result does not fit the tool's return type: "
+                f"{describe_validation_error(exc, 'result')}",
+            )
+        except (TypeError, ValueError) as exc:
+            return CallOutcome(
+                call.id, tool.name, "invalid_result", error=f"the result is not JSON data: {exc}"
+            )
+        size = tool.result_size(data)
+        if size > tool.max_result_bytes:
+            return CallOutcome(
+                call.id,
+                tool.name,
+                "too_large",
+                error=f"the result is {size} bytes of JSON, over the tool's cap of "
+                f"{tool.max_result_bytes}",
+            )
+        return CallOutcome(call.id, tool.name, "ok", value=data)
+
+    def idempotency_key(self, step: int, label: str, seq: int) -> str:
+        """The key a tool passes to external systems: the same for every re-run of a call."""
+        return f"{self.prefix}/{step}/{label}/{seq}"
+
+    def _count(self, item: _Prepared, outcome: CallOutcome) -> None:
+        if outcome.status not in NOT_RUN:
+            self.meter.tool(item.caller.node)
+
+    def _report(self, item: _Prepared, outcome: CallOutcome, duration: float) -> None:
+        level = "debug" if outcome.ok else "warning"
+        self.emit(
+            ToolCalled(
+                run_id=self.run_id,
+                at=time.time(),
+                step=item.caller.step,
+                node=item.caller.label,
+                tool=outcome.tool,
+                call_id=outcome.call_id,
+                status=outcome.status,
+                duration=duration,
+                error=outcome.error,
+                replayed=outcome.replayed,
+            ),
+            level,
+        )
+
+    def _in_doubt_request(self, item: _Prepared) -> Request:
+        caller = item.caller
+        return Request(
+            id=request_id(self.run_id, caller.step, caller.label, item.seq, "in_doubt"),
+            run_id=self.run_id,
+            kind="in_doubt",
+            step=caller.step,
+            node=caller.label,
+            payload={
+                "tool": item.call.name,
+                "arguments": item.json_arguments,
+                "call_id": item.call.id,
+                "seq": item.seq,
+                "idempotency_key": self.idempotency_key(caller.step, caller.label, item.seq),
+            },
+            created_at=time.time(),
+        )
+
+
+def _status(entry: LedgerEntry | None) -> str | None:
+    return None if entry is None else entry.status

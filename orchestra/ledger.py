@@ -1,0 +1,137 @@
+"""The ledger: every model and tool call of a step, keyed by (step, task, seq).
+
+A call's result is recorded the moment it completes, durably when the run has a store (like
+a pending write, not only at the step's commit), so a step re-run after a crash or an
+interrupt replays it instead of calling again: never re-executed, never re-billed. An
+irreversible tool call is recorded as *started* before it runs; a started entry with no
+result is *in doubt*.
+
+``seq`` numbers the calls of one task in the order it makes them (an agent's model call is
+0, its proposed tool calls 1, 2, ...; a node's ``ctx.call_tool`` calls 0, 1, ...), so the
+same deterministic code finds the same entries again. A re-run that asks for something else
+at the same position is refused (:class:`~orchestra.errors.LedgerMismatchError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from . import _faults
+from .checkpoint import compact_json
+from .errors import LedgerMismatchError
+from .store.base import LedgerEntry
+
+if TYPE_CHECKING:
+    from .recorder import Recorder
+
+__all__ = ("Ledger", "fingerprint")
+
+STARTED = "started"
+DONE = "done"
+
+
+def fingerprint(value: Any) -> str:
+    """Hash a request's canonical JSON (what a replay must ask for again)."""
+    return hashlib.sha256(compact_json(value).encode()).hexdigest()[:16]
+
+
+class Ledger:
+    """One run's ledger: entries of the step in flight, in memory, and in the store."""
+
+    def __init__(self, run_id: str, recorder: Recorder | None = None) -> None:
+        self.run_id = run_id
+        self.recorder = recorder
+        self._entries: dict[tuple[int, str, int], LedgerEntry] = {}
+
+    def preload(self, entries: Iterable[LedgerEntry]) -> None:
+        """Take the stored entries of the step a resume re-runs."""
+        for entry in entries:
+            self._entries[(entry.step, entry.task, entry.seq)] = entry
+
+    def find(
+        self, step: int, task: str, seq: int, *, kind: str, name: str, request_hash: str
+    ) -> LedgerEntry | None:
+        """Return the entry recorded for this position, checking it is the same call."""
+        entry = self._entries.get((step, task, seq))
+        if entry is None:
+            return None
+        if entry.kind != kind or entry.name != name or entry.request_hash != request_hash:
+            raise LedgerMismatchError(
+                f"call #{seq} of this task was recorded as {entry.kind} {entry.name!r} "
+                f"(request {entry.request_hash}) but the re-run asks for {kind} {name!r} "
+                f"(request {request_hash}); the node must make the same calls in the same "
+                f"order when re-run",
+                run_id=self.run_id,
+                step=step,
+                node=task,
+            )
+        return entry
+
+    async def start(
+        self, step: int, task: str, seq: int, *, kind: str, name: str, request_hash: str
+    ) -> LedgerEntry:
+        """Record, durably, that an irreversible call is about to run."""
+        entry = LedgerEntry(
+            step=step,
+            task=task,
+            seq=seq,
+            kind=kind,
+            name=name,
+            request_hash=request_hash,
+            status=STARTED,
+            result=None,
+            created_at=time.time(),
+        )
+        await self._put(entry)
+        if _faults.ACTIVE:
+            _faults.reach("after_call_started", step)
+        return entry
+
+    async def finish(
+        self,
+        step: int,
+        task: str,
+        seq: int,
+        *,
+        kind: str,
+        name: str,
+        request_hash: str,
+        result: str,
+        started: LedgerEntry | None = None,
+    ) -> LedgerEntry:
+        """Record a completed call's result (JSON), durably."""
+        now = time.time()
+        if started is not None:
+            entry = replace(started, status=DONE, result=result, finished_at=now)
+        else:
+            entry = LedgerEntry(
+                step=step,
+                task=task,
+                seq=seq,
+                kind=kind,
+                name=name,
+                request_hash=request_hash,
+                status=DONE,
+                result=result,
+                created_at=now,
+                finished_at=now,
+            )
+        await self._put(entry)
+        if _faults.ACTIVE:
+            _faults.reach("after_call_recorded", step)
+        return entry
+
+    def forget(self, step: int) -> None:
+        """Drop the in-memory entries of a committed step (the store keeps them)."""
+        if self._entries:
+            for key in [k for k in self._entries if k[0] <= step]:
+                del self._entries[key]
+
+    async def _put(self, entry: LedgerEntry) -> None:
+        if self.recorder is not None:
+            await self.recorder.put_ledger(entry)
+        self._entries[(entry.step, entry.task, entry.seq)] = entry

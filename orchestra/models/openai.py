@@ -1,0 +1,415 @@
+"""OpenAICompatible: the chat-completions wire format, with tool calling, over httpx.
+
+Speaks to anything that serves ``POST {base_url}/chat/completions``: OpenAI, Ollama, vLLM, the
+llama.cpp server. This is the only module of orchestra that imports httpx, and
+``orchestra.models`` loads it only when ``OpenAICompatible`` is first used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import httpx
+
+from .._logging import get_logger
+from ..errors import ModelRequestError, ModelResponseError, ModelUnavailableError
+from .base import (
+    Message,
+    ModelRequest,
+    ModelResponse,
+    TokenUsage,
+    ToolCall,
+    ToolSpec,
+    estimate_request_tokens,
+    estimate_tokens,
+)
+
+__all__ = ("OpenAICompatible",)
+
+_DETAIL_LIMIT = 500
+_RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+
+class _Transient(Exception):
+    """One attempt failed in a way that may pass: 429, 5xx, connection error, timeout."""
+
+    def __init__(self, failure: str, retry_after: float | None = None) -> None:
+        super().__init__(failure)
+        self.failure = failure
+        self.retry_after = retry_after
+
+
+class OpenAICompatible:
+    """Call a chat-completions endpoint, retrying rate limits, server errors and timeouts.
+
+    ``base_url`` is the API root, e.g. ``http://localhost:11434/v1``; ``model`` is sent as
+    the request's model and is this object's ``name``. ``api_key`` goes in an
+    ``Authorization: Bearer`` header and nowhere else: never in a log event or an error.
+
+    Each attempt may take ``timeout`` seconds in all. A 429, a 5xx, a connection error or a
+    timeout is retried up to ``max_retries`` times, after ``backoff * 2 ** (n - 1)`` seconds
+    for retry *n* (capped at ``max_backoff``, scaled by a random factor in ``[0.5, 1]``), or
+    after the server's ``Retry-After`` (capped the same way); then
+    :class:`~orchestra.errors.ModelUnavailableError`. Any other non-2xx answer raises
+    :class:`~orchestra.errors.ModelRequestError` at once, and a 2xx answer that is not a chat
+    completion :class:`~orchestra.errors.ModelResponseError`.
+
+    Use it as ``async with OpenAICompatible(...) as model:`` to share one connection pool
+    between calls; otherwise every call opens and closes its own. A ``client`` passed in is
+    used as it is and never closed here.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 20.0,
+        headers: Mapping[str, str] | None = None,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"OpenAICompatible.timeout must be positive, got {timeout}")
+        if max_retries < 0:
+            raise ValueError(f"OpenAICompatible.max_retries must be at least 0, got {max_retries}")
+        if backoff < 0 or max_backoff < 0:
+            raise ValueError("OpenAICompatible needs backoff >= 0 and max_backoff >= 0")
+        self.name = model
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._url = f"{self.base_url}/chat/completions"
+        self._secret = api_key or None
+        self._headers = {"Accept": "application/json", **(headers or {})}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._client = client
+        self._owned: httpx.AsyncClient | None = None
+        self._log: Any = None
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatible(base_url={self.base_url!r}, model={self.name!r})"
+
+    async def __aenter__(self) -> Self:
+        if self._client is None:
+            if self._owned is not None:
+                raise RuntimeError(f"{self!r} is already open")
+            self._owned = httpx.AsyncClient(timeout=self.timeout)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the client opened by ``async with``; a client passed in stays open."""
+        owned, self._owned = self._owned, None
+        if owned is not None:
+            await owned.aclose()
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        """Send ``request`` as one chat completion and return the parsed answer."""
+        payload = _request_body(self.name, request)
+        client = self._client or self._owned
+        if client is not None:
+            response = await self._post(client, payload)
+        else:
+            async with httpx.AsyncClient(timeout=self.timeout) as client:
+                response = await self._post(client, payload)
+        return self._parse(request, response)
+
+    async def _post(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> httpx.Response:
+        """POST ``payload``, retrying what may pass; return the first 2xx response."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._attempt(client, payload)
+            except _Transient as transient:
+                failure = self._redact(transient.failure)
+                if attempt > self.max_retries:
+                    cause = transient.__cause__
+                    raise ModelUnavailableError(self.name, attempt, failure) from cause
+                delay = self._delay(attempt, transient.retry_after)
+            self._logger().info(
+                "model_call_retried",
+                model=self.name,
+                attempt=attempt,
+                delay=round(delay, 3),
+                reason=failure,
+            )
+            await anyio.sleep(delay)
+
+    async def _attempt(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> httpx.Response:
+        """POST once; raise _Transient for a failure worth retrying."""
+        timed_out = f"no response within {self.timeout:g}s"
+        # httpx's timeout bounds each phase (connect, every read) on its own, so a server
+        # trickling bytes could hold an attempt far longer: the cancel scope bounds it whole
+        with anyio.move_on_after(self.timeout):
+            try:
+                response = await client.post(
+                    self._url, json=payload, headers=self._headers, timeout=self.timeout
+                )
+            except httpx.TimeoutException as exc:
+                raise _Transient(timed_out) from exc
+            except httpx.TransportError as exc:
+                raise _Transient(
+                    f"{type(exc).__name__}: {str(exc) or 'connection failed'}"
+                ) from exc
+            if response.is_success:
+                return response
+            status = response.status_code
+            detail = self._redact(_error_detail(response))
+            if status != 429 and status < 500:
+                raise ModelRequestError(self.name, status, detail)
+            retry_after = None
+            if status in _RETRY_AFTER_STATUSES:
+                retry_after = _retry_after(response.headers.get("Retry-After"))
+            raise _Transient(f"HTTP {status}: {detail}", retry_after)
+        raise _Transient(timed_out)
+
+    def _delay(self, retry: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_backoff)
+        base = min(self.backoff * 2 ** (retry - 1), self.max_backoff)
+        # jitter spreads the retries of many concurrent agents hitting one rate limit
+        return base * (1 - 0.5 * random.random())
+
+    def _parse(self, request: ModelRequest, response: httpx.Response) -> ModelResponse:
+        try:
+            return _parse_completion(self.name, request, response)
+        except ModelResponseError as exc:
+            # a server may echo what it was sent; the key must not travel in the error
+            if self._secret and self._secret in exc.detail:
+                raise ModelResponseError(self.name, self._redact(exc.detail)) from None
+            raise
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "[api key]") if self._secret else text
+
+    def _logger(self) -> Any:
+        if self._log is None:
+            self._log = get_logger("orchestra.models")
+        return self._log
+
+
+def _request_body(model: str, request: ModelRequest) -> dict[str, Any]:
+    """Build the JSON body of a chat completion; keys with no value are left out."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [_wire_message(message) for message in request.messages],
+    }
+    if request.tools:
+        body["tools"] = [_wire_tool(spec) for spec in request.tools]
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.stop:
+        body["stop"] = list(request.stop)
+    return body
+
+
+def _wire_message(message: Message) -> dict[str, Any]:
+    # ``name`` (provenance) is not sent: it stays internal, and some servers reject it
+    wire: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        wire["content"] = message.content or None
+        wire["tool_calls"] = [_wire_tool_call(call) for call in message.tool_calls]
+    if message.tool_call_id:
+        wire["tool_call_id"] = message.tool_call_id
+    return wire
+
+
+def _wire_tool_call(call: ToolCall) -> dict[str, Any]:
+    # raw-string arguments go back verbatim, so the model sees what it actually wrote
+    arguments = call.arguments if isinstance(call.arguments, str) else json.dumps(call.arguments)
+    wire: dict[str, Any] = {
+        "type": "function",
+        "function": {"name": call.name, "arguments": arguments},
+    }
+    if call.id:
+        wire = {"id": call.id, **wire}
+    return wire
+
+
+def _wire_tool(spec: ToolSpec) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": spec.name}
+    if spec.description:
+        function["description"] = spec.description
+    if spec.parameters:
+        function["parameters"] = spec.parameters
+    return {"type": "function", "function": function}
+
+
+def _parse_completion(model: str, request: ModelRequest, response: httpx.Response) -> ModelResponse:
+    """Read a chat completion; raise ModelResponseError naming what is missing."""
+    try:
+        body = response.json()
+    except ValueError:
+        raise ModelResponseError(
+            model, f"the response is not JSON: {_truncate(response.text) or '(empty body)'}"
+        ) from None
+    if not isinstance(body, dict):
+        raise ModelResponseError(
+            model, f"the response is a JSON {type(body).__name__}, not an object"
+        )
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        # some gateways answer 200 with an error object instead of a completion
+        error = _error_message(body)
+        why = f" (the server says: {error})" if error else ""
+        raise ModelResponseError(model, f"the response has no choices{why}")
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict):
+        raise ModelResponseError(model, "the response has no choices[0].message")
+    text = _text(message.get("content"))
+    calls = _tool_calls(model, message)
+    finish_reason = choice.get("finish_reason")
+    reported = body.get("model")
+    return ModelResponse(
+        text=text,
+        tool_calls=calls,
+        usage=_usage(body.get("usage"), request, text, calls),
+        model=reported if isinstance(reported, str) and reported else model,
+        finish_reason=finish_reason if isinstance(finish_reason, str) else None,
+    )
+
+
+def _text(content: Any) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        # some servers answer in content parts: keep the text ones
+        parts = [
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        ]
+        return "".join(parts) if parts else None
+    return None
+
+
+def _tool_calls(model: str, message: dict[str, Any]) -> tuple[ToolCall, ...]:
+    raw_calls = message.get("tool_calls")
+    where = "choices[0].message.tool_calls"
+    if raw_calls is None and isinstance(message.get("function_call"), dict):
+        # the pre-tools shape: one call, without an id (the agent assigns one)
+        raw_calls = [{"function": message["function_call"]}]
+        where = "choices[0].message.function_call"
+    if raw_calls is None:
+        return ()
+    if not isinstance(raw_calls, list):
+        raise ModelResponseError(model, f"{where} is not a list")
+    calls = []
+    for index, raw in enumerate(raw_calls):
+        function = raw.get("function") if isinstance(raw, dict) else None
+        if not isinstance(function, dict):
+            raise ModelResponseError(model, f"{where}[{index}] has no function")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise ModelResponseError(model, f"{where}[{index}] has no function name")
+        call_id = raw.get("id")
+        calls.append(
+            ToolCall(
+                name=name,
+                arguments=_arguments(function.get("arguments")),
+                id=call_id if isinstance(call_id, str) else "",
+            )
+        )
+    return tuple(calls)
+
+
+def _arguments(raw: Any) -> dict[str, Any] | str:
+    """Parse tool-call arguments; keep anything that is not a JSON object as raw text, so the
+    gateway can tell the model what was wrong instead of the call failing here."""
+    if raw is None:
+        return {}
+    if isinstance(raw, dict):
+        return raw  # some servers send the object itself, not a JSON string
+    if not isinstance(raw, str):
+        return json.dumps(raw)
+    if not raw.strip():
+        return {}  # a tool without parameters is often called with ""
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return raw
+    return parsed if isinstance(parsed, dict) else raw
+
+
+def _usage(
+    raw: Any, request: ModelRequest, text: str | None, calls: tuple[ToolCall, ...]
+) -> TokenUsage:
+    """Read the reported usage; estimate it when the server reports none, because zero
+    tokens would let every call slip past a token budget."""
+    if isinstance(raw, dict):
+        prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
+        if isinstance(prompt, int) or isinstance(completion, int):
+            return TokenUsage(
+                input_tokens=prompt if isinstance(prompt, int) else 0,
+                output_tokens=completion if isinstance(completion, int) else 0,
+            )
+    output = estimate_tokens(text or "")
+    for call in calls:
+        args = call.arguments if isinstance(call.arguments, str) else json.dumps(call.arguments)
+        output += 3 + estimate_tokens(call.name) + estimate_tokens(args)
+    return TokenUsage(input_tokens=estimate_request_tokens(request), output_tokens=max(output, 1))
+
+
+def _error_detail(response: httpx.Response) -> str:
+    """Return the server's error message: OpenAI's ``{"error": {"message"}}`` or the text."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    message = _error_message(body) if isinstance(body, dict) else None
+    return _truncate(message or response.text) or response.reason_phrase or "(empty body)"
+
+
+def _error_message(body: dict[str, Any]) -> str | None:
+    error = body.get("error")
+    if isinstance(error, dict):
+        error = error.get("message")
+    for candidate in (error, body.get("message"), body.get("detail")):
+        if isinstance(candidate, str) and candidate:
+            return candidate
+    return None
+
+
+def _truncate(text: str) -> str:
+    text = text.strip()
+    return text if len(text) <= _DETAIL_LIMIT else text[: _DETAIL_LIMIT - 1] + "…"
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Read ``Retry-After``: a number of seconds or an HTTP date; None when unusable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
