@@ -24,7 +24,19 @@ class NodeContext:
     read-only: a node changes the state only by returning an update.
     """
 
-    __slots__ = ("_caller", "_gateway", "_log", "_usage", "node", "run_id", "state", "step", "task")
+    __slots__ = (
+        "_caller",
+        "_gateway",
+        "_label",
+        "_log",
+        "_tools",
+        "_usage",
+        "node",
+        "run_id",
+        "state",
+        "step",
+        "task",
+    )
 
     def __init__(
         self,
@@ -36,7 +48,8 @@ class NodeContext:
         state: Any,
         usage: Callable[[], Usage],
         gateway: Gateway | None = None,
-        caller: Caller | None = None,
+        label: str | None = None,
+        tools: tuple[Tool, ...] = (),
     ) -> None:
         self.run_id = run_id
         self.step = step
@@ -46,7 +59,9 @@ class NodeContext:
         self._usage = usage
         self._log: Any = None
         self._gateway = gateway
-        self._caller = caller
+        self._label = label or node
+        self._tools = tools
+        self._caller: Caller | None = None  # made on the first call: most nodes make none
 
     @property
     def usage(self) -> Usage:
@@ -77,11 +92,11 @@ class NodeContext:
         """
         from .models.base import ToolCall
 
-        if self._gateway is None or self._caller is None:
+        if self._gateway is None:
             raise RuntimeError("ctx.call_tool works only inside a running node")
         name = tool if isinstance(tool, str) else tool.name
         args = {**(arguments or {}), **kwargs}
-        caller = self._caller
+        caller = self._get_caller()
         call = ToolCall(name=name, arguments=args, id=f"{caller.label}-{self.step}-{caller.seq}")
         outcome = await self._gateway.call(caller, call)
         outcome.raise_for_status()
@@ -91,8 +106,16 @@ class NodeContext:
     async def _call_model(self, model: Model, request: ModelRequest) -> ModelResponse:
         """Call a model through the ledger (agents use this)."""
         assert self._gateway is not None
-        assert self._caller is not None
-        return await self._gateway.model_call(self._caller, model, request)
+        return await self._gateway.model_call(self._get_caller(), model, request)
+
+    def _get_caller(self) -> Caller:
+        caller = self._caller
+        if caller is None:
+            from .agents import tool_map
+            from .gateway import Caller
+
+            caller = self._caller = Caller(self.node, self._label, self.step, tool_map(self._tools))
+        return caller
 
     def __repr__(self) -> str:
         return f"<NodeContext run={self.run_id} step={self.step} node={self.node!r}>"

@@ -125,6 +125,7 @@ class Execution:
         )
         self.pending: list[Request] = []
         self._allow: dict[str, Mapping[str, Tool]] = {}
+        self._agents = any(node.kind == "agent" for node in graph.nodes.values())
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -323,7 +324,7 @@ class Execution:
             if result.error is not None:
                 self.tasks_run += len(tasks)
                 raise result.error
-        if any(r.calls for r in results):
+        if self._agents and any(r.calls for r in results):
             await self._act(tasks, results, step)
         writes = [(t.label, r.update) for t, r in zip(tasks, results, strict=True) if r.update]
         state = self.state
@@ -340,7 +341,7 @@ class Execution:
                     await self.recorder.discard_pending(step)
                 raise
         following = await next_tasks(self.graph, self.run_id, state, tasks, results, step)
-        memory, added, dropped = self._remember(tasks, results)
+        remembered = self._remember(tasks, results) if self._agents else None
         if self._events:
             event = StepCommitted(
                 run_id=self.run_id,
@@ -357,12 +358,13 @@ class Execution:
             recorded = [*self._carried, *buffer] if self._carried else buffer
             usage = self._stored_usage(step, self.tasks_run + len(tasks))
             await self.recorder.commit(
-                step, state, deltas, tasks, following, recorded, usage, (memory, added, dropped)
+                step, state, deltas, tasks, following, recorded, usage, remembered
             )
             self._carried.clear()
         # the commit: nothing below awaits
         self.state, self.step, self.tasks = state, step, following
-        self.memory = memory
+        if remembered is not None:
+            self.memory = remembered[0]
         self.tasks_run += len(tasks)
         self.done.clear()
         self.ledger.forget(step)
@@ -478,8 +480,7 @@ class Execution:
         attempts = 0
         while True:
             attempts += 1
-            # a fresh call counter each attempt: a retried node replays its recorded calls
-            caller = Caller(task.node, task.label, step, self._tools_of(task.node))
+            # a fresh context (and call counter) each attempt: a retried node replays its calls
             ctx = NodeContext(
                 run_id=self.run_id,
                 step=step,
@@ -488,7 +489,8 @@ class Execution:
                 state=self.state,
                 usage=self._usage,
                 gateway=self.gateway,
-                caller=caller,
+                label=task.label,
+                tools=node.tools,
             )
             if agent is not None:
                 key = conversation_key(task.node, task.label, task.payload)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -162,8 +162,9 @@ class Meter:
 
 
 @dataclass(slots=True)
-class _Prepared:
-    """A call after permission and validation (``outcome`` set when it will not run)."""
+class PlannedCall:
+    """A call after permission and validation, as the approval and arbitration hooks see
+    it. ``outcome`` is set when it will not run (a hook may set it: rejected, conflict)."""
 
     caller: Caller
     call: ToolCall
@@ -171,11 +172,17 @@ class _Prepared:
     tool: Tool | None = None
     arguments: dict[str, Any] = field(default_factory=dict)
     json_arguments: Any = None
+    resources: frozenset[str] = frozenset()
     request_hash: str = ""
     outcome: CallOutcome | None = None
 
 
 Emit = Callable[[Event, str], None]
+ApproveHook = Callable[[Sequence[PlannedCall]], Awaitable[None]]
+"""Sees the calls about to run; sets ``outcome`` on those that may not (or interrupts)."""
+ArbitrateHook = Callable[[Sequence[PlannedCall]], Sequence[Sequence[PlannedCall]]]
+"""Orders the act phase's calls: groups run one after another, the calls of a group at once;
+sets ``outcome`` on calls that lose."""
 
 
 class Gateway:
@@ -188,13 +195,15 @@ class Gateway:
         ledger: Ledger,
         meter: Meter,
         emit: Emit,
-        idempotency_prefix: str | None = None,
+        approve: ApproveHook | None = None,
+        arbitrate: ArbitrateHook | None = None,
     ) -> None:
         self.run_id = run_id
         self.ledger = ledger
         self.meter = meter
         self.emit = emit
-        self.prefix = idempotency_prefix or run_id
+        self.approve = approve
+        self.arbitrate = arbitrate
 
     # -- model calls ----------------------------------------------------------------------
 
@@ -254,10 +263,11 @@ class Gateway:
     async def call(self, caller: Caller, call: ToolCall) -> CallOutcome:
         """Make one call now (a node's ``ctx.call_tool``); an in-doubt call interrupts."""
         prepared = self._prepare(caller, call, caller.next_seq())
+        if prepared.outcome is None and _status(self._entry(prepared)) != STARTED:
+            await self._approve([prepared])
         if prepared.outcome is not None:
             self._report(prepared, prepared.outcome, 0.0)
             return prepared.outcome
-        await self._approve([prepared])
         outcome = await self._execute(prepared)
         if outcome.status == "in_doubt":
             raise StepInterrupted([self._in_doubt_request(prepared)])
@@ -273,9 +283,7 @@ class Gateway:
             for caller, calls in batch
         ]
         flat = [p for group in prepared for p in group]
-        for item in flat:
-            if item.outcome is not None:
-                self._report(item, item.outcome, 0.0)
+        self._report_refused(flat)
         runnable = [p for p in flat if p.outcome is None]
         # a call found in doubt stops the step before anything new runs
         doubtful = [p for p in runnable if _status(self._entry(p)) == STARTED]
@@ -284,7 +292,11 @@ class Gateway:
                 self._report(item, CallOutcome(item.call.id, item.call.name, "in_doubt"), 0.0)
             raise StepInterrupted([self._in_doubt_request(p) for p in doubtful])
         await self._approve(runnable)
-        for group in self._arbitrate(runnable):
+        runnable = self._report_refused(runnable)
+        groups = self._arbitrate(runnable)
+        runnable = self._report_refused(runnable)
+        for group in groups:
+            group = [item for item in group if item.outcome is None]
             if len(group) == 1:
                 item = group[0]
                 item.outcome = await self._execute(item)
@@ -292,6 +304,15 @@ class Gateway:
             async with anyio.create_task_group() as tasks:
                 for item in group:
                     tasks.start_soon(self._execute_into, item)
+        for item in runnable:
+            if item.outcome is None:
+                item.outcome = CallOutcome(
+                    item.call.id,
+                    item.call.name,
+                    "conflict",
+                    error="the arbiter did not schedule this call; it was not made",
+                )
+                self._report(item, item.outcome, 0.0)
         timed_out = [
             p for p in runnable if p.outcome is not None and p.outcome.status == "in_doubt"
         ]
@@ -301,9 +322,9 @@ class Gateway:
 
     # -- the steps of one call ------------------------------------------------------------
 
-    def _prepare(self, caller: Caller, call: ToolCall, seq: int) -> _Prepared:
+    def _prepare(self, caller: Caller, call: ToolCall, seq: int) -> PlannedCall:
         """Permission, then validation."""
-        prepared = _Prepared(caller=caller, call=call, seq=seq)
+        prepared = PlannedCall(caller=caller, call=call, seq=seq)
         tool = caller.tools.get(call.name)
         if tool is None:
             allowed = ", ".join(map(repr, caller.tools)) or "none"
@@ -336,6 +357,13 @@ class Gateway:
         prepared.json_arguments = tool.arguments.model_validate(prepared.arguments).model_dump(
             mode="json"
         )
+        try:
+            prepared.resources = tool.resource_keys(prepared.json_arguments)
+        except Exception as exc:  # the user's resources function: its caller is told
+            prepared.outcome = self._invalid(
+                call, f"the tool's resources function failed: {type(exc).__name__}: {exc}"
+            )
+            return prepared
         prepared.request_hash = fingerprint(
             {"tool": tool.name, "arguments": prepared.json_arguments}
         )
@@ -347,14 +375,30 @@ class Gateway:
             call.id, call.name, "invalid_arguments", error=f"{detail}; the call was not made"
         )
 
-    async def _approve(self, calls: Sequence[_Prepared]) -> None:
-        """The approval seam: every call passes in this version."""
+    async def _approve(self, calls: Sequence[PlannedCall]) -> None:
+        """Step 3, approval: the hook's (without one every call passes)."""
+        if self.approve is not None and calls:
+            await self.approve(calls)
 
-    def _arbitrate(self, calls: Sequence[_Prepared]) -> list[list[_Prepared]]:
-        """The arbitration seam: in this version every call runs, all at once."""
-        return [list(calls)] if calls else []
+    def _arbitrate(self, calls: Sequence[PlannedCall]) -> Sequence[Sequence[PlannedCall]]:
+        """Step 4, arbitration: the hook's order (without one every call runs at once)."""
+        if not calls:
+            return []
+        if self.arbitrate is not None:
+            return self.arbitrate(calls)
+        return [calls]
 
-    def _entry(self, item: _Prepared) -> LedgerEntry | None:
+    def _report_refused(self, calls: Sequence[PlannedCall]) -> list[PlannedCall]:
+        """Report the calls that will not run; return those that still may."""
+        left = []
+        for item in calls:
+            if item.outcome is None:
+                left.append(item)
+            else:
+                self._report(item, item.outcome, 0.0)
+        return left
+
+    def _entry(self, item: PlannedCall) -> LedgerEntry | None:
         assert item.tool is not None
         return self.ledger.find(
             item.caller.step,
@@ -365,10 +409,10 @@ class Gateway:
             request_hash=item.request_hash,
         )
 
-    async def _execute_into(self, item: _Prepared) -> None:
+    async def _execute_into(self, item: PlannedCall) -> None:
         item.outcome = await self._execute(item)
 
-    async def _execute(self, item: _Prepared) -> CallOutcome:
+    async def _execute(self, item: PlannedCall) -> CallOutcome:
         """The ledger, then the call itself under its timeout, then its result checked."""
         tool, caller, call = item.tool, item.caller, item.call
         assert tool is not None
@@ -456,13 +500,13 @@ class Gateway:
 
     def idempotency_key(self, step: int, label: str, seq: int) -> str:
         """The key a tool passes to external systems: the same for every re-run of a call."""
-        return f"{self.prefix}/{step}/{label}/{seq}"
+        return f"{self.run_id}/{step}/{label}/{seq}"
 
-    def _count(self, item: _Prepared, outcome: CallOutcome) -> None:
+    def _count(self, item: PlannedCall, outcome: CallOutcome) -> None:
         if outcome.status not in NOT_RUN:
             self.meter.tool(item.caller.node)
 
-    def _report(self, item: _Prepared, outcome: CallOutcome, duration: float) -> None:
+    def _report(self, item: PlannedCall, outcome: CallOutcome, duration: float) -> None:
         level = "debug" if outcome.ok else "warning"
         self.emit(
             ToolCalled(
@@ -480,7 +524,7 @@ class Gateway:
             level,
         )
 
-    def _in_doubt_request(self, item: _Prepared) -> Request:
+    def _in_doubt_request(self, item: PlannedCall) -> Request:
         caller = item.caller
         return Request(
             id=request_id(self.run_id, caller.step, caller.label, item.seq, "in_doubt"),

@@ -156,7 +156,10 @@ async def next_tasks(
     A task whose agent runs again (its tool calls' results are waiting) is carried into the
     next step as it is; its node's edges and routes are followed only once it finishes.
     """
-    carried = [t for t, r in zip(tasks, results, strict=True) if r.again]
+    if len(results) == 1:
+        carried = list(tasks) if results[0].again else []
+    else:
+        carried = [t for t, r in zip(tasks, results, strict=True) if r.again]
     if carried:
         finished = [t for t, r in zip(tasks, results, strict=True) if not r.again]
         ran = sorted({t.node for t in finished})
