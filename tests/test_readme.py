@@ -34,6 +34,27 @@ def test_readme_define_a_graph_example_runs(tmp_path: Path) -> None:
     )
 
 
+def test_readme_agents_example_runs(tmp_path: Path) -> None:
+    """The 'Agents, tools and models' example runs as a script: the agent looks the order
+    up, refunds it, and its answer lands in the state, with usage counted."""
+    script = tmp_path / "agents.py"
+    script.write_text(readme_block("Agents, tools and models"), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-W", "error", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.strip().splitlines()[-2:]
+    assert first == "completed Refunded 30.00 on order 42."
+    input_tokens, output_tokens, tool_calls = map(int, second.split())
+    assert input_tokens > 0
+    assert output_tokens > 0
+    assert tool_calls == 2
+
+
 def test_readme_quick_start_matches_ci() -> None:
     """The quick start's test command is exactly what .ci/run runs."""
     text = README.read_text(encoding="utf-8")
