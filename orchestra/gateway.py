@@ -28,7 +28,7 @@ import anyio
 from pydantic import ValidationError
 
 from .checkpoint import compact_json
-from .errors import ToolArgumentsError, ToolCallError, ToolDeniedError
+from .errors import RunError, ToolArgumentsError, ToolCallError, ToolDeniedError
 from .events import Event, ModelCalled, ToolCalled
 from .ledger import DONE, STARTED, Ledger, fingerprint
 from .models.base import Message, ModelRequest, ModelResponse, ToolCall
@@ -301,9 +301,12 @@ class Gateway:
                 item = group[0]
                 item.outcome = await self._execute(item)
                 continue
+            failures: list[RunError] = []
             async with anyio.create_task_group() as tasks:
                 for item in group:
-                    tasks.start_soon(self._execute_into, item)
+                    tasks.start_soon(self._execute_into, item, failures, tasks.cancel_scope)
+            if failures:  # the store failed or the run was fenced: the run's own error
+                raise failures[0]
         for item in runnable:
             if item.outcome is None:
                 item.outcome = CallOutcome(
@@ -409,8 +412,14 @@ class Gateway:
             request_hash=item.request_hash,
         )
 
-    async def _execute_into(self, item: PlannedCall) -> None:
-        item.outcome = await self._execute(item)
+    async def _execute_into(
+        self, item: PlannedCall, failures: list[RunError], scope: anyio.CancelScope
+    ) -> None:
+        try:
+            item.outcome = await self._execute(item)
+        except RunError as exc:  # not an ExceptionGroup: the run stops with this error
+            failures.append(exc)
+            scope.cancel()
 
     async def _execute(self, item: PlannedCall) -> CallOutcome:
         """The ledger, then the call itself under its timeout, then its result checked."""

@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 from orchestra import Effect, tool
+from orchestra.errors import RunStoreError, StoreError
 from orchestra.events import Event, ToolCalled
 from orchestra.gateway import Caller, CallOutcome, Gateway, Meter, PlannedCall
 from orchestra.ledger import Ledger
@@ -181,3 +182,24 @@ async def test_gateway_call_not_scheduled_by_the_arbiter_gets_a_conflict_result(
     assert outcomes[0][0].status == "conflict"
     assert "did not schedule" in (outcomes[0][0].error or "")
     assert log == []
+
+
+async def test_gateway_store_failure_during_concurrent_calls_is_the_runs_error() -> None:
+    """A ledger write failing while several calls run stops the act phase with that
+    RunStoreError itself, not an ExceptionGroup the executor could not read."""
+
+    class FailingLedger(Ledger):
+        async def finish(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+            raise RunStoreError(run_id="r", step=1, error=StoreError("disk full"))
+
+    gateway = Gateway(
+        run_id="r", ledger=FailingLedger("r"), meter=Meter(), emit=lambda event, level: None
+    )
+    alice, bob = callers()
+    with pytest.raises(RunStoreError, match="disk full"):
+        await gateway.act(
+            [
+                (alice, [ToolCall(name="book", arguments={"slot": 1, "who": "a"}, id="a1")]),
+                (bob, [ToolCall(name="book", arguments={"slot": 2, "who": "b"}, id="b1")]),
+            ]
+        )
