@@ -33,6 +33,7 @@ from .tools import Tool, describe_validation_error
 if TYPE_CHECKING:
     from .context import NodeContext
     from .models.base import Model
+    from .state import StateSchema
 
 __all__ = ("Agent", "AgentTurn")
 
@@ -104,8 +105,12 @@ class Agent:
 
     # -- compile ------------------------------------------------------------------------
 
-    def problems(self, state_model: type[BaseModel]) -> list[str]:
-        """Check the agent against the graph's state; prepare its output validation."""
+    def problems(self, state_model: type[BaseModel], schema: StateSchema) -> list[str]:
+        """Check the agent against the graph's state; prepare its output validation.
+
+        An answer for a field with a reducer is what one write of that field adds (one item
+        for ``append``, a list for ``extend``), validated as such.
+        """
         where = f"agent {self.name!r}"
         found: list[str] = []
         if not callable(getattr(self.model, "complete", None)):
@@ -131,7 +136,9 @@ class Agent:
                     f"{where}: output field {output!r} is not a field of {state_model.__name__}"
                 )
             else:
-                self._adapter = TypeAdapter(fields[output].annotation or Any)
+                spec = schema.fields.get(output)
+                delta = spec.delta_adapter if spec is not None else None
+                self._adapter = delta or TypeAdapter(fields[output].annotation or Any)
         elif isinstance(output, type) and issubclass(output, BaseModel):
             missing = [name for name in output.model_fields if name not in fields]
             if missing:
@@ -139,11 +146,11 @@ class Agent:
                     f"{where}: output {output.__name__} has fields {missing} that "
                     f"{state_model.__name__} does not have; its fields become state updates"
                 )
-            schema = json.dumps(output.model_json_schema())
+            shape = json.dumps(output.model_json_schema())
             self._system = _join(
                 self.instructions,
                 f"When you give your final answer, reply with only a JSON object matching "
-                f"this schema: {schema}",
+                f"this schema: {shape}",
             )
         elif output is not None:
             found.append(
@@ -174,7 +181,7 @@ class Agent:
         )
         response = await ctx._call_model(self.model, request)
         calls = tuple(
-            call if call.id else call.model_copy(update={"id": f"{ctx.node}-{ctx.step}-{i}"})
+            call if call.id else call.model_copy(update={"id": f"{ctx._label}-{ctx.step}-{i}"})
             for i, call in enumerate(response.tool_calls)
         )
         new.append(
@@ -233,8 +240,14 @@ class Agent:
             assert self._adapter is not None
             try:
                 value = self._adapter.validate_python(text)
-            except ValidationError:
-                value = self._adapter.validate_json(_unfenced(text))
+            except ValidationError as as_text:
+                try:
+                    value = self._adapter.validate_json(_unfenced(text))
+                except ValidationError as as_json:
+                    # not JSON at all: the type error of the text says more than "invalid JSON"
+                    if all(e["type"] == "json_invalid" for e in as_json.errors()):
+                        raise as_text from None
+                    raise
             return {output: value}
         assert isinstance(output, type)
         model = output.model_validate_json(_unfenced(text))

@@ -391,7 +391,7 @@ def compile_graph(
     for node in definition.nodes:
         problems.extend(node_problems(node))
         if node.kind == "agent" and schema is not None:
-            problems.extend(node.fn.problems(state))
+            problems.extend(node.fn.problems(state, schema))
         nodes.setdefault(node.name, node)
     problems.extend(graph_tool_problems(definition.nodes))
 

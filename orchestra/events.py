@@ -19,6 +19,7 @@ __all__ = (
     "NodeFinished",
     "NodeRetried",
     "NodeStarted",
+    "RequestAnswered",
     "RunFinished",
     "RunStarted",
     "StepCommitted",
@@ -96,6 +97,19 @@ class ModelCalled(Event):
     duration: float
     finish_reason: str | None = None
     replayed: bool = False
+
+
+@dataclass(slots=True, kw_only=True)
+class RequestAnswered(Event):
+    """An operator answered a request (``answer``: the answer's kind and its fields, as
+    JSON) before the run was resumed."""
+
+    kind: ClassVar[str] = "request_answered"
+    step: int
+    node: str
+    request_id: str
+    request_kind: str
+    answer: str
 
 
 @dataclass(slots=True, kw_only=True)

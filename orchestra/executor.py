@@ -246,7 +246,8 @@ class Execution:
                     error=str(error) if error else None,
                     usage=self._stored_usage(),
                     events=[*self._carried, event],
-                    step=self.step,
+                    # after the events of a step that did not commit (failed, interrupted)
+                    step=max((getattr(e, "step", 0) for e in self._carried), default=self.step),
                     requests=self.pending,
                 )
             except RunError as exc:  # fenced off, or the store failed
@@ -603,6 +604,7 @@ class Execution:
             output_tokens=meter.output_tokens,
             model_calls=meter.model_calls,
             tool_calls=meter.tool_calls,
+            denied_calls=meter.denied_calls,
             by_node={k: dict(v) for k, v in meter.by_node.items()},
         )
 

@@ -43,6 +43,9 @@ __all__ = ("CallOutcome", "Caller", "Gateway", "Meter")
 
 # statuses of calls that never ran (not counted as tool calls)
 NOT_RUN = frozenset({"denied", "invalid_arguments", "in_doubt"})
+# failures of a read or write tool that are not recorded: a node retry or a re-run of the
+# step calls it again (an irreversible tool's failure is recorded: it never runs twice)
+RETRYABLE = frozenset({"error", "timeout"})
 
 
 @dataclass(slots=True)
@@ -118,6 +121,7 @@ class Meter:
     output_tokens: int = 0
     model_calls: int = 0
     tool_calls: int = 0
+    denied_calls: int = 0
     by_node: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def model(self, node: str, input_tokens: int, output_tokens: int) -> None:
@@ -133,11 +137,16 @@ class Meter:
         self.tool_calls += 1
         self._mine(node)["tool_calls"] += 1
 
+    def denied(self, node: str) -> None:
+        self.denied_calls += 1
+        self._mine(node)["denied_calls"] += 1
+
     def _mine(self, node: str) -> dict[str, int]:
         mine = self.by_node.get(node)
         if mine is None:
             mine = self.by_node[node] = dict.fromkeys(
-                ("input_tokens", "output_tokens", "model_calls", "tool_calls"), 0
+                ("input_tokens", "output_tokens", "model_calls", "tool_calls", "denied_calls"),
+                0,
             )
         return mine
 
@@ -146,17 +155,19 @@ class Meter:
         self.output_tokens = int(usage.get("output_tokens", 0))
         self.model_calls = int(usage.get("model_calls", 0))
         self.tool_calls = int(usage.get("tool_calls", 0))
+        self.denied_calls = int(usage.get("denied_calls", 0))
         self.by_node = {k: dict(v) for k, v in usage.get("by_node", {}).items()}
 
     def stored(self) -> dict[str, Any]:
         """The counters as the store keeps them (empty while nothing was called)."""
-        if not self.model_calls and not self.tool_calls:
+        if not self.model_calls and not self.tool_calls and not self.denied_calls:
             return {}
         return {
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "model_calls": self.model_calls,
             "tool_calls": self.tool_calls,
+            "denied_calls": self.denied_calls,
             "by_node": {k: dict(v) for k, v in self.by_node.items()},
         }
 
@@ -467,14 +478,15 @@ class Gateway:
             outcome = CallOutcome(call.id, tool.name, "error", error=f"{type(exc).__name__}: {exc}")
         if outcome is None:
             outcome = self._checked(tool, call, value)
-        await self.ledger.finish(
-            caller.step,
-            caller.label,
-            item.seq,
-            result=outcome.to_json(),
-            started=started,
-            **key,
-        )
+        if started is not None or outcome.status not in RETRYABLE:
+            await self.ledger.finish(
+                caller.step,
+                caller.label,
+                item.seq,
+                result=outcome.to_json(),
+                started=started,
+                **key,
+            )
         self._count(item, outcome)
         self._report(item, outcome, time.monotonic() - began)
         return outcome
@@ -516,6 +528,8 @@ class Gateway:
             self.meter.tool(item.caller.node)
 
     def _report(self, item: PlannedCall, outcome: CallOutcome, duration: float) -> None:
+        if outcome.status == "denied":
+            self.meter.denied(item.caller.node)
         level = "debug" if outcome.ok else "warning"
         self.emit(
             ToolCalled(
@@ -535,8 +549,11 @@ class Gateway:
 
     def _in_doubt_request(self, item: PlannedCall) -> Request:
         caller = item.caller
+        entry = self._entry(item)
+        # a call retried by an operator and in doubt again is a new question: a new id
+        started = entry.created_at if entry is not None else 0.0
         return Request(
-            id=request_id(self.run_id, caller.step, caller.label, item.seq, "in_doubt"),
+            id=request_id(self.run_id, caller.step, caller.label, item.seq, "in_doubt", started),
             run_id=self.run_id,
             kind="in_doubt",
             step=caller.step,

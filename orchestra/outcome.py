@@ -42,10 +42,11 @@ class Usage:
     cost_usd: float = 0.0
     model_calls: int = 0
     tool_calls: int = 0
+    denied_calls: int = 0
     wall_seconds: float = 0.0
     by_node: dict[str, dict[str, int]] = field(default_factory=dict)
     """Per agent or node: ``input_tokens``, ``output_tokens``, ``model_calls``,
-    ``tool_calls``."""
+    ``tool_calls`` (calls that ran), ``denied_calls`` (refused by the allowlist)."""
 
     @property
     def tokens(self) -> int:

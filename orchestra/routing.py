@@ -154,15 +154,17 @@ async def next_tasks(
     """Find the next step's tasks: static edges, routes, goto, then joins.
 
     A task whose agent runs again (its tool calls' results are waiting) is carried into the
-    next step as it is; its node's edges and routes are followed only once it finishes.
+    next step as it is. A node's edges and routes are followed once none of its tasks is
+    carried: after a fan-out of agents with ``Send``, the next node runs once, when the last
+    of them has finished.
     """
     if len(results) == 1:
         carried = list(tasks) if results[0].again else []
     else:
         carried = [t for t, r in zip(tasks, results, strict=True) if r.again]
     if carried:
-        finished = [t for t, r in zip(tasks, results, strict=True) if not r.again]
-        ran = sorted({t.node for t in finished})
+        busy = {t.node for t in carried}
+        ran = sorted({t.node for t in tasks} - busy)
     else:
         ran = sorted({t.node for t in tasks}) if len(tasks) > 1 else [tasks[0].node]
     triggered: set[str] = set()

@@ -18,6 +18,7 @@ from .checkpoint import (
     replay_memory,
 )
 from .errors import AnswerError, GraphChangedError, OrchestraError, RunStatusError, StoreError
+from .events import RequestAnswered
 from .outcome import RunStatus
 from .safeguards.interrupts import Abort, Done, Retry
 from .store.base import CheckpointRow, EventRow, RequestRow, RunRecord, Store, new_owner_id
@@ -102,6 +103,19 @@ async def prepare_resume(
         events=False,
     )
     execution.ledger.preload(entries)
+    now = time.time()
+    execution._carried.extend(
+        RequestAnswered(
+            run_id=run_id,
+            at=now,
+            step=item.row.step,
+            node=item.row.task,
+            request_id=item.row.request_id,
+            request_kind=item.row.kind,
+            answer=item.text,
+        )
+        for item in checked
+    )
     if stop is not None:
         execution.status, execution.reason = RunStatus.ABORTED, stop
     return execution

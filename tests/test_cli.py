@@ -1282,7 +1282,7 @@ def test_timeline_condenses_each_step_into_one_entry() -> None:
               duration=0.25),
         event("abort_requested", 2.5, 1, reason="enough"),
         event("run_finished", 3.0, 1, status="aborted", steps=1, error=None, reason="enough"),
-        event("tool_called", 3.5, 1, step=1, tool="refund", ok=True),
+        event("budget_warned", 3.5, 1, step=1, limit="tokens", used=0.8),  # a kind not known
     ]  # fmt: skip
     entries = timeline(events)
     assert [(e.step, e.what, e.notes) for e in entries] == [
@@ -1290,7 +1290,7 @@ def test_timeline_condenses_each_step_into_one_entry() -> None:
         (1, "a", "a retried after attempt 1: E: x"),
         (1, "abort requested", "enough"),
         (1, "run aborted", "enough"),
-        (1, "tool_called", "tool=refund ok=True"),
+        (1, "budget_warned", "limit=tokens used=0.8"),
     ]
     assert entries[1].duration == 0.25
     assert entries[1].changed == ("n",)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from orchestra import RunStatus
 from orchestra.demo import build_app
+from orchestra.store import SQLiteStore
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -87,3 +89,56 @@ async def test_demo_graph_fails_when_retries_run_out() -> None:
     assert outcome.status is RunStatus.FAILED
     assert outcome.error is not None
     assert "node 'publish'" in str(outcome.error)
+
+
+def test_support_desk_prints_outcome_usage_and_calls() -> None:
+    """The support desk prints its outcome, usage, each call (one denied) and one refund."""
+    result = run_example(EXAMPLES / "support_desk.py")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(r"run [0-9a-f]+: completed after 6 steps", lines[0])
+    assert "  queue       billing" in lines
+    assert "  notes       ['order 42 (kettle, $30) arrived broken']" in lines
+    assert "  resolution  Refunded $30.00 for order 42; the customer keeps the kettle." in lines
+    usage = next(line for line in lines if line.startswith("usage: "))
+    assert re.fullmatch(
+        r"usage: \d+ tokens \(\d+ in, \d+ out\), 6 model calls, 3 tool calls", usage
+    )
+    agents = [line for line in lines if re.fullmatch(r"  \w+ +\d+ tokens, .*", line)]
+    assert [line.split(" tokens, ")[1] for line in agents] == [
+        "3 model calls, 1 tool call",
+        "3 model calls, 2 tool calls",
+    ]
+    assert [line.split()[0] for line in agents] == ["triage", "billing"]
+    calls = [line.split(maxsplit=2)[2] for line in lines if line.startswith("  step ")]
+    assert [call.split(" -> ")[0].split() for call in calls if " tool " in call] == [
+        ["triage", "tool", "lookup_order"],
+        ["triage", "tool", "refund"],
+        ["billing", "tool", "lookup_order"],
+        ["billing", "tool", "refund"],
+    ]
+    assert "triage   tool  refund -> denied: tool 'refund' is not available to 'triage'" in (
+        "\n".join(calls)
+    )
+    assert sum(call.startswith("billing  tool  refund -> ok") for call in calls) == 1
+    assert sum(" model scripted: " in call for call in calls) == 6
+    assert "payment system: 1 request, 1 refund" in lines
+    (receipt,) = [line for line in lines if line.startswith("  rf_")]
+    assert receipt.startswith("  rf_0001  order 42  $30.00  key ")
+
+
+@pytest.mark.anyio
+async def test_support_desk_refunds_once_with_the_calls_idempotency_key(tmp_path: Path) -> None:
+    """The refund runs exactly once, recorded in the ledger, keyed by the call's key."""
+    desk = load_example("support_desk")
+    path = tmp_path / "desk.db"
+    await desk.main(path)
+    assert desk.PAYMENTS.requests == 1
+    ((key, refund),) = desk.PAYMENTS.refunds.items()
+    assert refund == {"receipt": "rf_0001", "order_id": "42", "amount": 30.0}
+    async with SQLiteStore(path) as store:
+        (run,) = await store.list_runs()
+        ledger = await store.ledger(run.run_id)
+    refunds = [entry for entry in ledger if entry.name == "refund"]
+    assert [(entry.task, entry.status) for entry in refunds] == [("billing", "done")]
+    assert key.startswith(f"{run.run_id}/")

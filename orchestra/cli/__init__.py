@@ -4,10 +4,10 @@
 ``runs``, ``show``, ``checkpoints`` read it; ``resume``, ``abort``, ``stop-all``, ``fork`` and
 ``prune`` change it; ``db check`` looks after the file.
 
-Formatting is kept apart from printing: :mod:`.format`, :mod:`.records` and :mod:`.history`
-turn events, outcomes, records, checkpoints and errors into strings and rich renderables;
-only :mod:`.output` and the commands (:mod:`.demo`, :mod:`.inspection`, :mod:`.control`,
-:mod:`.maintenance`) print. click, rich and the logging setup load here only;
+Formatting is kept apart from printing: :mod:`.format`, :mod:`.records`, :mod:`.history` and
+:mod:`.requests` turn events, outcomes, records, checkpoints, requests and errors into strings
+and rich renderables; only :mod:`.output` and the commands (:mod:`.demo`, :mod:`.inspection`,
+:mod:`.control`, :mod:`.maintenance`) print. click, rich and the logging setup load here only;
 ``import orchestra`` never imports this package.
 
 Exit codes: 0 when the command did its job (for ``demo`` and ``resume``: the run

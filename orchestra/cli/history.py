@@ -70,6 +70,23 @@ def _run_event_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
         return TimelineEntry(
             at=row.at, step=step, what="abort requested", notes=str(data.get("reason")), style="red"
         )
+    if row.kind == "request_answered":
+        try:
+            answer = json.loads(str(data.get("answer")))
+        except ValueError:
+            answer = {}
+        said = str(answer.get("answer", "?")) if isinstance(answer, dict) else "?"
+        if said == "done":
+            said += f", result {json.dumps(answer.get('result'))}"
+        elif said == "abort" and answer.get("reason"):
+            said += f": {answer['reason']}"
+        return TimelineEntry(
+            at=row.at,
+            step=step,
+            what=f"operator answered {data.get('request_kind')} request",
+            notes=f"{data.get('request_id')} ({data.get('node')}): {said}",
+            style="bold",
+        )
     if row.kind == "run_forked":
         return TimelineEntry(
             at=row.at,
@@ -79,6 +96,40 @@ def _run_event_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
         )
     notes = " ".join(f"{k}={_plain_value(k, v)}" for k, v in data.items() if k != "step")
     return TimelineEntry(at=row.at, step=step, what=row.kind, notes=notes)
+
+
+# how a tool call's status shows: a call that did not run is a warning, one that failed an
+# error, one in doubt needs an operator
+_TOOL_STATUS_STYLE = {"ok": "", "denied": "yellow", "invalid_arguments": "yellow"}
+_IN_DOUBT_STYLE = "bold red"
+
+
+def _call_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
+    """One entry for a model or tool call: who called what, how long, what came of it."""
+    node = data.get("node", "?")
+    replayed = bool(data.get("replayed"))
+    if row.kind == "model_called":
+        what = f"{node} \N{RIGHTWARDS ARROW} model {data.get('model')}"
+        notes = [f"{data.get('input_tokens', 0):,} tokens in, {data.get('output_tokens', 0):,} out"]
+        finish = data.get("finish_reason")
+        if finish not in (None, "stop", "tool_calls"):  # e.g. "length": the answer was cut
+            notes.append(f"finish: {finish}")
+        style = ""
+    else:
+        status = str(data.get("status"))
+        what = f"{node} \N{RIGHTWARDS ARROW} tool {data.get('tool')}"
+        notes = [f"{status}: {data['error']}" if data.get("error") else status]
+        style = _IN_DOUBT_STYLE if status == "in_doubt" else _TOOL_STATUS_STYLE.get(status, "red")
+    if replayed:
+        notes.append("replayed from the ledger")
+    return TimelineEntry(
+        at=row.at,
+        step=data.get("step", row.step),
+        what=what,
+        duration=None if replayed else data.get("duration"),
+        notes="; ".join(notes),
+        style=style,
+    )
 
 
 @dataclass(slots=True)
@@ -97,13 +148,17 @@ def timeline(events: Sequence[EventRow]) -> list[TimelineEntry]:
     """Condense a run's stored events into a timeline, oldest first.
 
     The node and step events of a step become one entry: its nodes, duration, changed
-    fields, and any retries and errors; the run's own events (started, finished, abort
+    fields, and any retries and errors; each model and tool call is one entry (caller, model
+    or tool, tokens or status, replayed); the run's own events (started, finished, abort
     requested, forked, or kinds this version does not know) are one entry each.
     """
     entries: list[TimelineEntry] = []
     steps: dict[int, _StepEvents] = {}
     for row in events:
         data = _event_data(row)
+        if row.kind in ("model_called", "tool_called"):
+            entries.append(_call_entry(row, data))
+            continue
         if row.kind not in ("node_finished", "node_retried", "step_committed"):
             entries.append(_run_event_entry(row, data))
             continue

@@ -6,8 +6,10 @@ import time
 from dataclasses import asdict
 
 import click
+from rich.console import NewLine, RenderableType
+from rich.text import Text
 
-from ..store.base import CheckpointRow, EventRow, RunRecord
+from ..store.base import CheckpointRow, EventRow, RequestRow, RunRecord
 from .database import Settings, _json_option, _run, _run_id_argument, find_run, open_store
 from .format import format_bytes
 from .history import (
@@ -20,6 +22,7 @@ from .history import (
 )
 from .output import _echo_json, _print
 from .records import RUN_STATUSES, format_stop_all, owner_gone, run_json, run_summary, runs_table
+from .requests import answer_hint, request_json, requests_table, stored_request
 
 __all__ = ("checkpoints", "runs", "show")
 
@@ -77,21 +80,25 @@ def runs(settings: Settings, statuses: tuple[str, ...], limit: int, as_json: boo
 @_json_option
 @click.pass_obj
 def show(settings: Settings, run_id: str, as_json: bool) -> None:
-    """Show a run: status, owner, usage and a timeline of its steps."""
+    """Show a run: status, owner, usage, open requests and a timeline of its steps, model
+    calls and tool calls."""
 
-    async def work() -> tuple[RunRecord, list[EventRow]]:
+    async def work() -> tuple[RunRecord, list[EventRow], list[RequestRow]]:
         async with open_store(settings) as store:
             record = await find_run(store, run_id)
-            return record, await store.events(record.run_id)
+            events = await store.events(record.run_id)
+            return record, events, await store.requests(record.run_id)
 
-    record, events = _run(work)
+    record, events, rows = _run(work)
     now = time.time()
     gone = owner_gone(record.owner)
     entries = timeline(events)
+    requests = [stored_request(row) for row in rows]
     if as_json:
         _echo_json(
             {
                 "run": run_json(record, now, gone=gone),
+                "requests": [request_json(request) for request in requests],
                 "timeline": [asdict(entry) for entry in entries],
                 "events": [
                     {"step": e.step, "kind": e.kind, "at": e.at, "data": _event_data(e)}
@@ -100,9 +107,14 @@ def show(settings: Settings, run_id: str, as_json: bool) -> None:
             }
         )
         return
+    waiting: list[RenderableType] = []
+    if requests:
+        hint = answer_hint(record.run_id, requests, record.app_ref)
+        waiting = [requests_table(requests, now), NewLine(), Text("\n".join(hint)), NewLine()]
     _print(
         run_summary(record, events, now, gone=gone),
         "",
+        *waiting,
         timeline_table(entries) if entries else "no events stored",
     )
 

@@ -41,6 +41,7 @@ __all__ = (
     "run_status",
     "run_summary",
     "runs_table",
+    "usage_by_node",
 )
 
 RUN_STATUSES = (*(str(status) for status in RunStatus), "pending")
@@ -100,18 +101,46 @@ def format_owner(record: RunRecord, now: float, *, gone: bool = False) -> str:
     return f"{record.owner} ({ended}lease expired {format_age(-left)} ago)"
 
 
-def format_usage(usage: Mapping[str, Any]) -> str:
-    """Summarize a stored usage dict: steps, tasks, tokens and cost when any, wall time."""
-    parts = [f"{usage.get('steps', 0)} steps", f"{usage.get('tasks', 0)} tasks"]
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}" if number == 1 else f"{number:,} {noun}s"
+
+
+def _spend(usage: Mapping[str, Any]) -> list[str]:
+    """Tokens, cost, model and tool calls of a usage dict, each when there is any."""
+    parts = []
     tokens_in, tokens_out = usage.get("input_tokens", 0), usage.get("output_tokens", 0)
     if tokens_in or tokens_out:
         parts.append(f"{tokens_in + tokens_out:,} tokens ({tokens_in:,} in, {tokens_out:,} out)")
     if usage.get("cost_usd"):
         parts.append(f"${usage['cost_usd']:.4f}")
+    if usage.get("model_calls"):
+        parts.append(_count(usage["model_calls"], "model call"))
     if usage.get("tool_calls"):
-        parts.append(f"{usage['tool_calls']} tool calls")
+        parts.append(_count(usage["tool_calls"], "tool call"))
+    return parts
+
+
+def format_usage(usage: Mapping[str, Any]) -> str:
+    """Summarize a stored usage dict: steps, tasks, tokens and cost when any, model and tool
+    calls when any, wall time."""
+    parts = [f"{usage.get('steps', 0)} steps", f"{usage.get('tasks', 0)} tasks"]
+    parts += _spend(usage)
     parts.append(f"wall {format_duration(float(usage.get('wall_seconds', 0.0)))}")
     return ", ".join(parts)
+
+
+def usage_by_node(usage: Mapping[str, Any]) -> Table | None:
+    """Build the per-agent lines of a usage dict (tokens, model and tool calls), or None
+    when it has none."""
+    by_node = usage.get("by_node") or {}
+    if not by_node:
+        return None
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="cyan", no_wrap=True)
+    table.add_column()
+    for node, counts in by_node.items():
+        table.add_row(node, ", ".join(_spend(counts)) or "nothing used")
+    return table
 
 
 def run_json(record: RunRecord, now: float, *, gone: bool = False) -> dict[str, Any]:
@@ -135,7 +164,8 @@ def _tokens(record: RunRecord) -> int:
 
 
 def runs_table(records: Sequence[RunRecord], now: float, *, gone: Collection[str] = ()) -> Table:
-    """Build the ``orchestra runs`` table; tokens and cost show when some run used any.
+    """Build the ``orchestra runs`` table; tokens and cost show when some run used any (a
+    run that used none shows ``-`` tokens).
 
     ``gone``: the owners known to have ended (see :func:`owner_gone`).
     """
@@ -160,7 +190,8 @@ def runs_table(records: Sequence[RunRecord], now: float, *, gone: Collection[str
         ]
         if spend:
             cost = float(record.usage.get("cost_usd", 0.0))
-            cells += [f"{_tokens(record):,}", f"${cost:.4f}" if cost else ""]
+            tokens = _tokens(record)
+            cells += [f"{tokens:,}" if tokens else "-", f"${cost:.4f}" if cost else ""]
         cells += [
             format_age(now - record.created_at),
             format_ago(record.updated_at, now),
@@ -230,6 +261,9 @@ def run_summary(
         facts.add_row("forked from", f"{record.parent_run_id} at step {record.parent_step}")
     if record.usage:  # a running run's usage is stored when its lease is renewed
         facts.add_row("usage", format_usage(record.usage))
+        agents = usage_by_node(record.usage)
+        if agents is not None:
+            facts.add_row("by agent", agents)
     return facts
 
 

@@ -39,7 +39,8 @@ class ScriptedModel:
 
     A string stands for ``ModelResponse(text=...)``. Token usage is counted from the request
     and the response text (about four characters a token), never reported as zero; a
-    response that sets ``usage`` keeps it. ``requests`` records every request received.
+    response that sets ``usage`` (even to zeros) keeps it. ``requests`` records every
+    request received.
     """
 
     def __init__(self, script: Script, *, name: str = "scripted") -> None:
@@ -65,7 +66,7 @@ class ScriptedModel:
             update["model"] = self.name
         if reply.finish_reason is None:
             update["finish_reason"] = "tool_calls" if reply.tool_calls else "stop"
-        if reply.usage == TokenUsage():
+        if "usage" not in reply.model_fields_set:
             update["usage"] = TokenUsage(
                 input_tokens=estimate_request_tokens(request),
                 output_tokens=_output_tokens(reply),

@@ -72,9 +72,15 @@ class Abort:
 Answer = Done | Retry | Abort
 
 
-def request_id(run_id: str, step: int, task: str, seq: int, kind: str) -> str:
-    """A request's id, stable for the same call: asking again does not duplicate it."""
-    digest = hashlib.sha256(f"{run_id}\x00{step}\x00{task}\x00{seq}\x00{kind}".encode())
+def request_id(run_id: str, step: int, task: str, seq: int, kind: str, started: float = 0.0) -> str:
+    """A request's id, stable for the same call: asking again does not duplicate it.
+
+    ``started`` tells apart the attempts of one call (an in-doubt call an operator retried,
+    in doubt again, is asked about anew).
+    """
+    digest = hashlib.sha256(
+        f"{run_id}\x00{step}\x00{task}\x00{seq}\x00{kind}\x00{started!r}".encode()
+    )
     return "req_" + digest.hexdigest()[:12]
 
 

@@ -401,12 +401,18 @@ class SQLiteStore:
 
     async def delete_ledger(self, run_id: str, epoch: int, step: int, task: str, seq: int) -> None:
         with self._write() as conn:
-            if self._get(conn, run_id).epoch != epoch:
-                raise LeaseLostError(run_id=run_id, step=step, epoch=epoch)
+            self._fence(conn, run_id, epoch, step)
             conn.execute(
                 "DELETE FROM ledger WHERE run_id = ? AND step = ? AND task = ? AND seq = ?",
                 (run_id, step, task, seq),
             )
+
+    @staticmethod
+    def _fence(conn: sqlite3.Connection, run_id: str, epoch: int, step: int | None) -> None:
+        """Refuse a write by an owner whose epoch is not current (or of a run that is gone)."""
+        row = conn.execute("SELECT epoch FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None or row[0] != epoch:
+            raise LeaseLostError(run_id=run_id, step=step, epoch=epoch)
 
     async def ledger(self, run_id: str, step: int | None = None) -> list[LedgerEntry]:
         sql = f"SELECT {LEDGER_COLUMNS} FROM ledger WHERE run_id = ?"
@@ -437,8 +443,7 @@ class SQLiteStore:
         self, run_id: str, epoch: int, request_id: str, answer: str, status: str = "answered"
     ) -> None:
         with self._write() as conn:
-            if self._get(conn, run_id).epoch != epoch:
-                raise LeaseLostError(run_id=run_id, step=None, epoch=epoch)
+            self._fence(conn, run_id, epoch, None)
             cursor = conn.execute(
                 "UPDATE requests SET status = ?, answer = ?, answered_at = ? "
                 "WHERE run_id = ? AND request_id = ? AND status = 'open'",
