@@ -6,15 +6,19 @@ live progress table. In one small graph it shows:
 - a typed state (a pydantic model) whose list and counter fields merge with reducers;
 - fan-out: the planner sends one task per angle to ``research``, and the three tasks run
   concurrently in one step;
-- a reviewer whose route sends the draft back once for a revision, then moves on;
+- a reviewer *agent* whose verdict (a pydantic model, validated) goes into the state, and a
+  route that sends the draft back once for a revision, then moves on;
 - a node with ``retry=`` that fails once with a transient error and succeeds on the retry.
 
-No model or API key is needed: the nodes are plain async functions that sleep a little to
-stand in for real work.
+No model or API key is needed: the reviewer runs on a ``ScriptedModel`` (a deterministic
+model whose answers are a function of the conversation; swap in
+``OpenAICompatible(base_url=..., model=...)`` for a real one), and the other nodes are plain
+async functions that sleep a little to stand in for real work.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Annotated, Any
@@ -26,6 +30,7 @@ from pydantic import BaseModel, Field
 from orchestra import (
     END,
     START,
+    Agent,
     Budget,
     Graph,
     NodeContext,
@@ -34,6 +39,7 @@ from orchestra import (
     add,
     append,
 )
+from orchestra.models import ModelRequest, ScriptedModel
 
 
 class Report(BaseModel):
@@ -73,11 +79,27 @@ async def draft(state: Report, ctx: NodeContext) -> dict[str, Any]:
     return {"draft": text, "revision": state.revision + 1}
 
 
-async def review(state: Report, ctx: NodeContext) -> dict[str, Any]:
-    """Approve a draft that cites its sources."""
-    if "cited" not in state.draft:
-        return {"feedback": f"draft {state.revision}: cite your sources", "approved": False}
-    return {"feedback": f"draft {state.revision}: approved", "approved": True}
+class Review(BaseModel):
+    """The reviewer's verdict; its fields are state fields, so it is the agent's update."""
+
+    feedback: str  # one item for the append field
+    approved: bool
+
+
+def show_draft(state: Report) -> str:
+    """What the reviewer reads each time it is asked (its input message)."""
+    return json.dumps({"revision": state.revision, "draft": state.draft})
+
+
+def reviewer_model(request: ModelRequest) -> str:
+    """Stand in for a model: approve a draft that cites its sources (a real model would be
+    told the same in its instructions, and would answer with the same JSON)."""
+    seen = json.loads(request.messages[-1].content)
+    if "cited" not in seen["draft"]:
+        verdict = Review(feedback=f"draft {seen['revision']}: cite your sources", approved=False)
+    else:
+        verdict = Review(feedback=f"draft {seen['revision']}: approved", approved=True)
+    return verdict.model_dump_json()
 
 
 def decide(state: Report) -> str:
@@ -106,7 +128,15 @@ def build_graph() -> Graph[Report]:
     graph.add_node("plan", plan, targets=["research"])  # plan may Send to research
     graph.add_node("research", research)
     graph.add_node("draft", draft)
-    graph.add_node("review", review)
+    graph.add_node(
+        Agent(
+            "review",
+            model=ScriptedModel(reviewer_model, name="scripted-reviewer"),
+            instructions="Approve the draft only if it cites its sources.",
+            input=show_draft,
+            output=Review,  # the answer must be this JSON; invalid answers are sent back
+        )
+    )
     graph.add_node(
         "publish",
         Publisher(failures=1),
@@ -129,6 +159,8 @@ async def main() -> None:
     print(f"{outcome.status} after {outcome.steps} steps")
     for name, value in outcome.state:
         print(f"  {name:<10} {value!r}")
+    usage = outcome.usage
+    print(f"reviewer: {usage.model_calls} model calls, {usage.tokens} tokens")
 
 
 if __name__ == "__main__":

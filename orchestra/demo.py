@@ -6,10 +6,14 @@ failures counted by ``failures``, so the CLI can run it slowly enough to watch a
 instantly. It uses the public API only; read the example for the commented version.
 
     plan --Send x3--> research --> draft --> review --route--> draft (once) | publish --> END
+
+``review`` is an agent on a :class:`~orchestra.models.ScriptedModel`: its verdict is a
+validated pydantic model written into the state, and its model calls show up as tokens.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 import anyio
@@ -18,6 +22,7 @@ from pydantic import BaseModel, Field
 from orchestra import (
     END,
     START,
+    Agent,
     Budget,
     CompiledGraph,
     Graph,
@@ -27,6 +32,7 @@ from orchestra import (
     add,
     append,
 )
+from orchestra.models import ModelRequest, ScriptedModel
 
 __all__ = ("DEFAULT_TOPIC", "Report", "build_app")
 
@@ -53,6 +59,18 @@ class Report(BaseModel):
     feedback: Annotated[list[str], append] = []
     approved: bool = False
     published: str | None = None
+
+
+class Review(BaseModel):
+    """The reviewer's verdict; its fields are state fields, so it is the agent's update."""
+
+    feedback: str
+    approved: bool
+
+
+def show_draft(state: Report) -> str:
+    """What the reviewer reads each time it is asked (its input message)."""
+    return json.dumps({"revision": state.revision, "draft": state.draft})
 
 
 class _Team:
@@ -83,11 +101,17 @@ class _Team:
             text += f" [{state.sources} sources cited]"
         return {"draft": text, "revision": state.revision + 1}
 
-    async def review(self, state: Report, ctx: NodeContext) -> dict[str, Any]:
+    async def reviewer_model(self, request: ModelRequest) -> str:
+        """The scripted reviewer: approve a draft that cites its sources."""
         await self.pause(0.2)
-        if "cited" not in state.draft:
-            return {"feedback": f"draft {state.revision}: cite your sources", "approved": False}
-        return {"feedback": f"draft {state.revision}: approved", "approved": True}
+        seen = json.loads(request.messages[-1].content)
+        if "cited" not in seen["draft"]:
+            verdict = Review(
+                feedback=f"draft {seen['revision']}: cite your sources", approved=False
+            )
+        else:
+            verdict = Review(feedback=f"draft {seen['revision']}: approved", approved=True)
+        return verdict.model_dump_json()
 
     async def publish(self, state: Report, ctx: NodeContext) -> dict[str, Any]:
         await self.pause(0.1)
@@ -115,7 +139,15 @@ def build_app(*, speed: float = 1.0, failures: int = 1) -> CompiledGraph[Report]
     graph.add_node("plan", team.plan, targets=["research"])
     graph.add_node("research", team.research)
     graph.add_node("draft", team.draft)
-    graph.add_node("review", team.review)
+    graph.add_node(
+        Agent(
+            "review",
+            model=ScriptedModel(team.reviewer_model, name="scripted-reviewer"),
+            instructions="Approve the draft only if it cites its sources.",
+            input=show_draft,
+            output=Review,
+        )
+    )
     graph.add_node(
         "publish",
         team.publish,
