@@ -27,7 +27,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from ._tasks import NO_PAYLOAD
 from .checkpoint import compact_json
 from .errors import AgentOutputError, AgentTurnsError
-from .models.base import Message, ModelRequest, ToolCall
+from .models.base import Message, ModelRequest, ToolCall, ToolSpec
 from .tools import Tool, describe_validation_error
 
 if TYPE_CHECKING:
@@ -98,6 +98,7 @@ class Agent:
         self.timeout = timeout
         self.retry = retry
         self._adapter: TypeAdapter[Any] | None = None
+        self._tool_specs: tuple[ToolSpec, ...] | None = None
         self._system = instructions
 
     def __repr__(self) -> str:
@@ -173,7 +174,7 @@ class Agent:
         visit = _since_input(history)
         request = ModelRequest(
             messages=tuple(history),
-            tools=tuple(t.spec() for t in self.tools),
+            tools=self._specs(),
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             stop=self.stop,
@@ -220,6 +221,12 @@ class Agent:
             )
             return AgentTurn(messages=new, again=True)
         return AgentTurn(messages=new, update=update)
+
+    def _specs(self) -> tuple[ToolSpec, ...]:
+        specs = self._tool_specs
+        if specs is None:
+            specs = self._tool_specs = tuple(t.spec() for t in self.tools)
+        return specs
 
     def _render_input(self, arg: Any) -> str:
         if self.input is not None:

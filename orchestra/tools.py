@@ -81,14 +81,20 @@ class Tool:
         self.timeout = timeout
         self.max_result_bytes = max_result_bytes
         self.is_async = inspect.iscoroutinefunction(fn)
+        self._spec: ToolSpec | None = None
         self.arguments, self.context_param, self.result = _signature_models(self.name, fn)
         functools.update_wrapper(self, fn)
 
     def spec(self) -> ToolSpec:
         """Describe the tool to a model: name, description, JSON schema of its arguments."""
-        schema = self.arguments.model_json_schema()
-        schema.pop("title", None)
-        return ToolSpec(name=self.name, description=self.description, parameters=schema)
+        spec = self._spec
+        if spec is None:  # made once: a JSON schema costs far more than a model turn
+            schema = self.arguments.model_json_schema()
+            schema.pop("title", None)
+            spec = self._spec = ToolSpec(
+                name=self.name, description=self.description, parameters=schema
+            )
+        return spec
 
     def validate(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Validate arguments against the schema; return them as the tool will get them.
