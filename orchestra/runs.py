@@ -19,9 +19,18 @@ from .checkpoint import (
 )
 from .errors import AnswerError, GraphChangedError, OrchestraError, RunStatusError, StoreError
 from .events import RequestAnswered
+from .gateway import NOT_RUN
 from .outcome import RunStatus
 from .safeguards.interrupts import Abort, Done, Retry
-from .store.base import CheckpointRow, EventRow, RequestRow, RunRecord, Store, new_owner_id
+from .store.base import (
+    CheckpointRow,
+    EventRow,
+    LedgerEntry,
+    RequestRow,
+    RunRecord,
+    Store,
+    new_owner_id,
+)
 
 if TYPE_CHECKING:
     from .compile import CompiledGraph
@@ -103,6 +112,7 @@ async def prepare_resume(
         events=False,
     )
     execution.ledger.preload(entries)
+    _meter_restored(app, execution, tasks, done, entries)
     now = time.time()
     execution._carried.extend(
         RequestAnswered(
@@ -119,6 +129,33 @@ async def prepare_resume(
     if stop is not None:
         execution.status, execution.reason = RunStatus.ABORTED, stop
     return execution
+
+
+def _meter_restored(
+    app: CompiledGraph[Any],
+    execution: Execution,
+    tasks: list[Any],
+    done: Mapping[str, Any],
+    entries: list[LedgerEntry],
+) -> None:
+    """Count the calls of tasks restored from pending writes: they do not run again, so
+    their recorded calls are not replayed (an agent's tool calls are: the act phase runs
+    again on them)."""
+    if not done:
+        return
+    nodes = {task.label: task.node for task in tasks}
+    for entry in entries:
+        node = nodes.get(entry.task)
+        if node is None or entry.task not in done or entry.status != "done" or not entry.result:
+            continue
+        data = json.loads(entry.result)
+        if entry.kind == "model":
+            usage = data.get("usage") or {}
+            execution.meter.model(
+                node, int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
+            )
+        elif app.nodes[node].kind != "agent" and data.get("status") not in NOT_RUN:
+            execution.meter.tool(node)
 
 
 @dataclass(frozen=True, slots=True)

@@ -198,7 +198,8 @@ class Store(Protocol):
         requests: Sequence[RequestRow] = (),
     ) -> None:
         """Record the run's final status for now and release its lease; store ``requests``
-        (kept open ones stay as they are, new ones are added) in the same transaction."""
+        in the same transaction (one still open stays as it is; one already answered is
+        open again, since it is asked again)."""
         ...
 
     async def put_ledger(self, run_id: str, epoch: int, entry: LedgerEntry) -> None:

@@ -132,7 +132,10 @@ class MemoryStore:
         record = self._fenced(run_id, epoch, None)
         kept = self._requests[run_id]
         for request in requests:
-            kept.setdefault(request.request_id, request)
+            # like SQLiteStore: open stays as it is, answered is asked again
+            known = kept.get(request.request_id)
+            if known is None or known.status != "open":
+                kept[request.request_id] = request
         self._runs[run_id] = replace(
             record,
             status=status,

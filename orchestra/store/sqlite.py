@@ -365,10 +365,15 @@ class SQLiteStore:
             if cursor.rowcount != 1:
                 raise LeaseLostError(run_id=run_id, step=None, epoch=epoch)
             self._insert_events(conn, run_id, events)
-            # a request asked again (the same call still in doubt) keeps its id and answer
+            # a request asked again while open stays as it is (one id, one row); one asked
+            # again after its answer was used (an abort, then a resume) is open again: the
+            # answer stays in the run's events
             conn.executemany(
-                f"INSERT OR IGNORE INTO requests ({REQUEST_COLUMNS}) "
-                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO requests ({REQUEST_COLUMNS}) "
+                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"ON CONFLICT (run_id, request_id) DO UPDATE SET status = 'open', "
+                f"answer = NULL, answered_at = NULL, created_at = excluded.created_at, "
+                f"expires_at = excluded.expires_at WHERE requests.status != 'open'",
                 [_request_values(r) for r in requests],
             )
 
