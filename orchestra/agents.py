@@ -97,7 +97,8 @@ class Agent:
         self.stop = tuple(stop)
         self.timeout = timeout
         self.retry = retry
-        self._adapter: TypeAdapter[Any] | None = None
+        # per state model: one Agent may be compiled into graphs over different states
+        self._adapters: dict[type[BaseModel], TypeAdapter[Any]] = {}
         self._tool_specs: tuple[ToolSpec, ...] | None = None
         self._system = instructions
 
@@ -139,7 +140,8 @@ class Agent:
             else:
                 spec = schema.fields.get(output)
                 delta = spec.delta_adapter if spec is not None else None
-                self._adapter = delta or TypeAdapter(fields[output].annotation or Any)
+                adapter = delta or TypeAdapter(fields[output].annotation or Any)
+                self._adapters[state_model] = adapter
         elif isinstance(output, type) and issubclass(output, BaseModel):
             missing = [name for name in output.model_fields if name not in fields]
             if missing:
@@ -200,7 +202,7 @@ class Agent:
                 )
             return AgentTurn(messages=new, calls=calls, again=True)
         try:
-            update = self._output_update(response.text or "")
+            update = self._output_update(response.text or "", type(ctx.state))
         except ValidationError as exc:
             detail = describe_validation_error(exc)
             retries = sum(1 for m in visit if m.role == "user" and m.name == "orchestra")
@@ -216,7 +218,8 @@ class Agent:
                 Message(
                     role="user",
                     name="orchestra",
-                    content=f"Your final answer is not valid: {detail}. {self._expected()}",
+                    content=f"Your final answer is not valid: {detail}. "
+                    f"{self._expected(type(ctx.state))}",
                 )
             )
             return AgentTurn(messages=new, again=True)
@@ -237,19 +240,19 @@ class Agent:
             return arg
         return compact_json(arg)
 
-    def _output_update(self, text: str) -> dict[str, Any] | None:
+    def _output_update(self, text: str, state_model: type[BaseModel]) -> dict[str, Any] | None:
         """Validate the final answer; return the state update it makes. Raise
         ValidationError."""
         output = self.output
         if output is None:
             return None
         if isinstance(output, str):
-            assert self._adapter is not None
+            adapter = self._adapters[state_model]
             try:
-                value = self._adapter.validate_python(text)
+                value = adapter.validate_python(text)
             except ValidationError as as_text:
                 try:
-                    value = self._adapter.validate_json(_unfenced(text))
+                    value = adapter.validate_json(_unfenced(text))
                 except ValidationError as as_json:
                     # not JSON at all: the type error of the text says more than "invalid JSON"
                     if all(e["type"] == "json_invalid" for e in as_json.errors()):
@@ -260,12 +263,13 @@ class Agent:
         model = output.model_validate_json(_unfenced(text))
         return {name: getattr(model, name) for name in type(model).model_fields}
 
-    def _expected(self) -> str:
+    def _expected(self, state_model: type[BaseModel]) -> str:
         output = self.output
         if isinstance(output, type):
             return f"Reply with only a JSON object matching the {output.__name__} schema."
-        if self._adapter is not None:
-            schema = json.dumps(self._adapter.json_schema())
+        adapter = self._adapters.get(state_model)
+        if adapter is not None:
+            schema = json.dumps(adapter.json_schema())
             return f"Reply with only a value matching this JSON schema: {schema}."
         return "Reply again."
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
@@ -170,27 +171,62 @@ def load_messages(items: Sequence[Any]) -> list[Message]:
     return [Message.model_validate(item) for item in items]
 
 
-def dump_memory(
-    memory: Mapping[str, Sequence[Message]],
-    added: Mapping[str, Sequence[Message]],
-    dropped: Sequence[str],
-    *,
-    full: bool,
-) -> str | None:
-    """Serialize the conversations for a checkpoint: all of them with a snapshot, else only
-    the messages a step added and the conversations it dropped."""
-    if full:
-        return (
-            compact_json({"all": {k: dump_messages(v) for k, v in memory.items()}})
-            if (memory)
-            else None
-        )
+Joins = dict[int, frozenset[str]]
+"""Join progress: for a join (by its index) whose sources finish in different steps (agents
+running several turns), the sources that have finished so far."""
+
+
+@dataclass(slots=True)
+class MemoryChange:
+    """What a step changed in the framework's own run state: the conversations after it,
+    the messages it added, the conversations it dropped, and the join progress after it
+    (``joins_changed`` says whether that differs from before)."""
+
+    conversations: dict[str, list[Message]]
+    added: dict[str, list[Message]]
+    dropped: list[str]
+    joins: Joins
+    joins_changed: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.added and not self.dropped and not self.joins_changed
+
+
+def dump_memory(change: MemoryChange, *, full: bool) -> str | None:
+    """Serialize the framework's run state for a checkpoint: all of it with a snapshot,
+    else only what the step changed."""
     data: dict[str, Any] = {}
-    if added:
-        data["add"] = {k: dump_messages(v) for k, v in added.items()}
-    if dropped:
-        data["drop"] = list(dropped)
+    if full:
+        if change.conversations:
+            data["all"] = {k: dump_messages(v) for k, v in change.conversations.items()}
+        if change.joins:
+            data["joins"] = _dump_joins(change.joins)
+        return compact_json(data) if data else None
+    if change.added:
+        data["add"] = {k: dump_messages(v) for k, v in change.added.items()}
+    if change.dropped:
+        data["drop"] = list(change.dropped)
+    if change.joins_changed:
+        data["joins"] = _dump_joins(change.joins)
     return compact_json(data) if data else None
+
+
+def _dump_joins(joins: Joins) -> dict[str, list[str]]:
+    return {str(index): sorted(sources) for index, sources in sorted(joins.items())}
+
+
+def load_joins(chain: Sequence[CheckpointRow]) -> Joins:
+    """Rebuild the join progress from a chain (the last value written wins)."""
+    joins: Joins = {}
+    for row in chain:
+        if row.snapshot is not None:
+            joins = {}
+        if row.memory and '"joins"' in row.memory:
+            data = json.loads(row.memory).get("joins")
+            if data is not None:
+                joins = {int(k): frozenset(v) for k, v in data.items()}
+    return joins
 
 
 def replay_memory(chain: Sequence[CheckpointRow]) -> dict[str, list[Any]]:

@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from ._logging import debug_enabled, get_logger
 from ._tasks import NO_PAYLOAD, Task, TaskResult
 from .agents import conversation_key, tool_map
+from .checkpoint import Joins, MemoryChange
 from .context import NodeContext
 from .errors import (
     InvalidUpdateError,
@@ -86,6 +87,7 @@ class Execution:
         done: Mapping[str, TaskResult] | None = None,
         usage: Mapping[str, Any] | None = None,
         memory: Mapping[str, list[Message]] | None = None,
+        joins: Joins | None = None,
         events: bool = True,
     ) -> None:
         self.graph = graph
@@ -117,6 +119,7 @@ class Execution:
         self._checked = self._renewed = time.monotonic()
         # agents: their conversations, the ledger of calls, usage, the gateway
         self.memory: dict[str, list[Message]] = dict(memory or {})
+        self.joins: Joins = dict(joins or {})
         self.meter = Meter()
         self.meter.load(prior)
         self.ledger = Ledger(run_id, recorder)
@@ -181,6 +184,7 @@ class Execution:
         except RunError as exc:  # a node, a merge, or the store (RunStoreError)
             self.status, self.error = RunStatus.FAILED, exc
             self._carried.extend(buffer)  # the failed step's events go into the record
+            await self._release_failed_step(exc)
         except StepInterrupted as signal:  # a person must answer before the step goes on
             self.status, self.pending = RunStatus.INTERRUPTED, signal.requests
             count = len(signal.requests)
@@ -191,6 +195,21 @@ class Execution:
             self._carried.extend(buffer)
         self._buffer = []
         return buffer
+
+    async def _release_failed_step(self, error: RunError) -> None:
+        """Let a resume of a failed step make its calls again (see Ledger.release_failed)."""
+        if isinstance(error, LeaseLostError | RunStoreError):
+            return  # this process may not (or cannot) write any more
+        tools = self.graph.tools
+
+        def effect(name: str) -> str | None:
+            tool = tools.get(name)
+            return None if tool is None else tool.effect.value
+
+        try:
+            await self.ledger.release_failed(self.step + 1, effect)
+        except RunError as exc:  # the run has failed already; say why this did not happen
+            self.log.error("failed_step_not_released", error=str(exc))
 
     def stopped_by_scope(self) -> None:
         """Record why the run's cancel scope stopped the step in flight."""
@@ -341,8 +360,9 @@ class Execution:
                     # again (with fixed code) rather than replay what failed
                     await self.recorder.discard_pending(step)
                 raise
-        following = await next_tasks(self.graph, self.run_id, state, tasks, results, step)
-        remembered = self._remember(tasks, results) if self._agents else None
+        joins = dict(self.joins) if self._agents else None
+        following = await next_tasks(self.graph, self.run_id, state, tasks, results, step, joins)
+        remembered = self._remember(tasks, results, joins) if joins is not None else None
         if self._events:
             event = StepCommitted(
                 run_id=self.run_id,
@@ -365,10 +385,11 @@ class Execution:
         # the commit: nothing below awaits
         self.state, self.step, self.tasks = state, step, following
         if remembered is not None:
-            self.memory = remembered[0]
+            self.memory, self.joins = remembered.conversations, remembered.joins
         self.tasks_run += len(tasks)
         self.done.clear()
         self.ledger.forget(step)
+        self.gateway.forget(step)
 
     async def _act(self, tasks: list[Task], results: list[TaskResult], step: int) -> None:
         """The act phase: run every tool call the step's agents proposed, through the
@@ -387,11 +408,9 @@ class Execution:
             messages.extend(outcome.to_message() for outcome in done)
             result.messages = messages
 
-    def _remember(
-        self, tasks: list[Task], results: list[TaskResult]
-    ) -> tuple[dict[str, list[Message]], dict[str, list[Message]], list[str]]:
+    def _remember(self, tasks: list[Task], results: list[TaskResult], joins: Joins) -> MemoryChange:
         """The conversations after the step: the messages its agents added; a finished
-        Send-started agent's conversation is dropped."""
+        Send-started agent's conversation is dropped. And the join progress after it."""
         added: dict[str, list[Message]] = {}
         dropped: list[str] = []
         for task, result in zip(tasks, results, strict=True):
@@ -402,14 +421,15 @@ class Execution:
                 added[key] = result.messages
             if not result.again and task.payload is not NO_PAYLOAD:
                 dropped.append(key)
+        change = MemoryChange(self.memory, added, dropped, joins, joins_changed=joins != self.joins)
         if not added and not dropped:
-            return self.memory, added, dropped
-        memory = dict(self.memory)
+            return change
+        memory = change.conversations = dict(self.memory)
         for key, messages in added.items():
             memory[key] = [*memory.get(key, ()), *messages]
         for key in dropped:
             memory.pop(key, None)
-        return memory, added, dropped
+        return change
 
     def _tools_of(self, node: str) -> Mapping[str, Tool]:
         allowed = self._allow.get(node)
@@ -509,6 +529,14 @@ class Execution:
             except RunError as exc:  # the framework's own verdict (an agent's, the store's)
                 self._finish(task, step, began, attempts, buffer, exc)
                 return TaskResult(error=exc)
+            except BaseExceptionGroup as group:
+                # a node's own task group: its calls' interrupts are the step's, unwrapped
+                asked, _ = group.split(StepInterrupted)
+                if asked is None:
+                    raise
+                raise StepInterrupted(
+                    [r for signal in _leaves(asked) for r in signal.requests]
+                ) from None
             except Exception as exc:
                 policy = node.retry
                 if policy is not None and attempts < policy.attempts and policy.retries(exc):
@@ -615,7 +643,7 @@ class Execution:
             "tasks": self.tasks_run if tasks is None else tasks,
             "wall_seconds": round(self._elapsed(), 6),
         }
-        if self.meter.model_calls or self.meter.tool_calls:
+        if self.meter.model_calls or self.meter.tool_calls or self.meter.denied_calls:
             usage.update(self.meter.stored())
         return usage
 
@@ -624,6 +652,16 @@ class Execution:
         if level != "debug" or self._debug:
             data = event.to_dict()
             getattr(self.log, level)(data.pop("event"), **data)
+
+
+def _leaves(group: BaseExceptionGroup[StepInterrupted]) -> list[StepInterrupted]:
+    found: list[StepInterrupted] = []
+    for item in group.exceptions:
+        if isinstance(item, BaseExceptionGroup):
+            found.extend(_leaves(item))
+        else:
+            found.append(item)
+    return found
 
 
 @asynccontextmanager
@@ -652,6 +690,8 @@ async def run_to_end(execution: Execution) -> RunOutcome[Any]:
     except anyio.get_cancelled_exc_class():
         await _cancelled_by_caller(execution)
         raise
+    except Exception as exc:  # a bug, not a run error: record it rather than hold the lease
+        raise await _broke(execution, exc) from None
     outcome = (await execution.finish()).outcome
     assert outcome is not None
     return outcome
@@ -674,6 +714,26 @@ async def _cancelled_by_caller(
             execution.log.error("run_not_recorded", error=str(exc))
 
 
+async def _broke(execution: Execution, exc: Exception) -> Exception:
+    """An unexpected exception escaped the run: record it failed so it can be resumed.
+
+    Return the exception to raise: the original, out of the run's own task group."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if execution.recorder is None or execution.finished:
+        return exc
+    execution.status = RunStatus.FAILED
+    execution.error = RunError(
+        f"unexpected {type(exc).__name__}: {exc}", run_id=execution.run_id, step=execution.step
+    )
+    with anyio.CancelScope(shield=True):
+        try:
+            await execution.finish()
+        except OrchestraError as error:
+            execution.log.error("run_not_recorded", error=str(error))
+    return exc
+
+
 async def stream_events(execution: Execution) -> AsyncGenerator[Event, None]:
     """Drive a run step by step, yielding each step's events after its barrier.
 
@@ -690,6 +750,8 @@ async def stream_events(execution: Execution) -> AsyncGenerator[Event, None]:
         except anyio.get_cancelled_exc_class():
             await _cancelled_by_caller(execution)
             raise
+        except Exception as exc:
+            raise await _broke(execution, exc) from None
         if events is None:
             break
         try:

@@ -215,6 +215,7 @@ class Gateway:
         self.emit = emit
         self.approve = approve
         self.arbitrate = arbitrate
+        self._metered: set[tuple[int, str, int]] = set()
 
     # -- model calls ----------------------------------------------------------------------
 
@@ -227,7 +228,13 @@ class Gateway:
         digest = fingerprint(request.model_dump(mode="json"))
         began = time.monotonic()
         entry = self.ledger.find(
-            caller.step, caller.label, seq, kind="model", name=name, request_hash=digest
+            caller.step,
+            caller.label,
+            seq,
+            kind="model",
+            name=name,
+            request_hash=digest,
+            harmless=True,
         )
         if entry is not None and entry.status == DONE and entry.result is not None:
             response = ModelResponse.model_validate_json(entry.result)
@@ -251,7 +258,8 @@ class Gateway:
             )
             replayed = False
         usage = response.usage
-        self.meter.model(caller.node, usage.input_tokens, usage.output_tokens)
+        if self._first_count(caller.step, caller.label, seq, replayed):
+            self.meter.model(caller.node, usage.input_tokens, usage.output_tokens)
         self.emit(
             ModelCalled(
                 run_id=self.run_id,
@@ -421,6 +429,7 @@ class Gateway:
             kind="tool",
             name=item.tool.name,
             request_hash=item.request_hash,
+            harmless=item.tool.effect is Effect.READ,
         )
 
     async def _execute_into(
@@ -524,8 +533,25 @@ class Gateway:
         return f"{self.run_id}/{step}/{label}/{seq}"
 
     def _count(self, item: PlannedCall, outcome: CallOutcome) -> None:
-        if outcome.status not in NOT_RUN:
-            self.meter.tool(item.caller.node)
+        caller = item.caller
+        if outcome.status not in NOT_RUN and self._first_count(
+            caller.step, caller.label, item.seq, outcome.replayed
+        ):
+            self.meter.tool(caller.node)
+
+    def _first_count(self, step: int, label: str, seq: int, replayed: bool) -> bool:
+        """Tell whether a call is to be metered: a replay of a call this run already
+        counted (a node retried in this process) is not counted again."""
+        key = (step, label, seq)
+        if replayed and key in self._metered:
+            return False
+        self._metered.add(key)
+        return True
+
+    def forget(self, step: int) -> None:
+        """Drop what the gateway keeps about a committed step."""
+        if self._metered:
+            self._metered = {k for k in self._metered if k[0] > step}
 
     def _report(self, item: PlannedCall, outcome: CallOutcome, duration: float) -> None:
         if outcome.status == "denied":

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from . import _faults
+from ._logging import get_logger
 from .checkpoint import compact_json
 from .errors import LedgerMismatchError
 from .store.base import LedgerEntry
@@ -46,6 +47,7 @@ class Ledger:
         self.run_id = run_id
         self.recorder = recorder
         self._entries: dict[tuple[int, str, int], LedgerEntry] = {}
+        self.log = get_logger("orchestra.ledger").bind(run_id=run_id)
 
     def preload(self, entries: Iterable[LedgerEntry]) -> None:
         """Take the stored entries of the step a resume re-runs."""
@@ -53,13 +55,36 @@ class Ledger:
             self._entries[(entry.step, entry.task, entry.seq)] = entry
 
     def find(
-        self, step: int, task: str, seq: int, *, kind: str, name: str, request_hash: str
+        self,
+        step: int,
+        task: str,
+        seq: int,
+        *,
+        kind: str,
+        name: str,
+        request_hash: str,
+        harmless: bool = False,
     ) -> LedgerEntry | None:
-        """Return the entry recorded for this position, checking it is the same call."""
+        """Return the entry recorded for this position, checking it is the same call.
+
+        A different call at the position is refused, unless the new call is ``harmless``
+        (a model call or a read-only tool): then the old entry is ignored, the call is made
+        and its result replaces it.
+        """
         entry = self._entries.get((step, task, seq))
         if entry is None:
             return None
         if entry.kind != kind or entry.name != name or entry.request_hash != request_hash:
+            if harmless and entry.kind == kind:
+                self.log.warning(
+                    "ledger_entry_replaced",
+                    step=step,
+                    node=task,
+                    seq=seq,
+                    recorded=entry.name,
+                    asked=name,
+                )
+                return None
             raise LedgerMismatchError(
                 f"call #{seq} of this task was recorded as {entry.kind} {entry.name!r} "
                 f"(request {entry.request_hash}) but the re-run asks for {kind} {name!r} "
@@ -124,6 +149,28 @@ class Ledger:
         if _faults.ACTIVE:
             _faults.reach("after_call_recorded", step)
         return entry
+
+    async def release_failed(self, step: int, effect: Callable[[str], str | None]) -> None:
+        """Forget the calls of a step that failed, so that a resume makes them again (a bad
+        model answer is asked again, not replayed), except in tasks that called a tool with
+        an effect: those keep every entry (the call happened, and what led to it must replay
+        the same), and an irreversible call that failed becomes in doubt, for an operator
+        to settle. ``effect(tool name)`` is the tool's effect (None: unknown)."""
+        entries = [e for k, e in self._entries.items() if k[0] == step]
+        keep = {e.task for e in entries if e.kind == "tool" and effect(e.name) != "read"}
+        for entry in entries:
+            key = (entry.step, entry.task, entry.seq)
+            if entry.task not in keep:
+                if self.recorder is not None:
+                    await self.recorder.delete_ledger(entry)
+                del self._entries[key]
+            elif (
+                entry.kind == "tool"
+                and effect(entry.name) in ("irreversible", None)
+                and entry.status == DONE
+                and '"status":"ok"' not in (entry.result or "")
+            ):
+                await self._put(replace(entry, status=STARTED, result=None, finished_at=None))
 
     def forget(self, step: int) -> None:
         """Drop the in-memory entries of a committed step (the store keeps them)."""

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from . import _faults
 from ._tasks import Task, TaskResult
 from .checkpoint import (
+    MemoryChange,
     compact_json,
     dump_delta,
     dump_memory,
@@ -218,13 +219,13 @@ class Recorder:
         tasks: Sequence[Task],
         events: Sequence[Event],
         usage: dict[str, Any],
-        memory: tuple[Mapping[str, Any], Mapping[str, Any], Sequence[str]] | None = None,
+        memory: MemoryChange | None = None,
     ) -> None:
         """Commit one step in one transaction: the checkpoint, the step's events, usage.
 
         ``ran`` are the step's tasks (named when a value cannot be stored), ``tasks`` the next
-        step's. ``memory`` is the agents' conversations after the step, the messages the step
-        added and the conversations it dropped.
+        step's. ``memory`` is what the step changed in the agents' conversations and the join
+        progress.
         """
         try:
             delta = dump_delta(self.graph.schema, state, deltas) if deltas else None
@@ -239,8 +240,8 @@ class Recorder:
                 node=labels[0] if len(labels) == 1 else None,
             ) from exc
         conversations = None
-        if memory is not None and (memory[1] or memory[2]):
-            conversations = dump_memory(memory[0], memory[1], memory[2], full=False)
+        if memory is not None and not memory.empty:
+            conversations = dump_memory(memory, full=False)
         self._since_bytes += len(delta or "") + len(conversations or "")
         self._since_steps += 1
         snapshot = None
@@ -248,7 +249,7 @@ class Recorder:
             snapshot = dump_state(state)
             delta = None
             if memory is not None:
-                conversations = dump_memory(memory[0], {}, (), full=True)
+                conversations = dump_memory(memory, full=True)
             self._snapshot_size = len(snapshot) + len(conversations or "")
             self._since_bytes = self._since_steps = 0
         checkpoint = CheckpointRow(
@@ -298,6 +299,13 @@ class Recorder:
         """Record one call in the ledger, durably and fenced."""
         with _store_failures(self.run_id, entry.step):
             await self.store.put_ledger(self.run_id, self.epoch, entry)
+
+    async def delete_ledger(self, entry: LedgerEntry) -> None:
+        """Forget one call, fenced."""
+        with _store_failures(self.run_id, entry.step):
+            await self.store.delete_ledger(
+                self.run_id, self.epoch, entry.step, entry.task, entry.seq
+            )
 
     async def abort_requested(self) -> str | None:
         """Return why an abort (or stop-all) was requested for the run, if it was."""

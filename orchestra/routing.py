@@ -150,13 +150,16 @@ async def next_tasks(
     tasks: Sequence[Task],
     results: Sequence[TaskResult],
     step: int,
+    joins: dict[int, frozenset[str]] | None = None,
 ) -> list[Task]:
     """Find the next step's tasks: static edges, routes, goto, then joins.
 
     A task whose agent runs again (its tool calls' results are waiting) is carried into the
     next step as it is. A node's edges and routes are followed once none of its tasks is
     carried: after a fan-out of agents with ``Send``, the next node runs once, when the last
-    of them has finished.
+    of them has finished. Likewise a join whose sources finish in different steps because
+    some are agents still running: ``joins`` (updated in place) keeps which sources have
+    finished while others were still running, and the join fires once the last finishes.
     """
     if len(results) == 1:
         carried = list(tasks) if results[0].again else []
@@ -181,9 +184,21 @@ async def next_tasks(
                 triggered.add(item)
     if graph.joins:
         done = set(ran)
-        for join in graph.joins:
-            if done.issuperset(join.sources):
+        busy = {t.node for t in carried}
+        for index, join in enumerate(graph.joins):
+            sources = set(join.sources)
+            have = done & sources
+            if joins is not None:
+                have |= joins.get(index, frozenset())
+            if have >= sources and not busy & sources:
                 triggered.add(join.target)
+                if joins is not None:
+                    joins.pop(index, None)
+            elif joins is not None:
+                if have and busy & sources:  # the others are agents still at work
+                    joins[index] = frozenset(have)
+                else:
+                    joins.pop(index, None)
     return make_tasks(triggered, sends, carried)
 
 

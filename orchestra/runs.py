@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import (
     compact_json,
+    load_joins,
     load_memory,
     load_result,
     load_state,
@@ -17,7 +18,13 @@ from .checkpoint import (
     replay_json,
     replay_memory,
 )
-from .errors import AnswerError, GraphChangedError, OrchestraError, RunStatusError, StoreError
+from .errors import (
+    AnswerError,
+    GraphChangedError,
+    OrchestraError,
+    RunStatusError,
+    StoreError,
+)
 from .events import RequestAnswered
 from .gateway import NOT_RUN
 from .outcome import RunStatus
@@ -62,13 +69,27 @@ async def prepare_resume(
         raise GraphChangedError(run_id, record.structure_hash, app.structure_hash)
     checked = await check_answers(app, store, run_id, answers or {})
     owner = new_owner_id()
+    previous = record
     record = await store.acquire(run_id, owner)
-    stop: str | None = None
     try:
         stop = await apply_answers(store, run_id, record.epoch, checked)
+    except AnswerError:
+        # another resume used the answer first: give the run back as it was
+        await store.finish_run(
+            run_id,
+            record.epoch,
+            status=previous.status,
+            reason=previous.reason,
+            error=previous.error,
+            usage=record.usage,
+            events=[],
+        )
+        raise
+    try:
         chain = await store.checkpoint_chain(run_id)
         state = load_state(app.schema, chain)
         memory = load_memory(chain)
+        joins = load_joins(chain)
         tasks = load_tasks(chain[-1].tasks)
         missing = sorted({t.node for t in tasks} - set(app.nodes))
         if missing:
@@ -109,6 +130,7 @@ async def prepare_resume(
         done=done,
         usage=usage,
         memory=memory,
+        joins=joins,
         events=False,
     )
     execution.ledger.preload(entries)
@@ -234,11 +256,22 @@ def _fields(answer: Any) -> dict[str, Any]:
 async def apply_answers(
     store: Store, run_id: str, epoch: int, checked: list[_Checked]
 ) -> str | None:
-    """Record checked answers under the lease; return the reason if one aborts the run."""
+    """Record checked answers under the lease; return the reason if one aborts the run.
+
+    Each answer is first marked used (refused if another resume used it meanwhile:
+    :class:`AnswerError`), then applied to the ledger. A crash in between leaves the call in
+    doubt, and asking again opens the request again.
+    """
     stop = None
     for item in checked:
         row, answer = item.row, item.answer
         payload = json.loads(row.payload)
+        try:
+            await store.answer_request(run_id, epoch, row.request_id, item.text)
+        except StoreError as exc:  # (a fenced write raises LeaseLostError, not this)
+            raise AnswerError(
+                run_id, row.request_id, "answered meanwhile by another resume"
+            ) from exc
         if isinstance(answer, Done | Retry):
             entries = await store.ledger(run_id, row.step)
             entry = next(
@@ -252,7 +285,6 @@ async def apply_answers(
                 await store.delete_ledger(run_id, epoch, row.step, row.task, payload["seq"])
         else:
             stop = answer.reason
-        await store.answer_request(run_id, epoch, row.request_id, item.text)
     return stop
 
 
@@ -283,14 +315,18 @@ async def fork_run(store: Store, run_id: str, step: int, new_run_id: str) -> Run
         parent_run_id=run_id,
         parent_step=step,
     )
-    memory = replay_memory(chain)
+    conversations = replay_memory(chain)
+    joins = load_joins(chain)
+    memory: dict[str, Any] = {"all": conversations} if conversations else {}
+    if joins:
+        memory["joins"] = {str(k): sorted(v) for k, v in joins.items()}
     checkpoint = CheckpointRow(
         step=step,
         snapshot=snapshot,
         delta=None,
         tasks=chain[-1].tasks,
         created_at=now,
-        memory=compact_json({"all": memory}) if memory else None,
+        memory=compact_json(memory) if memory else None,
     )
     event = EventRow(
         step=step,

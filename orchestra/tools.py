@@ -120,11 +120,16 @@ class Tool:
             kwargs[self.context_param] = context
         if self.is_async:
             return await self.fn(**kwargs)
-        # abandoned on cancellation: a thread cannot be interrupted, the call's timeout still
-        # returns control to the run
-        return await anyio.to_thread.run_sync(
-            functools.partial(self.fn, **kwargs), abandon_on_cancel=True
-        )
+        call = functools.partial(self.fn, **kwargs)
+        if self.effect is Effect.IRREVERSIBLE:
+            # a thread cannot be interrupted: abandoning it would leave an irreversible call
+            # running unrecorded, so it is waited for (past its timeout or an abort) and its
+            # real result recorded
+            with anyio.CancelScope(shield=True):
+                return await anyio.to_thread.run_sync(call)
+        # abandoned on cancellation: the call's timeout or an abort returns control to the
+        # run at once (a read or write may run to its end in the background)
+        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
 
     def dump_result(self, value: Any) -> Any:
         """Return the result in JSON form, validated against the return annotation if any.
@@ -169,7 +174,9 @@ def tool(
     something). ``resources(arguments)`` returns the resource keys a call touches, for
     arbitration. ``timeout`` bounds each call in seconds (None: no bound); a result whose
     JSON is larger than ``max_result_bytes`` is refused. The description shown to models is
-    the docstring's first paragraph.
+    the docstring's first paragraph. Sync functions run in a worker thread; a thread cannot
+    be interrupted, so a sync ``IRREVERSIBLE`` tool is waited for even past its timeout or
+    an abort, and its real result recorded (an async one is cancelled, and is in doubt).
     """
 
     def make(function: Callable[..., Any]) -> Tool:

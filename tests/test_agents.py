@@ -688,3 +688,26 @@ async def test_agent_usage_is_kept_across_a_resume(store: Store) -> None:
     assert second.usage.model_calls == 2
     assert second.usage.by_node["a"]["model_calls"] == 2
     assert second.usage.input_tokens > first.usage.input_tokens
+
+
+async def test_agent_compiled_into_two_graphs_validates_for_each_state() -> None:
+    """One Agent compiled into graphs over different states validates its answer against
+    the field of the graph it runs in, not the last one compiled."""
+
+    class Counted(BaseModel):
+        count: int = 0
+
+    class Named(BaseModel):
+        count: str = ""
+
+    agent = Agent("a", model=ScriptedModel(lambda request: "42"), output="count")
+    apps = []
+    for state in (Counted, Named):
+        graph: Graph[Any] = Graph(state)
+        graph.add_node(agent)
+        graph.add_edge(START, "a")
+        graph.add_edge("a", END)
+        apps.append(graph.compile())
+    counted = await apps[0].run(Counted())
+    named = await apps[1].run(Named())
+    assert (counted.state.count, named.state.count) == (42, "42")

@@ -3,6 +3,22 @@
 Speaks to anything that serves ``POST {base_url}/chat/completions``: OpenAI, Ollama, vLLM, the
 llama.cpp server. This is the only module of orchestra that imports httpx, and
 ``orchestra.models`` loads it only when ``OpenAICompatible`` is first used.
+
+What a call raises (all from :mod:`orchestra.errors`):
+
+* :class:`~orchestra.errors.ModelUnavailableError`: a failure that may pass (HTTP 408, 409,
+  429 or 5xx, a connection error, a timeout) outlasted every retry.
+* :class:`~orchestra.errors.ModelRequestError`: any other non-2xx answer (400, 401, 403, 404,
+  422, ...), raised at once: the same request would be refused again.
+* :class:`~orchestra.errors.ModelResponseError`: an answer that cannot be used: a 2xx body
+  that is not a chat completion, or a body that cannot be read at all (a ``Content-Encoding``
+  it does not match, too many redirects, any other httpx error that is not a transport
+  failure). Not retried.
+* :class:`~orchestra.errors.ModelError` itself: a request that cannot be sent as built (httpx
+  ``UnsupportedProtocol``, ``LocalProtocolError`` or ``InvalidURL``, e.g. a redirect to an
+  ``ftp://`` URL). It carries no HTTP status, so it is not a ``ModelRequestError``, but like
+  one it is permanent and raised at once. A bad ``base_url``, ``api_key`` or header is refused
+  earlier, with ``ValueError`` from the constructor.
 """
 
 from __future__ import annotations
@@ -10,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
@@ -20,7 +37,7 @@ import anyio
 import httpx
 
 from .._logging import get_logger
-from ..errors import ModelRequestError, ModelResponseError, ModelUnavailableError
+from ..errors import ModelError, ModelRequestError, ModelResponseError, ModelUnavailableError
 from .base import (
     Message,
     ModelRequest,
@@ -35,11 +52,20 @@ from .base import (
 __all__ = ("OpenAICompatible",)
 
 _DETAIL_LIMIT = 500
-_RETRY_AFTER_STATUSES = frozenset({429, 503})
+# retried besides every 5xx: request timeout, conflict (a lock contended on the server's
+# side) and rate limit, as the OpenAI SDK does
+_RETRY_STATUSES = frozenset({408, 409, 429})
+# httpx failures that say the request cannot be sent as built: retrying sends it again as is
+_UNSENDABLE = (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL)
+_HEADER_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+# h11's field-value, within the ASCII httpx encodes str values in: no line breaks, no
+# whitespace at either end
+_HEADER_VALUE = re.compile(r"(?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?")
 
 
 class _Transient(Exception):
-    """One attempt failed in a way that may pass: 429, 5xx, connection error, timeout."""
+    """One attempt failed in a way that may pass: 408, 409, 429, 5xx, connection error or
+    timeout."""
 
     def __init__(self, failure: str, retry_after: float | None = None) -> None:
         super().__init__(failure)
@@ -50,17 +76,22 @@ class _Transient(Exception):
 class OpenAICompatible:
     """Call a chat-completions endpoint, retrying rate limits, server errors and timeouts.
 
-    ``base_url`` is the API root, e.g. ``http://localhost:11434/v1``; ``model`` is sent as
-    the request's model and is this object's ``name``. ``api_key`` goes in an
+    ``base_url`` is the API root, e.g. ``http://localhost:11434/v1``: an ``http://`` or
+    ``https://`` URL with a host, or the constructor raises ``ValueError``. ``model`` is sent
+    as the request's model and is this object's ``name``. ``api_key`` (surrounding whitespace,
+    such as the newline of a key read from a file, stripped) goes in an
     ``Authorization: Bearer`` header and nowhere else: never in a log event or an error.
 
-    Each attempt may take ``timeout`` seconds in all. A 429, a 5xx, a connection error or a
-    timeout is retried up to ``max_retries`` times, after ``backoff * 2 ** (n - 1)`` seconds
-    for retry *n* (capped at ``max_backoff``, scaled by a random factor in ``[0.5, 1]``), or
-    after the server's ``Retry-After`` (capped the same way); then
-    :class:`~orchestra.errors.ModelUnavailableError`. Any other non-2xx answer raises
-    :class:`~orchestra.errors.ModelRequestError` at once, and a 2xx answer that is not a chat
-    completion :class:`~orchestra.errors.ModelResponseError`.
+    Each attempt may take ``timeout`` seconds in all. A 408, 409, 429 or 5xx answer, a
+    connection error or a timeout is retried up to ``max_retries`` times, after
+    ``backoff * 2 ** (n - 1)`` seconds for retry *n* (capped at ``max_backoff``, scaled by a
+    random factor in ``[0.5, 1]``), or after the server's ``Retry-After`` (capped the same
+    way); then :class:`~orchestra.errors.ModelUnavailableError`. Any other non-2xx answer
+    raises :class:`~orchestra.errors.ModelRequestError` at once; an answer that cannot be read
+    (e.g. a body that does not match its ``Content-Encoding``) or a 2xx answer that is not a
+    chat completion raises :class:`~orchestra.errors.ModelResponseError`; a request httpx
+    cannot send as built raises :class:`~orchestra.errors.ModelError` (see the module
+    docstring). None of these is retried.
 
     Use it as ``async with OpenAICompatible(...) as model:`` to share one connection pool
     between calls; otherwise every call opens and closes its own. A ``client`` passed in is
@@ -86,6 +117,15 @@ class OpenAICompatible:
             raise ValueError(f"OpenAICompatible.max_retries must be at least 0, got {max_retries}")
         if backoff < 0 or max_backoff < 0:
             raise ValueError("OpenAICompatible needs backoff >= 0 and max_backoff >= 0")
+        _check_base_url(base_url)
+        api_key = api_key.strip() if api_key else None
+        if api_key and not _HEADER_VALUE.fullmatch(api_key):
+            # the key itself stays out of the message
+            raise ValueError(
+                "OpenAICompatible.api_key has characters an HTTP header cannot carry "
+                "(only printable ASCII is sent)"
+            )
+        _check_headers(headers or {})
         self.name = model
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
@@ -170,19 +210,27 @@ class OpenAICompatible:
                 )
             except httpx.TimeoutException as exc:
                 raise _Transient(timed_out) from exc
+            except _UNSENDABLE as exc:
+                # permanent, unlike the other transport errors: no HTTP status to report, so
+                # a plain ModelError rather than a ModelRequestError
+                raise ModelError(
+                    self.name, f"the request cannot be sent: {self._describe(exc)}"
+                ) from exc
             except httpx.TransportError as exc:
-                raise _Transient(
-                    f"{type(exc).__name__}: {str(exc) or 'connection failed'}"
+                raise _Transient(self._describe(exc, "connection failed")) from exc
+            except httpx.HTTPError as exc:
+                # the server answered, but the answer cannot be read: DecodingError (a body
+                # that does not match its Content-Encoding), TooManyRedirects, ...
+                raise ModelResponseError(
+                    self.name, f"the response cannot be read: {self._describe(exc)}"
                 ) from exc
             if response.is_success:
                 return response
             status = response.status_code
             detail = self._redact(_error_detail(response))
-            if status != 429 and status < 500:
+            if status not in _RETRY_STATUSES and status < 500:
                 raise ModelRequestError(self.name, status, detail)
-            retry_after = None
-            if status in _RETRY_AFTER_STATUSES:
-                retry_after = _retry_after(response.headers.get("Retry-After"))
+            retry_after = _retry_after(response.headers.get("Retry-After"))
             raise _Transient(f"HTTP {status}: {detail}", retry_after)
         raise _Transient(timed_out)
 
@@ -202,6 +250,9 @@ class OpenAICompatible:
                 raise ModelResponseError(self.name, self._redact(exc.detail)) from None
             raise
 
+    def _describe(self, exc: Exception, default: str = "no detail") -> str:
+        return self._redact(f"{type(exc).__name__}: {str(exc) or default}")
+
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "[api key]") if self._secret else text
 
@@ -209,6 +260,38 @@ class OpenAICompatible:
         if self._log is None:
             self._log = get_logger("orchestra.models")
         return self._log
+
+
+def _check_base_url(base_url: str) -> None:
+    """Refuse a base_url no request could be sent to: a failure retrying cannot fix."""
+    example = "e.g. 'http://localhost:11434/v1'"
+    try:
+        url = httpx.URL(base_url)
+        port = url.port
+    except httpx.InvalidURL as exc:
+        raise ValueError(
+            f"OpenAICompatible.base_url {base_url!r} is not a valid URL ({exc}); {example}"
+        ) from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(
+            f"OpenAICompatible.base_url must be an http:// or https:// URL with a host, "
+            f"{example}; got {base_url!r}"
+        )
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"OpenAICompatible.base_url {base_url!r} has port {port}, outside 1-65535")
+
+
+def _check_headers(headers: Mapping[str, str]) -> None:
+    """Refuse a header httpx or h11 would reject on every attempt; never quote its value,
+    which may be a credential."""
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"OpenAICompatible header name {name!r} is not a valid HTTP token")
+        if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+            raise ValueError(
+                f"OpenAICompatible header {name!r} needs a str value of printable ASCII, "
+                "without line breaks or whitespace at either end"
+            )
 
 
 def _request_body(model: str, request: ModelRequest) -> dict[str, Any]:
