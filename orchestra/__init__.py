@@ -5,8 +5,9 @@ supersteps. Everything public is importable from here or from a named subpackage
 (``orchestra.errors``, ``orchestra.events``, ``orchestra.models``).
 """
 
+import typing as _typing
+
 from ._version import __version__ as __version__
-from .agents import Agent as Agent
 from .compile import CompiledGraph as CompiledGraph
 from .context import NodeContext as NodeContext
 from .errors import GraphValidationError as GraphValidationError
@@ -34,10 +35,13 @@ from .safeguards.interrupts import Abort as Abort
 from .safeguards.interrupts import Done as Done
 from .safeguards.interrupts import Request as Request
 from .safeguards.interrupts import Retry as Retry
-from .tools import Effect as Effect
-from .tools import Tool as Tool
-from .tools import ToolContext as ToolContext
-from .tools import tool as tool
+
+if _typing.TYPE_CHECKING:
+    from .agents import Agent as Agent
+    from .tools import Effect as Effect
+    from .tools import Tool as Tool
+    from .tools import ToolContext as ToolContext
+    from .tools import tool as tool
 
 __all__ = (
     "END",
@@ -74,3 +78,25 @@ __all__ = (
     "reducer",
     "tool",
 )
+
+
+# Agents and tools bring the model types with them (pydantic models that take tens of
+# milliseconds to build): loaded on first use, so a graph without agents does not pay.
+_LAZY = {
+    "Agent": "agents",
+    "Effect": "tools",
+    "Tool": "tools",
+    "ToolContext": "tools",
+    "tool": "tools",
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'orchestra' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

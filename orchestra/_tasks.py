@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import OrchestraError
 from .graph import Send
-from .models.base import Message, ToolCall
+
+if TYPE_CHECKING:
+    from .models.base import Message, ToolCall
 
 NO_PAYLOAD: Any = type("NoPayload", (), {"__repr__": lambda self: "NO_PAYLOAD"})()
 """Marks a task started by an edge: its input is the run state, not a Send payload."""

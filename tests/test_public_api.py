@@ -15,7 +15,17 @@ import orchestra
 from orchestra import errors, events
 
 PUBLIC_MODULES = (orchestra, errors, events)
-HEAVY_MODULES = ("networkx", "httpx", "sqlite_utils", "click", "rich")
+HEAVY_MODULES = (
+    "networkx",
+    "httpx",
+    "sqlite_utils",
+    "click",
+    "rich",
+    # agents bring the model types (pydantic models costly to build): loaded on first use
+    "orchestra.agents",
+    "orchestra.models",
+    "orchestra.tools",
+)
 
 
 def _ruff_sort_key(name: str) -> tuple[int, list[tuple[int, int | str]]]:
@@ -113,7 +123,8 @@ def test_public_version_is_a_string() -> None:
 
 
 def test_public_import_is_light() -> None:
-    """import orchestra loads none of networkx, httpx, sqlite_utils, click or rich."""
+    """import orchestra loads none of networkx, httpx, sqlite_utils, click or rich, nor the
+    agents and models until they are used."""
     code = "import json, sys; import orchestra; print(json.dumps(sorted(sys.modules)))"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
@@ -125,3 +136,16 @@ def test_public_import_is_light() -> None:
         if any(name == root or name.startswith(root + ".") for root in HEAVY_MODULES)
     )
     assert heavy == []
+
+
+def test_public_agent_names_load_on_first_use() -> None:
+    """Agent, tool and the other agent names are importable from orchestra (lazily)."""
+    code = (
+        "import sys; import orchestra; assert 'orchestra.agents' not in sys.modules; "
+        "from orchestra import Agent, Effect, Tool, ToolContext, tool; "
+        "print(Agent.__module__, tool.__module__, 'orchestra.agents' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.split() == ["orchestra.agents", "orchestra.tools", "True"]
