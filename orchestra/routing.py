@@ -160,8 +160,11 @@ async def next_tasks(
     of them has finished. Likewise a join whose sources finish in different steps because
     some are agents still running: ``joins`` (updated in place) keeps which sources have
     finished while others were still running, and the join fires once the last finishes.
+    ``joins`` is None for a graph without agents.
     """
-    if len(results) == 1:
+    if joins is None:  # no agents in the graph: nothing is ever carried
+        carried: list[Task] = []
+    elif len(results) == 1:
         carried = list(tasks) if results[0].again else []
     else:
         carried = [t for t, r in zip(tasks, results, strict=True) if r.again]
