@@ -100,17 +100,7 @@ class Ledger:
         self, step: int, task: str, seq: int, *, kind: str, name: str, request_hash: str
     ) -> LedgerEntry:
         """Record, durably, that an irreversible call is about to run."""
-        entry = LedgerEntry(
-            step=step,
-            task=task,
-            seq=seq,
-            kind=kind,
-            name=name,
-            request_hash=request_hash,
-            status=STARTED,
-            result=None,
-            created_at=time.time(),
-        )
+        entry = _new(step, task, seq, kind, name, request_hash, STARTED, None, finished=False)
         await self._put(entry)
         if _faults.ACTIVE:
             _faults.reach("after_call_started", step)
@@ -129,22 +119,10 @@ class Ledger:
         started: LedgerEntry | None = None,
     ) -> LedgerEntry:
         """Record a completed call's result (JSON), durably."""
-        now = time.time()
         if started is not None:
-            entry = replace(started, status=DONE, result=result, finished_at=now)
+            entry = replace(started, status=DONE, result=result, finished_at=time.time())
         else:
-            entry = LedgerEntry(
-                step=step,
-                task=task,
-                seq=seq,
-                kind=kind,
-                name=name,
-                request_hash=request_hash,
-                status=DONE,
-                result=result,
-                created_at=now,
-                finished_at=now,
-            )
+            entry = _new(step, task, seq, kind, name, request_hash, DONE, result, finished=True)
         await self._put(entry)
         if _faults.ACTIVE:
             _faults.reach("after_call_recorded", step)
@@ -182,3 +160,30 @@ class Ledger:
         if self.recorder is not None:
             await self.recorder.put_ledger(entry)
         self._entries[(entry.step, entry.task, entry.seq)] = entry
+
+
+def _new(
+    step: int,
+    task: str,
+    seq: int,
+    kind: str,
+    name: str,
+    request_hash: str,
+    status: str,
+    result: str | None,
+    *,
+    finished: bool,
+) -> LedgerEntry:
+    now = time.time()
+    return LedgerEntry(
+        step=step,
+        task=task,
+        seq=seq,
+        kind=kind,
+        name=name,
+        request_hash=request_hash,
+        status=status,
+        result=result,
+        created_at=now,
+        finished_at=now if finished else None,
+    )

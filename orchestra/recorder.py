@@ -37,7 +37,6 @@ from .store.base import (
     EventRow,
     LedgerEntry,
     PendingWrite,
-    RequestRow,
     RunRecord,
     StepCommit,
     Store,
@@ -292,7 +291,7 @@ class Recorder:
                 error=error,
                 usage=usage,
                 events=[event_row(e, getattr(e, "step", step)) for e in events],
-                requests=[request_row(r) for r in requests],
+                requests=[r.to_row() for r in requests],
             )
 
     async def put_ledger(self, entry: LedgerEntry) -> None:
@@ -316,19 +315,3 @@ class Recorder:
         """Extend the lease; False means another owner took the run over."""
         with _store_failures(self.run_id, step):
             return await self.store.renew(self.run_id, self.epoch, step=step, usage=usage)
-
-
-def request_row(request: Request) -> RequestRow:
-    """The stored form of a request."""
-    return RequestRow(
-        run_id=request.run_id,
-        request_id=request.id,
-        step=request.step,
-        task=request.node,
-        kind=request.kind,
-        payload=compact_json(request.payload),
-        schema=None if request.schema is None else compact_json(request.schema),
-        status="open",
-        created_at=request.created_at,
-        expires_at=request.expires_at,
-    )

@@ -34,30 +34,9 @@ _ANSWERS = {
 }
 
 
-def _loads(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 def stored_request(row: RequestRow) -> Request:
     """Rebuild the :class:`Request` a run raised from its stored row."""
-    payload = _loads(row.payload)
-    schema = _loads(row.schema)
-    return Request(
-        id=row.request_id,
-        run_id=row.run_id,
-        kind=row.kind,
-        step=row.step,
-        node=row.task,
-        payload=payload if isinstance(payload, dict) else {"payload": payload},
-        schema=schema if isinstance(schema, dict) else None,
-        created_at=row.created_at,
-        expires_at=row.expires_at,
-    )
+    return Request.from_row(row)
 
 
 def format_call(tool: str, arguments: Any) -> str:

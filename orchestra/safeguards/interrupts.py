@@ -14,8 +14,12 @@ again) or :class:`Abort` (stop the run).
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..store.base import RequestRow
 
 __all__ = ("Abort", "Answer", "Done", "Request", "Retry", "StepInterrupted", "request_id")
 
@@ -38,6 +42,41 @@ class Request:
     schema: dict[str, Any] | None = None
     created_at: float = 0.0
     expires_at: float | None = None
+
+    def to_row(self) -> RequestRow:
+        """The stored form of the request (open)."""
+        from ..store.base import RequestRow
+
+        return RequestRow(
+            run_id=self.run_id,
+            request_id=self.id,
+            step=self.step,
+            task=self.node,
+            kind=self.kind,
+            payload=_dumps(self.payload),
+            schema=None if self.schema is None else _dumps(self.schema),
+            status="open",
+            created_at=self.created_at,
+            expires_at=self.expires_at,
+        )
+
+    @classmethod
+    def from_row(cls, row: RequestRow) -> Request:
+        """Rebuild a request from its stored row (tolerating a payload that is not an
+        object, so an operator can still see it)."""
+        payload = _loads(row.payload)
+        schema = _loads(row.schema)
+        return cls(
+            id=row.request_id,
+            run_id=row.run_id,
+            kind=row.kind,
+            step=row.step,
+            node=row.task,
+            payload=payload if isinstance(payload, dict) else {"payload": payload},
+            schema=schema if isinstance(schema, dict) else None,
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+        )
 
     def describe(self) -> str:
         """Say in one line what the request asks."""
@@ -70,6 +109,19 @@ class Abort:
 
 
 Answer = Done | Retry | Abort
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+def _loads(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def request_id(run_id: str, step: int, task: str, seq: int, kind: str, started: float = 0.0) -> str:
