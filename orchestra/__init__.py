@@ -31,6 +31,7 @@ from .reducers import extend as extend
 from .reducers import merge as merge
 from .reducers import reducer as reducer
 from .safeguards.budgets import Budget as Budget
+from .safeguards.budgets import register_price as register_price
 from .safeguards.interrupts import Abort as Abort
 from .safeguards.interrupts import Done as Done
 from .safeguards.interrupts import Request as Request
@@ -76,6 +77,7 @@ __all__ = (
     "extend",
     "merge",
     "reducer",
+    "register_price",
     "tool",
 )
 

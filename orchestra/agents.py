@@ -28,6 +28,7 @@ from ._tasks import NO_PAYLOAD
 from .checkpoint import compact_json
 from .errors import AgentOutputError, AgentTurnsError
 from .models.base import Message, ModelRequest, ToolCall, ToolSpec
+from .safeguards.budgets import Budget
 from .tools import Tool, describe_validation_error
 
 if TYPE_CHECKING:
@@ -60,7 +61,8 @@ class Agent:
     as JSON). ``max_turns`` bounds the model turns of one visit; ``output_retries`` how often
     an invalid answer is sent back. ``priority`` orders this agent's calls in arbitration.
     ``max_tokens``, ``temperature`` and ``stop`` go to every model request; ``timeout`` and
-    ``retry`` apply to each turn as to any node.
+    ``retry`` apply to each turn as to any node. ``budget`` limits this agent's own spending
+    (tokens, cost, tool calls; its ``steps`` are its turns) within the run's.
     """
 
     kind = "agent"
@@ -82,8 +84,10 @@ class Agent:
         stop: Sequence[str] = (),
         timeout: float | None = None,
         retry: Any = None,
+        budget: Budget | None = None,
     ) -> None:
         self.name = name
+        self.budget = budget
         self.model = model
         self.tools = tuple(tools)
         self.instructions = instructions
@@ -128,6 +132,8 @@ class Agent:
             found.append(f"{where}: max_turns must be a positive integer, got {self.max_turns!r}")
         if not isinstance(self.output_retries, int) or self.output_retries < 0:
             found.append(f"{where}: output_retries must be 0 or more, got {self.output_retries!r}")
+        if self.budget is not None and not isinstance(self.budget, Budget):
+            found.append(f"{where}: budget must be a Budget, got {self.budget!r}")
         if self.input is not None and not callable(self.input):
             found.append(f"{where}: input must be a function of the state, got {self.input!r}")
         fields = state_model.model_fields

@@ -50,6 +50,7 @@ class CompiledGraph(Generic[StateT]):
         "_app_ref",
         "_frozen",
         "_origin",
+        "agent_budgets",
         "budget",
         "edges",
         "joins",
@@ -74,6 +75,7 @@ class CompiledGraph(Generic[StateT]):
     joins: tuple[EdgeSpec, ...]
     routes: Mapping[str, tuple[RouteSpec, ...]]
     budget: Budget
+    agent_budgets: Mapping[str, Budget]
     max_concurrency: int | None
     structure_hash: str
     store: Store | None
@@ -118,6 +120,17 @@ class CompiledGraph(Generic[StateT]):
             by_source[route.source].append(route)
         set_(self, "routes", MappingProxyType({k: tuple(v) for k, v in by_source.items()}))
         set_(self, "budget", budget)
+        set_(
+            self,
+            "agent_budgets",
+            MappingProxyType(
+                {
+                    name: node.fn.budget
+                    for name, node in self.nodes.items()
+                    if node.kind == "agent" and node.fn.budget is not None
+                }
+            ),
+        )
         set_(self, "max_concurrency", max_concurrency)
         set_(self, "structure_hash", self._hash())
         set_(self, "store", store)
@@ -408,6 +421,8 @@ def compile_graph(
         problems.append(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
 
     problems.extend(structure_problems(definition.edges, definition.routes, nodes))
+    if budget is None or isinstance(budget, Budget):
+        problems.extend(price_problems(nodes, budget or Budget()))
 
     resolved_store = None
     if store is not None:
@@ -436,3 +451,26 @@ def compile_graph(
         app_ref=app_ref,
         origin=origin,
     )
+
+
+def price_problems(nodes: Mapping[str, NodeSpec], budget: Budget) -> list[str]:
+    """A cost budget needs a price for every model it covers: never a silent zero."""
+    from .safeguards.budgets import price_of
+
+    problems = []
+    for node in nodes.values():
+        if node.kind != "agent":
+            continue
+        agent = node.fn
+        own = agent.budget
+        if budget.cost_usd is None and (own is None or own.cost_usd is None):
+            continue
+        name = getattr(agent.model, "name", None)
+        if not isinstance(name, str) or price_of(name) is None:
+            whose = "the run's" if budget.cost_usd is not None else "its own"
+            problems.append(
+                f"agent {node.name!r}: {whose} cost budget needs a price for model {name!r}; "
+                f"add one with orchestra.register_price({name!r}, input_per_million=..., "
+                f"output_per_million=...)"
+            )
+    return problems

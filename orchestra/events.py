@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .outcome import RunOutcome
 
 __all__ = (
+    "BudgetWarned",
     "Event",
     "ModelCalled",
     "NodeFinished",
@@ -97,6 +98,20 @@ class ModelCalled(Event):
     duration: float
     finish_reason: str | None = None
     replayed: bool = False
+
+
+@dataclass(slots=True, kw_only=True)
+class BudgetWarned(Event):
+    """Usage reached a budget's soft threshold (``Budget.soft``, 80 % by default): ``used``
+    of ``value`` for ``limit`` (``tokens``, ``cost_usd``, ...) of ``scope`` (``run`` or an
+    agent)."""
+
+    kind: ClassVar[str] = "budget_warned"
+    step: int
+    scope: str
+    limit: str
+    used: float
+    value: float
 
 
 @dataclass(slots=True, kw_only=True)

@@ -42,6 +42,7 @@ from .errors import (
     RunStoreError,
 )
 from .events import (
+    BudgetWarned,
     Event,
     NodeFinished,
     NodeRetried,
@@ -55,6 +56,7 @@ from .graph import NodeSpec
 from .ledger import Ledger
 from .outcome import RunOutcome, RunStatus, Usage
 from .routing import initial_tasks, next_tasks, normalize
+from .safeguards.budgets import Budget, BudgetStop, Spend
 from .safeguards.interrupts import Request, StepInterrupted
 
 if TYPE_CHECKING:
@@ -88,6 +90,7 @@ class Execution:
         usage: Mapping[str, Any] | None = None,
         memory: Mapping[str, list[Message]] | None = None,
         joins: Joins | None = None,
+        budget: Budget | None = None,
         events: bool = True,
     ) -> None:
         self.graph = graph
@@ -123,8 +126,17 @@ class Execution:
         self.meter = Meter()
         self.meter.load(prior)
         self.ledger = Ledger(run_id, recorder)
+        self.budget = budget if budget is not None else graph.budget
+        agent_budgets = graph.agent_budgets
+        self._spends = self.budget.limits_spend or self.budget.tool_calls is not None
+        self._spends = self._spends or bool(agent_budgets)
+        spend = (
+            Spend(self.meter, self.budget, agent_budgets, warn=self._budget_warned)
+            if self._spends
+            else None
+        )
         self.gateway = Gateway(
-            run_id=run_id, ledger=self.ledger, meter=self.meter, emit=self._report
+            run_id=run_id, ledger=self.ledger, meter=self.meter, emit=self._report, spend=spend
         )
         self.pending: list[Request] = []
         self._allow: dict[str, Mapping[str, Tool]] = {}
@@ -135,7 +147,7 @@ class Execution:
     async def start(self) -> list[Event]:
         """Begin the run: clocks, the first step's tasks and, with a store, the run row."""
         self.started = time.monotonic() - self.prior_wall
-        wall = self.graph.budget.wall_seconds
+        wall = self.budget.wall_seconds
         if wall is not None:
             self.deadline = anyio.current_time() + wall - self.prior_wall
         if self.graph.max_concurrency is not None:
@@ -168,7 +180,11 @@ class Execution:
         if not self.tasks:
             self.status = RunStatus.COMPLETED
             return None
-        reason = self.graph.budget.exceeded(steps=self.step, wall_seconds=self._elapsed())
+        reason = self.budget.exceeded(
+            steps=self.step,
+            wall_seconds=self._elapsed(),
+            usage=self.meter.stored() if self._spends else None,
+        )
         if reason is not None:
             self.status, self.reason = RunStatus.BUDGET_EXCEEDED, reason
             return None
@@ -185,6 +201,12 @@ class Execution:
             self.status, self.error = RunStatus.FAILED, exc
             self._carried.extend(buffer)  # the failed step's events go into the record
             await self._release_failed_step(exc)
+        except BudgetStop as stop:  # a call did not fit a budget: it was not made
+            self.status, self.reason = RunStatus.BUDGET_EXCEEDED, (
+                f"{stop.reason} (step {self.step + 1} was stopped; its finished calls are "
+                f"kept and replay on resume)"
+            )
+            self._carried.extend(buffer)
         except StepInterrupted as signal:  # a person must answer before the step goes on
             self.status, self.pending = RunStatus.INTERRUPTED, signal.requests
             count = len(signal.requests)
@@ -222,7 +244,7 @@ class Execution:
         else:
             self.status = RunStatus.BUDGET_EXCEEDED
             self.reason = (
-                f"wall-time budget of {self.graph.budget.wall_seconds:g}s ran out during "
+                f"wall-time budget of {self.budget.wall_seconds:g}s ran out during "
                 f"step {self.step + 1}; that step was discarded"
             )
 
@@ -437,6 +459,20 @@ class Execution:
             allowed = self._allow[node] = tool_map(self.graph.nodes[node].tools)
         return allowed
 
+    def _budget_warned(self, scope: str, limit: str, used: float, value: float) -> None:
+        self._report(
+            BudgetWarned(
+                run_id=self.run_id,
+                at=_now(),
+                step=self.step + 1,
+                scope=scope,
+                limit=limit,
+                used=used,
+                value=value,
+            ),
+            "warning",
+        )
+
     def _report(self, event: Event, level: str) -> None:
         """Take an event from the gateway (a model or tool call) into the step's record."""
         if self._events or level != "debug":
@@ -455,6 +491,7 @@ class Execution:
         recorder = self.recorder
 
         asked: list[Request] = []
+        stopped: list[BudgetStop] = []
 
         async def run_one(i: int, task: Task, group: anyio.abc.TaskGroup) -> None:
             try:
@@ -466,6 +503,10 @@ class Execution:
             except StepInterrupted as signal:
                 # the other tasks go on: their own requests are gathered, their results kept
                 asked.extend(signal.requests)
+                return
+            except BudgetStop as stop:
+                # the others go on too: what they finish is kept (pending writes, ledger)
+                stopped.append(stop)
                 return
             if result.error is None and recorder is not None:
                 try:
@@ -483,6 +524,8 @@ class Execution:
         failed = [r for r in results if r is not None and r.error is not None]
         if failed:
             return failed[:1]
+        if stopped:
+            raise stopped[0]
         if asked:
             raise StepInterrupted(asked)
         return [r if r is not None else TaskResult() for r in results]
@@ -530,7 +573,11 @@ class Execution:
                 self._finish(task, step, began, attempts, buffer, exc)
                 return TaskResult(error=exc)
             except BaseExceptionGroup as group:
-                # a node's own task group: its calls' interrupts are the step's, unwrapped
+                # a node's own task group: its calls' budget stops and interrupts are the
+                # step's, unwrapped
+                stops, _ = group.split(BudgetStop)
+                if stops is not None:
+                    raise _leaves(stops)[0] from None
                 asked, _ = group.split(StepInterrupted)
                 if asked is None:
                     raise
@@ -630,6 +677,7 @@ class Execution:
             wall_seconds=self._elapsed(),
             input_tokens=meter.input_tokens,
             output_tokens=meter.output_tokens,
+            cost_usd=meter.cost_usd,
             model_calls=meter.model_calls,
             tool_calls=meter.tool_calls,
             denied_calls=meter.denied_calls,
@@ -654,8 +702,8 @@ class Execution:
             getattr(self.log, level)(data.pop("event"), **data)
 
 
-def _leaves(group: BaseExceptionGroup[StepInterrupted]) -> list[StepInterrupted]:
-    found: list[StepInterrupted] = []
+def _leaves(group: BaseExceptionGroup[Any]) -> list[Any]:
+    found: list[Any] = []
     for item in group.exceptions:
         if isinstance(item, BaseExceptionGroup):
             found.extend(_leaves(item))

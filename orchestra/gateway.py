@@ -31,7 +31,20 @@ from .checkpoint import compact_json
 from .errors import RunError, ToolArgumentsError, ToolCallError, ToolDeniedError
 from .events import Event, ModelCalled, ToolCalled
 from .ledger import DONE, STARTED, Ledger, fingerprint
-from .models.base import Message, ModelRequest, ModelResponse, ToolCall
+from .models.base import (
+    Message,
+    ModelRequest,
+    ModelResponse,
+    ToolCall,
+    estimate_request_tokens,
+)
+from .safeguards.budgets import (
+    DEFAULT_MAX_OUTPUT_TOKENS,
+    Reservation,
+    Spend,
+    price_of,
+    worst_output,
+)
 from .safeguards.interrupts import Request, StepInterrupted, request_id
 from .tools import Effect, Tool, ToolContext, describe_validation_error
 
@@ -119,19 +132,23 @@ class Meter:
 
     input_tokens: int = 0
     output_tokens: int = 0
+    cost_usd: float = 0.0
     model_calls: int = 0
     tool_calls: int = 0
     denied_calls: int = 0
-    by_node: dict[str, dict[str, int]] = field(default_factory=dict)
+    by_node: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def model(self, node: str, input_tokens: int, output_tokens: int) -> None:
+    def model(self, node: str, input_tokens: int, output_tokens: int, cost: float = 0.0) -> None:
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
+        self.cost_usd += cost
         self.model_calls += 1
         mine = self._mine(node)
         mine["input_tokens"] += input_tokens
         mine["output_tokens"] += output_tokens
         mine["model_calls"] += 1
+        if cost:
+            mine["cost_usd"] = mine.get("cost_usd", 0.0) + cost
 
     def tool(self, node: str) -> None:
         self.tool_calls += 1
@@ -141,7 +158,7 @@ class Meter:
         self.denied_calls += 1
         self._mine(node)["denied_calls"] += 1
 
-    def _mine(self, node: str) -> dict[str, int]:
+    def _mine(self, node: str) -> dict[str, Any]:
         mine = self.by_node.get(node)
         if mine is None:
             mine = self.by_node[node] = dict.fromkeys(
@@ -153,6 +170,7 @@ class Meter:
     def load(self, usage: Mapping[str, Any]) -> None:
         self.input_tokens = int(usage.get("input_tokens", 0))
         self.output_tokens = int(usage.get("output_tokens", 0))
+        self.cost_usd = float(usage.get("cost_usd", 0.0))
         self.model_calls = int(usage.get("model_calls", 0))
         self.tool_calls = int(usage.get("tool_calls", 0))
         self.denied_calls = int(usage.get("denied_calls", 0))
@@ -165,6 +183,7 @@ class Meter:
         return {
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
+            "cost_usd": round(self.cost_usd, 10),
             "model_calls": self.model_calls,
             "tool_calls": self.tool_calls,
             "denied_calls": self.denied_calls,
@@ -186,6 +205,7 @@ class PlannedCall:
     resources: frozenset[str] = frozenset()
     request_hash: str = ""
     outcome: CallOutcome | None = None
+    reservation: Reservation | None = None
 
 
 Emit = Callable[[Event, str], None]
@@ -208,6 +228,7 @@ class Gateway:
         emit: Emit,
         approve: ApproveHook | None = None,
         arbitrate: ArbitrateHook | None = None,
+        spend: Spend | None = None,
     ) -> None:
         self.run_id = run_id
         self.ledger = ledger
@@ -215,6 +236,7 @@ class Gateway:
         self.emit = emit
         self.approve = approve
         self.arbitrate = arbitrate
+        self.spend = spend
         self._metered: set[tuple[int, str, int]] = set()
 
     # -- model calls ----------------------------------------------------------------------
@@ -225,6 +247,9 @@ class Gateway:
         """Call ``model`` once, or replay its recorded answer."""
         seq = caller.next_seq()
         name = getattr(model, "name", type(model).__name__)
+        if self.spend is not None and request.max_tokens is None:
+            # a reservation needs a worst case, and the model must be held to it
+            request = request.model_copy(update={"max_tokens": DEFAULT_MAX_OUTPUT_TOKENS})
         digest = fingerprint(request.model_dump(mode="json"))
         began = time.monotonic()
         entry = self.ledger.find(
@@ -236,11 +261,26 @@ class Gateway:
             request_hash=digest,
             harmless=True,
         )
+        price = price_of(name)
+        reservation = None
         if entry is not None and entry.status == DONE and entry.result is not None:
             response = ModelResponse.model_validate_json(entry.result)
             replayed = True
         else:
-            response = await model.complete(request)
+            spend = self.spend
+            if spend is not None:  # the worst case, held until the answer settles it
+                reservation = spend.reserve_model(
+                    caller.node,
+                    estimate_request_tokens(request),
+                    worst_output(request.max_tokens),
+                    price,
+                )
+            try:
+                response = await model.complete(request)
+            except BaseException:
+                if spend is not None and reservation is not None:
+                    spend.release(reservation)
+                raise
             if not isinstance(response, ModelResponse):
                 from .errors import ModelResponseError
 
@@ -259,7 +299,14 @@ class Gateway:
             replayed = False
         usage = response.usage
         if self._first_count(caller.step, caller.label, seq, replayed):
-            self.meter.model(caller.node, usage.input_tokens, usage.output_tokens)
+            cost = price.cost(usage.input_tokens, usage.output_tokens) if price else 0.0
+            self.meter.model(caller.node, usage.input_tokens, usage.output_tokens, cost)
+        if self.spend is not None:
+            # released only now that the meter counts the real usage: a concurrent call
+            # always sees one or the other
+            if reservation is not None:
+                self.spend.release(reservation)
+            self.spend.check_soft(caller.node)
         self.emit(
             ModelCalled(
                 run_id=self.run_id,
@@ -314,6 +361,7 @@ class Gateway:
         runnable = self._report_refused(runnable)
         groups = self._arbitrate(runnable)
         runnable = self._report_refused(runnable)
+        self._reserve_all(runnable)
         for group in groups:
             group = [item for item in group if item.outcome is None]
             if len(group) == 1:
@@ -457,6 +505,8 @@ class Gateway:
                 self._report(item, doubt, 0.0)
                 return doubt
         key = dict(kind="tool", name=tool.name, request_hash=item.request_hash)
+        if self.spend is not None and item.reservation is None:
+            item.reservation = self.spend.reserve_tool(caller.node)
         started = None
         if tool.effect is Effect.IRREVERSIBLE:
             started = await self.ledger.start(caller.step, caller.label, item.seq, **key)
@@ -480,6 +530,8 @@ class Gateway:
                     if started is not None:
                         # it may have taken effect: never silently retried
                         outcome = CallOutcome(call.id, tool.name, "in_doubt", error=detail)
+                        self.meter.tool(caller.node)  # it ran (for all anyone knows)
+                        self._release(item)
                         self._report(item, outcome, time.monotonic() - began)
                         return outcome
                     outcome = CallOutcome(call.id, tool.name, "timeout", error=detail)
@@ -497,6 +549,7 @@ class Gateway:
                 **key,
             )
         self._count(item, outcome)
+        self._release(item)
         self._report(item, outcome, time.monotonic() - began)
         return outcome
 
@@ -538,6 +591,29 @@ class Gateway:
             caller.step, caller.label, item.seq, outcome.replayed
         ):
             self.meter.tool(caller.node)
+
+    def _release(self, item: PlannedCall) -> None:
+        if self.spend is not None and item.reservation is not None:
+            self.spend.release(item.reservation)
+            item.reservation = None
+            self.spend.check_soft(item.caller.node)
+
+    def _reserve_all(self, calls: Sequence[PlannedCall]) -> None:
+        """Reserve every call that will run, before any runs: a call that does not fit
+        stops the step with nothing started (and nothing left reserved)."""
+        if self.spend is None:
+            return
+        taken = []
+        try:
+            for item in calls:
+                entry = self._entry(item)
+                if entry is None:
+                    item.reservation = self.spend.reserve_tool(item.caller.node)
+                    taken.append(item)
+        except BaseException:
+            for item in taken:
+                self._release(item)
+            raise
 
     def _first_count(self, step: int, label: str, seq: int, replayed: bool) -> bool:
         """Tell whether a call is to be metered: a replay of a call this run already

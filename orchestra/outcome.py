@@ -40,11 +40,12 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    """Dollars, from the price table (``register_price``); 0 for models without a price."""
     model_calls: int = 0
     tool_calls: int = 0
     denied_calls: int = 0
     wall_seconds: float = 0.0
-    by_node: dict[str, dict[str, int]] = field(default_factory=dict)
+    by_node: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per agent or node: ``input_tokens``, ``output_tokens``, ``model_calls``,
     ``tool_calls`` (calls that ran), ``denied_calls`` (refused by the allowlist)."""
 

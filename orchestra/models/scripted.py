@@ -67,9 +67,13 @@ class ScriptedModel:
         if reply.finish_reason is None:
             update["finish_reason"] = "tool_calls" if reply.tool_calls else "stop"
         if "usage" not in reply.model_fields_set:
+            output = _output_tokens(reply)
+            if request.max_tokens is not None and output > request.max_tokens:
+                # a real model stops at max_tokens: the answer is cut, and so is its usage
+                output = request.max_tokens
+                update["finish_reason"] = "length"
             update["usage"] = TokenUsage(
-                input_tokens=estimate_request_tokens(request),
-                output_tokens=_output_tokens(reply),
+                input_tokens=estimate_request_tokens(request), output_tokens=output
             )
         return reply.model_copy(update=update) if update else reply
 

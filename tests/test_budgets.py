@@ -1,0 +1,201 @@
+"""Budgets: every dimension stops the run before a call that would pass it, concurrent
+agents cannot overshoot together (reservations), agents have their own budgets, soft
+thresholds warn once, and a cost budget needs prices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from pydantic import BaseModel
+
+from orchestra import (
+    END,
+    START,
+    Agent,
+    Budget,
+    Effect,
+    Graph,
+    GraphValidationError,
+    NodeContext,
+    RunStatus,
+    Send,
+    register_price,
+    tool,
+)
+from orchestra.events import BudgetWarned, Event
+from orchestra.models import ModelRequest, ModelResponse, ScriptedModel, ToolCall
+from orchestra.safeguards.budgets import DEFAULT_MAX_OUTPUT_TOKENS, PRICES, Price
+
+pytestmark = pytest.mark.anyio
+
+
+class S(BaseModel):
+    answers: list[str] = []
+    note: str = ""
+
+
+@tool(effect=Effect.READ)
+async def look(q: str) -> str:
+    """Look something up."""
+    return q
+
+
+class Busy:
+    """A model that proposes ``turns - 1`` tool calls, then answers; each call takes a
+    moment so that concurrent agents' calls overlap; counts calls in flight."""
+
+    def __init__(self, turns: int = 5, name: str = "scripted") -> None:
+        self.turns = turns
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.model = ScriptedModel(self.answer, name=name)
+
+    async def answer(self, request: ModelRequest) -> ModelResponse | str:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        await anyio.sleep(0.001)
+        self.in_flight -= 1
+        if request.turn + 1 < self.turns:
+            return ModelResponse(tool_calls=(ToolCall(name="look", arguments={"q": "x"}),))
+        return "done"
+
+
+def fan_out(model: Any, run_budget: Budget, agents: int = 20, **agent: Any) -> Any:
+    """``agents`` copies of one agent started by Send, in one run, sharing ``run_budget``."""
+
+    async def fan(state: S, ctx: NodeContext) -> list[Send]:
+        return [Send("worker", i) for i in range(agents)]
+
+    graph: Graph[S] = Graph(S)
+    graph.add_node("fan", fan, targets=["worker"])
+    graph.add_node(Agent("worker", model=model, tools=[look], max_tokens=50, **agent))
+    graph.add_edge(START, "fan")
+    graph.add_edge("worker", END)
+    return graph.compile(budget=run_budget)
+
+
+@pytest.fixture(autouse=True)
+def price() -> Any:
+    """A price for the scripted models of these tests (removed afterwards)."""
+    register_price("scripted", input_per_million=10.0, output_per_million=20.0)
+    yield
+    PRICES.pop("scripted", None)
+
+
+def test_budget_rejects_invalid_limits() -> None:
+    """Negative or non-numeric limits and a soft threshold outside (0, 1] are refused."""
+    for bad in ({"tokens": -1}, {"cost_usd": "1"}, {"tool_calls": True}, {"soft": 0}):
+        with pytest.raises(ValueError, match="Budget"):
+            Budget(**bad)
+
+
+def test_budget_raised_adds_to_set_limits_only() -> None:
+    """raised() adds to limits that are set; unlimited ones stay unlimited."""
+    budget = Budget(tokens=100, cost_usd=0.5).raised(tokens=50, cost_usd=0.25, tool_calls=3)
+    assert (budget.tokens, budget.cost_usd, budget.tool_calls) == (150, 0.75, None)
+
+
+async def test_budget_concurrent_agents_never_overshoot_the_token_budget() -> None:
+    """20 agents calling at once stop at the token budget without passing it."""
+    busy = Busy()
+    outcome = await fan_out(busy.model, Budget(tokens=9_000)).run(S())
+    assert outcome.status is RunStatus.BUDGET_EXCEEDED
+    assert busy.most_in_flight > 1  # the calls really overlapped
+    assert 0 < outcome.usage.tokens <= 9_000
+    assert "run token budget" in (outcome.stop_reason or "")
+    assert "the call was not made" in (outcome.stop_reason or "")
+
+
+async def test_budget_concurrent_agents_never_overshoot_the_cost_budget() -> None:
+    """The same with a dollar budget, priced from the price table."""
+    busy = Busy()
+    outcome = await fan_out(busy.model, Budget(cost_usd=0.05)).run(S())
+    assert outcome.status is RunStatus.BUDGET_EXCEEDED
+    assert 0 < outcome.usage.cost_usd <= 0.05
+    assert "run cost budget" in (outcome.stop_reason or "")
+
+
+@pytest.mark.parametrize(
+    ("limit", "words"),
+    [
+        ({"input_tokens": 3_000}, "input-token"),
+        ({"output_tokens": 1_500}, "output-token"),
+        ({"tool_calls": 7}, "tool-call"),
+    ],
+)
+async def test_budget_each_dimension_stops_before_it_is_passed(
+    limit: dict[str, int], words: str
+) -> None:
+    """Input tokens, output tokens and tool calls each stop the run at their limit."""
+    outcome = await fan_out(Busy().model, Budget(**limit)).run(S())
+    assert outcome.status is RunStatus.BUDGET_EXCEEDED
+    (name, value), usage = next(iter(limit.items())), outcome.usage
+    assert getattr(usage, name) <= value
+    assert f"run {words} budget" in (outcome.stop_reason or "")
+
+
+async def test_budget_within_limits_the_run_completes() -> None:
+    """A budget large enough changes nothing: every agent finishes."""
+    outcome = await fan_out(Busy().model, Budget(tokens=1_000_000, cost_usd=10.0)).run(S())
+    assert outcome.status is RunStatus.COMPLETED
+    assert outcome.usage.model_calls == 20 * 5
+
+
+async def test_budget_of_an_agent_stops_the_run_naming_the_agent() -> None:
+    """An agent's own budget stops the run when that agent's calls would pass it."""
+    app = fan_out(Busy().model, Budget(), agents=3, budget=Budget(tokens=1_200))
+    outcome = await app.run(S())
+    assert outcome.status is RunStatus.BUDGET_EXCEEDED
+    assert "agent 'worker' token budget" in (outcome.stop_reason or "")
+    assert (
+        outcome.usage.by_node["worker"]["input_tokens"]
+        + outcome.usage.by_node["worker"]["output_tokens"]
+        <= 1_200
+    )
+
+
+async def test_budget_steps_of_an_agent_are_its_turns() -> None:
+    """An agent's step budget bounds its model calls."""
+    app = fan_out(Busy().model, Budget(), agents=1, budget=Budget(steps=3))
+    outcome = await app.run(S())
+    assert outcome.status is RunStatus.BUDGET_EXCEEDED
+    assert outcome.usage.model_calls == 3
+    assert "agent 'worker' turn budget" in (outcome.stop_reason or "")
+
+
+async def test_budget_soft_threshold_warns_once() -> None:
+    """Crossing the soft threshold emits one budget_warned event per limit."""
+    app = fan_out(Busy().model, Budget(tokens=100_000, soft=0.005), agents=2)
+    events: list[Event] = [event async for event in app.stream(S())]
+    warned = [e for e in events if isinstance(e, BudgetWarned)]
+    assert [(w.scope, w.limit) for w in warned] == [("run", "tokens")]
+    assert warned[0].used >= 500
+
+
+async def test_budget_spending_limit_holds_models_to_a_max_output() -> None:
+    """Under a token budget an agent without max_tokens asks for the default cap."""
+    model = ScriptedModel(lambda request: "x" * 40_000)
+    graph: Graph[S] = Graph(S)
+    graph.add_node(Agent("a", model=model, output="note"))
+    graph.add_edge(START, "a")
+    graph.add_edge("a", END)
+    outcome = await graph.compile(budget=Budget(tokens=50_000)).run(S())
+    assert model.requests[0].max_tokens == DEFAULT_MAX_OUTPUT_TOKENS
+    assert outcome.usage.output_tokens == DEFAULT_MAX_OUTPUT_TOKENS  # cut, like a real model
+
+
+def test_budget_cost_without_a_price_is_a_compile_error() -> None:
+    """A cost budget over a model with no price is refused at compile, naming the model."""
+    graph: Graph[S] = Graph(S)
+    graph.add_node(Agent("a", model=ScriptedModel(["x"], name="unpriced-model")))
+    graph.add_edge(START, "a")
+    graph.add_edge("a", END)
+    with pytest.raises(GraphValidationError, match="price for model 'unpriced-model'"):
+        graph.compile(budget=Budget(cost_usd=1.0))
+
+
+def test_budget_price_table_prices_per_million_tokens() -> None:
+    """A price is dollars per million input and output tokens."""
+    assert Price(2.0, 8.0).cost(1_000_000, 500_000) == pytest.approx(6.0)
