@@ -58,6 +58,7 @@ from .outcome import RunOutcome, RunStatus, Usage
 from .routing import initial_tasks, next_tasks, normalize
 from .safeguards.budgets import Budget, BudgetStop, Spend
 from .safeguards.interrupts import Request, StepInterrupted
+from .tools import Effect
 
 if TYPE_CHECKING:
     from .compile import CompiledGraph
@@ -126,6 +127,7 @@ class Execution:
         self.meter = Meter()
         self.meter.load(prior)
         self.ledger = Ledger(run_id, recorder)
+        self.ledger.read_only = self._read_only
         self.budget = budget if budget is not None else graph.budget
         agent_budgets = graph.agent_budgets
         self._spends = self.budget.limits_spend or self.budget.tool_calls is not None
@@ -141,6 +143,7 @@ class Execution:
         self.pending: list[Request] = []
         self._allow: dict[str, Mapping[str, Tool]] = {}
         self._agents = any(node.kind == "agent" for node in graph.nodes.values())
+        self._finished: set[str] = set()
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -202,9 +205,12 @@ class Execution:
             self._carried.extend(buffer)  # the failed step's events go into the record
             await self._release_failed_step(exc)
         except BudgetStop as stop:  # a call did not fit a budget: it was not made
-            self.status, self.reason = RunStatus.BUDGET_EXCEEDED, (
-                f"{stop.reason} (step {self.step + 1} was stopped; its finished calls are "
-                f"kept and replay on resume)"
+            self.status, self.reason = (
+                RunStatus.BUDGET_EXCEEDED,
+                (
+                    f"{stop.reason} (step {self.step + 1} was stopped; its finished calls are "
+                    f"kept and replay on resume)"
+                ),
             )
             self._carried.extend(buffer)
         except StepInterrupted as signal:  # a person must answer before the step goes on
@@ -229,7 +235,7 @@ class Execution:
             return None if tool is None else tool.effect.value
 
         try:
-            await self.ledger.release_failed(self.step + 1, effect)
+            await self.ledger.release_failed(self.step + 1, effect, self._finished)
         except RunError as exc:  # the run has failed already; say why this did not happen
             self.log.error("failed_step_not_released", error=str(exc))
 
@@ -359,6 +365,8 @@ class Execution:
 
     async def _run_step(self, tasks: list[Task], buffer: list[Event]) -> None:
         """Run one superstep: think, merge at the barrier, route, then commit all at once."""
+        # the tasks that will not run again if this step fails (restored or pending-written)
+        self._finished = set(self.done) if self.done else set()
         step = self.step + 1
         began = time.monotonic()
         results = await self._think(tasks, step, buffer)
@@ -381,6 +389,7 @@ class Execution:
                     # the finished tasks' writes cannot be merged: a resume must run them
                     # again (with fixed code) rather than replay what failed
                     await self.recorder.discard_pending(step)
+                    self._finished.clear()
                 raise
         joins = dict(self.joins) if self._agents else None
         following = await next_tasks(self.graph, self.run_id, state, tasks, results, step, joins)
@@ -459,6 +468,10 @@ class Execution:
             allowed = self._allow[node] = tool_map(self.graph.nodes[node].tools)
         return allowed
 
+    def _read_only(self, name: str) -> bool:
+        tool = self.graph.tools.get(name)
+        return tool is not None and tool.effect is Effect.READ
+
     def _budget_warned(self, scope: str, limit: str, used: float, value: float) -> None:
         self._report(
             BudgetWarned(
@@ -511,6 +524,7 @@ class Execution:
             if result.error is None and recorder is not None:
                 try:
                     await recorder.pending(step, task, result)
+                    self._finished.add(task.label)
                 except RunError as exc:  # fenced off, unserializable, or the store failed
                     result = TaskResult(error=exc)
             results[i] = result
@@ -572,18 +586,6 @@ class Execution:
             except RunError as exc:  # the framework's own verdict (an agent's, the store's)
                 self._finish(task, step, began, attempts, buffer, exc)
                 return TaskResult(error=exc)
-            except BaseExceptionGroup as group:
-                # a node's own task group: its calls' budget stops and interrupts are the
-                # step's, unwrapped
-                stops, _ = group.split(BudgetStop)
-                if stops is not None:
-                    raise _leaves(stops)[0] from None
-                asked, _ = group.split(StepInterrupted)
-                if asked is None:
-                    raise
-                raise StepInterrupted(
-                    [r for signal in _leaves(asked) for r in signal.requests]
-                ) from None
             except Exception as exc:
                 policy = node.retry
                 if policy is not None and attempts < policy.attempts and policy.retries(exc):
@@ -604,6 +606,18 @@ class Execution:
                 error = self._node_error(node, step, attempts, exc)
                 self._finish(task, step, began, attempts, buffer, error)
                 return TaskResult(error=error)
+            except BaseExceptionGroup as group:
+                # a node's own task group holding a budget stop or an interrupt (a group of
+                # plain errors is an Exception, handled above): the step's, unwrapped
+                stops, _ = group.split(BudgetStop)
+                if stops is not None:
+                    raise _leaves(stops)[0] from None
+                asked, _ = group.split(StepInterrupted)
+                if asked is None:
+                    raise
+                raise StepInterrupted(
+                    [r for signal in _leaves(asked) for r in signal.requests]
+                ) from None
             break
         if agent is not None:
             if self._watched or (attempts > 1 and self._events):

@@ -48,6 +48,12 @@ class Ledger:
         self.recorder = recorder
         self._entries: dict[tuple[int, str, int], LedgerEntry] = {}
         self.log = get_logger("orchestra.ledger").bind(run_id=run_id)
+        # which tools are read-only (their recorded calls may be made again): the run's
+        # graph sets it; unknown tools are assumed to have an effect
+        self.read_only: Callable[[str], bool] = lambda name: False
+
+    def _harmless(self, entry: LedgerEntry) -> bool:
+        return entry.kind == "model" or (entry.kind == "tool" and self.read_only(entry.name))
 
     def preload(self, entries: Iterable[LedgerEntry]) -> None:
         """Take the stored entries of the step a resume re-runs."""
@@ -67,15 +73,19 @@ class Ledger:
     ) -> LedgerEntry | None:
         """Return the entry recorded for this position, checking it is the same call.
 
-        A different call at the position is refused, unless the new call is ``harmless``
-        (a model call or a read-only tool): then the old entry is ignored, the call is made
-        and its result replaces it.
+        A different call at the position is refused, unless both the new call is
+        ``harmless`` (a model call or a read-only tool) and so is everything recorded for
+        the task from this position on: then the old entry is ignored, the call is made
+        and its result replaces it. A call with an effect is never replaced.
         """
         entry = self._entries.get((step, task, seq))
         if entry is None:
             return None
         if entry.kind != kind or entry.name != name or entry.request_hash != request_hash:
-            if harmless and entry.kind == kind:
+            later = [
+                e for (s, t, q), e in self._entries.items() if s == step and t == task and q >= seq
+            ]
+            if harmless and all(self._harmless(e) for e in later):
                 self.log.warning(
                     "ledger_entry_replaced",
                     step=step,
@@ -128,14 +138,19 @@ class Ledger:
             _faults.reach("after_call_recorded", step)
         return entry
 
-    async def release_failed(self, step: int, effect: Callable[[str], str | None]) -> None:
+    async def release_failed(
+        self, step: int, effect: Callable[[str], str | None], finished: Iterable[str] = ()
+    ) -> None:
         """Forget the calls of a step that failed, so that a resume makes them again (a bad
-        model answer is asked again, not replayed), except in tasks that called a tool with
-        an effect: those keep every entry (the call happened, and what led to it must replay
-        the same), and an irreversible call that failed becomes in doubt, for an operator
-        to settle. ``effect(tool name)`` is the tool's effect (None: unknown)."""
+        model answer is asked again, not replayed), except in tasks that will not run again
+        (``finished``: their pending writes are kept, and their calls count in the usage) and
+        tasks that called a tool with an effect: those keep every entry (the call happened,
+        and what led to it must replay the same), and an irreversible call that raised
+        becomes in doubt, for an operator to settle. ``effect(tool name)`` is the tool's
+        effect (None: unknown)."""
         entries = [e for k, e in self._entries.items() if k[0] == step]
         keep = {e.task for e in entries if e.kind == "tool" and effect(e.name) != "read"}
+        keep.update(finished)
         for entry in entries:
             key = (entry.step, entry.task, entry.seq)
             if entry.task not in keep:
@@ -146,7 +161,7 @@ class Ledger:
                 entry.kind == "tool"
                 and effect(entry.name) in ("irreversible", None)
                 and entry.status == DONE
-                and '"status":"ok"' not in (entry.result or "")
+                and '"status":"error"' in (entry.result or "")
             ):
                 await self._put(replace(entry, status=STARTED, result=None, finished_at=None))
 

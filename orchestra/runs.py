@@ -69,18 +69,30 @@ async def prepare_resume(
         raise GraphChangedError(run_id, record.structure_hash, app.structure_hash)
     checked = await check_answers(app, store, run_id, answers or {})
     owner = new_owner_id()
-    previous = record
+    # as close to taking the lease as possible: what a refused answer gives back
+    previous = await store.get_run(run_id) if checked else record
     record = await store.acquire(run_id, owner)
     try:
         stop = await apply_answers(store, run_id, record.epoch, checked)
     except AnswerError:
-        # another resume used the answer first: give the run back as it was
+        # another resume used an answer first: nothing was used; give the run back as it was
         await store.finish_run(
             run_id,
             record.epoch,
             status=previous.status,
             reason=previous.reason,
             error=previous.error,
+            usage=record.usage,
+            events=[],
+        )
+        raise
+    except Exception as exc:
+        await store.finish_run(
+            run_id,
+            record.epoch,
+            status="failed",
+            reason=None,
+            error=f"could not apply the answers: {type(exc).__name__}: {exc}",
             usage=record.usage,
             events=[],
         )
@@ -258,10 +270,18 @@ async def apply_answers(
 ) -> str | None:
     """Record checked answers under the lease; return the reason if one aborts the run.
 
-    Each answer is first marked used (refused if another resume used it meanwhile:
-    :class:`AnswerError`), then applied to the ledger. A crash in between leaves the call in
-    doubt, and asking again opens the request again.
+    All or none: under the lease (no other resume can use an answer meanwhile), every
+    request is checked to be still open (another resume may have used one before this one
+    got the lease: :class:`AnswerError`, nothing used); then each answer is marked used and
+    applied to the ledger. A crash in between leaves the call in doubt, and asking again
+    opens the request again.
     """
+    if not checked:
+        return None
+    still_open = {row.request_id for row in await store.requests(run_id)}
+    for item in checked:
+        if item.row.request_id not in still_open:
+            raise AnswerError(run_id, item.row.request_id, "answered meanwhile by another resume")
     stop = None
     for item in checked:
         row, answer = item.row, item.answer

@@ -288,3 +288,144 @@ async def test_recovery_join_progress_survives_a_stop_and_resume(store: Store) -
     second = await join_graph(store, 10).resume("r1")
     assert second.status is RunStatus.COMPLETED
     assert (second.state.merged, second.state.count) == (True, 1)
+
+
+async def test_recovery_errors_from_a_nodes_own_task_group_are_retried() -> None:
+    """A plain error raised inside a node's own task group is the node's failure: retried
+    by its policy, then a NodeError, never an exception out of run()."""
+    attempts: list[int] = []
+
+    async def node(state: S, ctx: NodeContext) -> dict[str, Any]:
+        attempts.append(1)
+
+        async def flaky() -> None:
+            if len(attempts) == 1:
+                raise ConnectionError("flaky backend")
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(flaky)
+        return {"count": len(attempts)}
+
+    graph: Graph[S] = Graph(S)
+    graph.add_node("n", node, retry=RetryPolicy(attempts=2, backoff=0))
+    graph.add_edge(START, "n")
+    graph.add_edge("n", END)
+    outcome = await graph.compile().run(S())
+    assert outcome.status is RunStatus.COMPLETED
+    assert outcome.state.count == 2
+
+
+async def test_recovery_read_call_never_takes_the_place_of_an_irreversible_one(
+    store: Store,
+) -> None:
+    """A re-run that asks for a read-only call where an irreversible one was recorded is
+    refused (LedgerMismatchError); the irreversible call never runs twice."""
+    refunds: list[str] = []
+    first_version = [True]
+
+    @tool(effect=Effect.READ)
+    async def lookup(order_id: str) -> str:
+        return "order"
+
+    @tool(effect=Effect.IRREVERSIBLE)
+    async def refund(order_id: str) -> str:
+        refunds.append(order_id)
+        return "refunded"
+
+    async def node(state: S, ctx: NodeContext) -> dict[str, Any]:
+        if not first_version[0]:
+            await ctx.call_tool(lookup, order_id="A1")  # a "fix" that adds a read first
+        await ctx.call_tool(refund, order_id="A1")
+        if first_version[0]:
+            raise RuntimeError("a bug after the refund")
+        return {"note": "done"}
+
+    app = one_node(node, [lookup, refund], store=store)
+    assert (await app.run(S(), run_id="r1")).status is RunStatus.FAILED
+    first_version[0] = False
+    second = await app.resume("r1")
+    assert second.status is RunStatus.FAILED
+    assert "recorded as tool 'refund'" in str(second.error)
+    assert refunds == ["A1"]
+
+
+async def test_recovery_failed_step_keeps_the_calls_of_tasks_that_finished(
+    store: Store,
+) -> None:
+    """In a step where one task failed, a task that finished (its pending write kept) is
+    not run again on resume, and its model call stays counted in the usage."""
+    model = ScriptedModel(lambda request: "answer " * 20)
+    fixed = [False]
+
+    async def b(state: S, ctx: NodeContext) -> dict[str, Any]:
+        await anyio.sleep(0.05)  # 'a' finishes first: its pending write is stored
+        if not fixed[0]:
+            raise RuntimeError("b is broken")
+        return {"count": 1}
+
+    graph: Graph[S] = Graph(S)
+    graph.add_node(Agent("a", model=model, output="note"))
+    graph.add_node("b", b)
+    graph.add_edge(START, "a")
+    graph.add_edge(START, "b")
+    graph.add_edge("a", END)
+    graph.add_edge("b", END)
+    app = graph.compile(store=store)
+    first = await app.run(S(), run_id="r1")
+    assert first.status is RunStatus.FAILED
+    fixed[0] = True
+    second = await app.resume("r1")
+    assert second.status is RunStatus.COMPLETED
+    assert len(model.requests) == 1
+    assert second.usage.model_calls == 1
+    assert second.usage.output_tokens == first.usage.output_tokens > 0
+
+
+async def test_recovery_answers_are_used_all_or_none(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When one of several answers is used by another resume while this one waits for the
+    lease, none of the others is used either: the refused resume changes nothing."""
+
+    @tool(effect=Effect.IRREVERSIBLE, timeout=0.05)
+    async def charge(order_id: str) -> str:
+        await anyio.sleep(5)
+        return "charged"
+
+    def charging(order_id: str) -> Any:
+        async def node(state: S, ctx: NodeContext) -> None:
+            await ctx.call_tool(charge, order_id=order_id)
+
+        return node
+
+    graph: Graph[S] = Graph(S)
+    graph.add_node("one", charging("1"), tools=[charge])
+    graph.add_node("two", charging("2"), tools=[charge])
+    graph.add_edge(START, "one")
+    graph.add_edge(START, "two")
+    graph.add_edge("one", END)
+    graph.add_edge("two", END)
+    app = graph.compile(store=store)
+    with anyio.fail_after(5):
+        outcome = await app.run(S(), run_id="r1")
+    first, second = sorted(outcome.pending, key=lambda r: r.node)
+    acquire = store.acquire
+    raced: list[bool] = []
+
+    async def racing(run_id: str, owner: str) -> Any:
+        if not raced:  # another resume takes the lease first and uses the second answer
+            raced.append(True)
+            epoch = (await acquire(run_id, "other")).epoch
+            await store.answer_request(run_id, epoch, second.id, '{"answer":"retry"}')
+            await store.finish_run(
+                run_id, epoch, status="interrupted", reason=None, error=None, usage={}, events=[]
+            )
+        return await acquire(run_id, owner)
+
+    monkeypatch.setattr(store, "acquire", racing)
+    with pytest.raises(AnswerError, match="answered meanwhile"):
+        await app.resume("r1", answers={first.id: Done("a"), second.id: Done("b")})
+    assert [r.request_id for r in await store.requests("r1")] == [first.id]
+    record = await store.get_run("r1")
+    assert (record.status, record.owner) == ("interrupted", None)
+    assert all(e.status == "started" for e in await store.ledger("r1"))
