@@ -92,6 +92,7 @@ class Execution:
         memory: Mapping[str, list[Message]] | None = None,
         joins: Joins | None = None,
         budget: Budget | None = None,
+        agent_budgets: Mapping[str, Budget] | None = None,
         events: bool = True,
     ) -> None:
         self.graph = graph
@@ -129,7 +130,8 @@ class Execution:
         self.ledger = Ledger(run_id, recorder)
         self.ledger.read_only = self._read_only
         self.budget = budget if budget is not None else graph.budget
-        agent_budgets = graph.agent_budgets
+        if agent_budgets is None:
+            agent_budgets = graph.agent_budgets
         self._spends = self.budget.limits_spend or self.budget.tool_calls is not None
         self._spends = self._spends or bool(agent_budgets)
         spend = (

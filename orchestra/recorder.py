@@ -29,6 +29,7 @@ from .checkpoint import (
 )
 from .errors import InvalidUpdateError, RunStoreError, StoreError
 from .events import Event, NodeFinished, NodeStarted, StepCommitted
+from .safeguards.budgets import stored_budget
 from .state import FieldDelta
 from .store.base import (
     ACTIVE,
@@ -177,6 +178,7 @@ class Recorder:
             created_at=now,
             updated_at=now,
             usage={},
+            budget=stored_budget(self.graph.budget, self.graph.agent_budgets),
         )
         checkpoint = CheckpointRow(
             step=0, snapshot=snapshot, delta=None, tasks=dump_tasks(tasks), created_at=now

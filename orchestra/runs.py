@@ -28,6 +28,7 @@ from .errors import (
 from .events import RequestAnswered
 from .gateway import NOT_RUN
 from .outcome import RunStatus
+from .safeguards.budgets import loaded_budget
 from .safeguards.interrupts import Abort, Done, Retry
 from .store.base import (
     CheckpointRow,
@@ -132,6 +133,9 @@ async def prepare_resume(
             raise
         raise StoreError(f"run {run_id}: {message}") from exc
     recorder = Recorder(store, app, run_id, owner).resumed(record, chain)
+    budget, agent_budgets = app.budget, dict(app.agent_budgets)
+    if record.budget is not None:  # the run's own limits, as `orchestra budget` left them
+        budget, agent_budgets = loaded_budget(record.budget, app.budget, app.agent_budgets)
     execution = Execution(
         app,
         state,
@@ -143,6 +147,8 @@ async def prepare_resume(
         usage=usage,
         memory=memory,
         joins=joins,
+        budget=budget,
+        agent_budgets=agent_budgets,
         events=False,
     )
     execution.ledger.preload(entries)

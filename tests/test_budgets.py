@@ -27,6 +27,7 @@ from orchestra import (
 from orchestra.events import BudgetWarned, Event
 from orchestra.models import ModelRequest, ModelResponse, ScriptedModel, ToolCall
 from orchestra.safeguards.budgets import DEFAULT_MAX_OUTPUT_TOKENS, PRICES, Price
+from orchestra.store import Store
 
 pytestmark = pytest.mark.anyio
 
@@ -199,3 +200,44 @@ def test_budget_cost_without_a_price_is_a_compile_error() -> None:
 def test_budget_price_table_prices_per_million_tokens() -> None:
     """A price is dollars per million input and output tokens."""
     assert Price(2.0, 8.0).cost(1_000_000, 500_000) == pytest.approx(6.0)
+
+
+async def test_budget_raised_in_the_store_lets_the_run_resume_without_rebilling(
+    store: Store,
+) -> None:
+    """A run stopped by its token budget, raised as `orchestra budget` does, resumes to
+    completion; calls made before the stop are replayed, never made (or billed) again."""
+    busy = Busy()
+    app = fan_out(busy.model, Budget(tokens=1_200), agents=4)
+    app = app.with_store(store)
+    first = await app.run(S(), run_id="r1")
+    assert first.status is RunStatus.BUDGET_EXCEEDED
+    record = await store.get_run("r1")
+    assert record.budget is not None
+    assert record.budget["run"]["tokens"] == 1_200
+    raised = Budget.from_dict(record.budget["run"]).raised(tokens=100_000)
+    await store.set_budget("r1", {**record.budget, "run": raised.to_dict()}, reason="test")
+    second = await app.resume("r1")
+    assert second.status is RunStatus.COMPLETED
+    assert second.usage.model_calls == 4 * 5
+    assert len(busy.model.requests) == 4 * 5  # every call made exactly once
+    assert second.usage.tokens <= 101_200
+
+
+async def test_budget_resume_takes_the_larger_of_stored_and_app_limits(store: Store) -> None:
+    """A resumed run keeps its own stored limits when the resuming app's are the same or
+    lower; an app with higher limits raises them."""
+    busy = Busy()
+    first = (
+        await fan_out(busy.model, Budget(tokens=1_200), agents=4)
+        .with_store(store)
+        .run(S(), run_id="r1")
+    )
+    assert first.status is RunStatus.BUDGET_EXCEEDED
+    lower = fan_out(busy.model, Budget(tokens=500), agents=4).with_store(store)
+    second = await lower.resume("r1")
+    assert second.status is RunStatus.BUDGET_EXCEEDED  # still the run's 1,200 tokens
+    assert second.usage.tokens <= 1_200
+    higher = fan_out(busy.model, Budget(tokens=1_000_000), agents=4).with_store(store)
+    third = await higher.resume("r1")
+    assert third.status is RunStatus.COMPLETED

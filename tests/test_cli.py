@@ -1014,7 +1014,7 @@ def test_db_check_reports_schema_integrity_and_runs(filled: Path) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"database   {filled} (")
     assert lines[1:] == [
-        "schema     m002_agents",
+        "schema     m003_budgets",
         "integrity  ok",
         "stop-all   not in force",
         "runs       2: completed 1, failed 1",

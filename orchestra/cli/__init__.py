@@ -1,14 +1,14 @@
 """The operator CLI: the ``orchestra`` command group, its global options, and its commands.
 
 ``orchestra demo`` runs a demo graph live. On a run database (``--db`` or ``ORCHESTRA_DB``):
-``runs``, ``show``, ``checkpoints`` read it; ``resume``, ``abort``, ``stop-all``, ``fork`` and
-``prune`` change it; ``db check`` looks after the file.
+``runs``, ``show``, ``checkpoints`` read it; ``resume``, ``abort``, ``stop-all``, ``budget``,
+``fork`` and ``prune`` change it; ``db check`` looks after the file.
 
-Formatting is kept apart from printing: :mod:`.format`, :mod:`.records`, :mod:`.history` and
-:mod:`.requests` turn events, outcomes, records, checkpoints, requests and errors into strings
-and rich renderables; only :mod:`.output` and the commands (:mod:`.demo`, :mod:`.inspection`,
-:mod:`.control`, :mod:`.maintenance`) print. click, rich and the logging setup load here only;
-``import orchestra`` never imports this package.
+Formatting is kept apart from printing: :mod:`.format`, :mod:`.records`, :mod:`.history`,
+:mod:`.requests` and :mod:`.budgets` turn events, outcomes, records, checkpoints, requests,
+budgets and errors into strings and rich renderables; only :mod:`.output` and the commands
+(:mod:`.demo`, :mod:`.inspection`, :mod:`.control`, :mod:`.maintenance`) print. click, rich
+and the logging setup load here only; ``import orchestra`` never imports this package.
 
 Exit codes: 0 when the command did its job (for ``demo`` and ``resume``: the run
 completed), 1 when it did not or an error stopped it (one line on stderr, no traceback
@@ -57,6 +57,7 @@ for _command in (
     control.resume,
     control.abort,
     control.stop_all,
+    control.budget,
     inspection.checkpoints,
     maintenance.fork,
     maintenance.prune,

@@ -1,4 +1,4 @@
-"""The commands that steer runs: resume, abort, stop-all."""
+"""The commands that steer runs: resume, abort, stop-all, budget."""
 
 from __future__ import annotations
 
@@ -12,12 +12,31 @@ import click
 from ..errors import LeaseHeldError, RunStatusError, StopAllActiveError
 from ..outcome import RunOutcome
 from ..store.base import ACTIVE, RunRecord, Store
-from .database import Settings, _db_path, _run, _run_id_argument, find_run, open_store
-from .format import format_outcome_error, format_resumed
+from .budgets import (
+    LIMITS,
+    apply_changes,
+    budget_changes,
+    budget_used,
+    format_change,
+    parse_limit,
+    scope_budget,
+    stored_with,
+)
+from .database import (
+    Settings,
+    _db_path,
+    _json_option,
+    _run,
+    _run_id_argument,
+    find_run,
+    open_store,
+)
+from .format import format_age, format_outcome_error, format_resumed
 from .loading import load_app, resume_store
+from .output import _echo_json
 from .records import format_abort, owner_gone, run_status
 
-__all__ = ("abort", "resume", "stop_all", "wait_until_stopped")
+__all__ = ("abort", "budget", "resume", "stop_all", "wait_until_stopped")
 
 
 @click.command()
@@ -210,3 +229,110 @@ def stop_all(settings: Settings, reason: str, release: bool, yes: bool) -> None:
     for record, previous, gone in results:
         click.echo(f"  {format_abort(record, previous, now, gone=gone)}")
     click.echo("new runs and resumes are refused until `orchestra stop-all --release`")
+
+
+# the budget command's options, in the order --help lists them: Budget field, metavar, help
+_BUDGET_OPTIONS = (
+    ("steps", "[+]N", "Supersteps the run may execute (an agent's: its turns)."),
+    ("wall_seconds", "[+]SECONDS", "Wall time from the run's start (90, 30m, 1h)."),
+    ("tokens", "[+]N", "Model tokens, input and output together."),
+    ("input_tokens", "[+]N", "Model input tokens."),
+    ("output_tokens", "[+]N", "Model output tokens."),
+    ("cost_usd", "[+]USD", "Dollars, from the price table."),
+    ("tool_calls", "[+]N", "Tool calls made."),
+)
+
+
+def _budget_options(command: Any) -> Any:
+    for name, metavar, text in reversed(_BUDGET_OPTIONS):
+        command = click.option(LIMITS[name][0], name, metavar=metavar, help=text)(command)
+    return command
+
+
+@click.command()
+@_run_id_argument
+@_budget_options
+@click.option(
+    "--agent",
+    metavar="NAME",
+    help="Change this agent's own budget instead of the run's.",
+)
+@click.option("--reason", help="Why: recorded with the run's events.")
+@_json_option
+@click.pass_obj
+def budget(
+    settings: Settings,
+    run_id: str,
+    agent: str | None,
+    reason: str | None,
+    as_json: bool,
+    **limits: str | None,
+) -> None:
+    """Raise (+N) or set (N) the budget of a stopped run, then resume it.
+
+    E.g. `orchestra budget RUN --tokens +20000 --cost +0.5` gives a run stopped with
+    budget_exceeded 20,000 more tokens and 50 cents more; `--steps 200` sets its step limit
+    to 200. A limit that is unlimited cannot be raised: set it with N. A running run is
+    refused (its owner runs under the budget it loaded): abort it first, or wait until it
+    stops. `orchestra resume RUN` then continues the run under the new budget.
+    """
+    try:
+        changes = [parse_limit(name, text) for name, text in limits.items() if text is not None]
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not changes:
+        options = ", ".join(LIMITS[name][0] for name, _, _ in _BUDGET_OPTIONS)
+        raise click.UsageError(f"give at least one limit to change ({options})")
+
+    async def work() -> tuple[RunRecord, list[tuple[str, Any, Any]], dict[str, Any]]:
+        async with open_store(settings) as store:
+            record = await find_run(store, run_id)
+            _refuse_budget_change(record, time.time())
+            try:
+                before = scope_budget(record, agent)
+                after = apply_changes(before, changes, agent=agent)
+            except ValueError as exc:
+                raise click.ClickException(str(exc)) from None
+            changed = budget_changes(before, after)
+            result = {"before": before.to_dict(), "after": after.to_dict()}
+            if changed:
+                stored = stored_with(record, agent, after)
+                record = await store.set_budget(record.run_id, stored, reason=reason)
+            return record, changed, result
+
+    record, changed, result = _run(work)
+    if as_json:
+        _echo_json(
+            {
+                "run_id": record.run_id,
+                "agent": agent,
+                **result,
+                "changed": [name for name, _, _ in changed],
+                "budget": record.budget,
+            }
+        )
+        return
+    whose = f"run {record.run_id}" if agent is None else f"agent {agent!r} of run {record.run_id}"
+    if not changed:
+        click.echo(f"the budget of {whose} is unchanged: it already has those limits")
+        return
+    used = budget_used(record, agent)
+    click.echo(f"budget of {whose}:")
+    for name, old, new in changed:
+        click.echo(f"  {format_change(name, old, new, used)}")
+    click.echo(f"continue the run with `orchestra resume {record.run_id}`")
+
+
+def _refuse_budget_change(record: RunRecord, now: float) -> None:
+    """Refuse to change the budget of a completed run, or of one a live owner runs."""
+    if record.status == "completed":
+        raise RunStatusError(record.run_id, record.status, "raise its budget")
+    if record.status != ACTIVE or not record.lease_live(now):
+        return
+    assert record.lease_expires_at is not None
+    left = format_age(record.lease_expires_at - now)
+    raise click.ClickException(
+        f"run {record.run_id} is running (owned by {record.owner}, lease {left} left) and "
+        f"runs under the budget it loaded; stop it first (`orchestra abort "
+        f"{record.run_id} --reason ...`), or wait until it stops, then raise its budget"
+    )

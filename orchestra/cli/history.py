@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..store.base import CheckpointRow, EventRow
+from .budgets import format_budget_diff
 from .format import _STORED_STYLE, _plain_value, format_duration, format_nodes, format_timestamp
 
 __all__ = (
@@ -87,6 +88,17 @@ def _run_event_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
             notes=f"{data.get('request_id')} ({data.get('node')}): {said}",
             style="bold",
         )
+    if row.kind == "budget_raised":
+        after = data.get("after")
+        changed = format_budget_diff(data.get("before"), after if isinstance(after, dict) else {})
+        reason = f" ({data['reason']})" if data.get("reason") else ""
+        return TimelineEntry(
+            at=row.at,
+            step=step,
+            what="operator changed the budget",
+            notes=changed + reason,
+            style="bold",
+        )
     if row.kind == "run_forked":
         return TimelineEntry(
             at=row.at,
@@ -150,7 +162,8 @@ def timeline(events: Sequence[EventRow]) -> list[TimelineEntry]:
     The node and step events of a step become one entry: its nodes, duration, changed
     fields, and any retries and errors; each model and tool call is one entry (caller, model
     or tool, tokens or status, replayed); the run's own events (started, finished, abort
-    requested, forked, or kinds this version does not know) are one entry each.
+    requested, budget changed, forked, or kinds this version does not know) are one entry
+    each.
     """
     entries: list[TimelineEntry] = []
     steps: dict[int, _StepEvents] = {}

@@ -17,6 +17,7 @@ from rich.text import Text
 
 from ..outcome import RunStatus
 from ..store.base import ACTIVE, EventRow, RunRecord
+from .budgets import budget_used, format_budget
 from .format import (
     _STORED_STYLE,
     format_age,
@@ -30,6 +31,7 @@ from .history import _event_data
 
 __all__ = (
     "RUN_STATUSES",
+    "budget_by_agent",
     "format_abort",
     "format_owner",
     "format_prune",
@@ -143,6 +145,24 @@ def usage_by_node(usage: Mapping[str, Any]) -> Table | None:
     return table
 
 
+def budget_by_agent(record: RunRecord) -> Table | None:
+    """Build the lines of the agents' own budgets (limits set, with use), or None when no
+    agent has one."""
+    agents = (record.budget or {}).get("agents") or {}
+    lines = [
+        (name, format_budget(limits, budget_used(record, name))) for name, limits in agents.items()
+    ]
+    lines = [(name, text) for name, text in lines if text]
+    if not lines:
+        return None
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="cyan", no_wrap=True)
+    table.add_column()
+    for name, text in lines:
+        table.add_row(name, text)
+    return table
+
+
 def run_json(record: RunRecord, now: float, *, gone: bool = False) -> dict[str, Any]:
     """Return a run as a JSON-ready dict: the stored record plus its lease state."""
     data = asdict(record)
@@ -227,7 +247,8 @@ def _next_nodes(events: Sequence[EventRow]) -> str:
 def run_summary(
     record: RunRecord, events: Sequence[EventRow], now: float, *, gone: bool = False
 ) -> Table:
-    """Build the facts of ``orchestra show``: status, why, where, who, when, usage."""
+    """Build the facts of ``orchestra show``: status, why, where, who, when, usage, and the
+    budget's limits that are set, each with its use."""
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold", no_wrap=True)
     facts.add_column()
@@ -264,6 +285,13 @@ def run_summary(
         agents = usage_by_node(record.usage)
         if agents is not None:
             facts.add_row("by agent", agents)
+    if record.budget is not None:
+        limits = format_budget(record.budget.get("run") or {}, budget_used(record, None))
+        if limits:
+            facts.add_row("budget", limits)
+        own = budget_by_agent(record)
+        if own is not None:
+            facts.add_row("agent budgets", own)
     return facts
 
 

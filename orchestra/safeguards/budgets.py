@@ -323,3 +323,31 @@ def _scope_name(key: str | None) -> str:
 def worst_output(max_tokens: int | None) -> int:
     """The output tokens a model call may use: its ``max_tokens``, or the default."""
     return max_tokens if max_tokens is not None else DEFAULT_MAX_OUTPUT_TOKENS
+
+
+def stored_budget(run: Budget, agents: Mapping[str, Budget]) -> dict[str, Any]:
+    """The run's limits as the store keeps them (``orchestra budget`` raises them)."""
+    return {"run": run.to_dict(), "agents": {name: b.to_dict() for name, b in agents.items()}}
+
+
+def loaded_budget(
+    data: Mapping[str, Any], run: Budget, agents: Mapping[str, Budget]
+) -> tuple[Budget, dict[str, Budget]]:
+    """The limits a resumed run runs under: for each limit, the larger of the run's own
+    (as stored, and as ``orchestra budget`` raised it) and the resuming app's (an app may
+    raise a run's limits, never lower them). An agent new to the graph gets the app's."""
+    stored = data.get("agents") or {}
+    return _larger(Budget.from_dict(data["run"]), run), {
+        name: _larger(Budget.from_dict(stored[name]), budget) if name in stored else budget
+        for name, budget in agents.items()
+    }
+
+
+def _larger(own: Budget, app: Budget) -> Budget:
+    changes: dict[str, Any] = {}
+    for item in fields(Budget):
+        if item.name == "soft":
+            continue
+        mine, theirs = getattr(own, item.name), getattr(app, item.name)
+        changes[item.name] = None if mine is None or theirs is None else max(mine, theirs)
+    return replace(own, **changes)

@@ -12,12 +12,15 @@ Serialization is the caller's: the store moves JSON text. Implementations: ``SQL
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+from ..errors import LeaseHeldError, RunStatusError
 
 __all__ = (
     "STEP_EVENT_DEFAULTS",
@@ -29,6 +32,7 @@ __all__ = (
     "RunRecord",
     "StepCommit",
     "Store",
+    "budget_event",
     "merge_events",
     "new_owner_id",
 )
@@ -63,6 +67,9 @@ class RunRecord:
     abort_requested: str | None = None
     parent_run_id: str | None = None
     parent_step: int | None = None
+    budget: dict[str, Any] | None = None
+    """The limits the run runs under: ``{"run": {...}, "agents": {name: {...}}}``, each a
+    ``Budget.to_dict()``; None for a run stored before budgets were."""
 
     def lease_live(self, now: float) -> bool:
         """Tell whether an owner holds an unexpired lease at time ``now``."""
@@ -289,6 +296,14 @@ class Store(Protocol):
         """Write a new run at rest (status ``pending``) starting from ``checkpoint``."""
         ...
 
+    async def set_budget(
+        self, run_id: str, budget: dict[str, Any], *, reason: str | None = None
+    ) -> RunRecord:
+        """Store a new budget for a run at rest, with a ``budget_raised`` event, in one
+        transaction; return the updated run. Refuse a completed run (RunStatusError) and one
+        whose owner holds a live lease (LeaseHeldError): it runs under the budget it loaded."""
+        ...
+
     async def prune(self, *, older_than: float, statuses: Sequence[str]) -> int:
         """Delete runs last updated before ``older_than`` with one of ``statuses``."""
         ...
@@ -304,6 +319,20 @@ class Store(Protocol):
     async def __aexit__(self, *exc_info: object) -> None:
         """Close the store."""
         ...
+
+
+def budget_event(
+    record: RunRecord, budget: dict[str, Any], reason: str | None, now: float
+) -> EventRow:
+    """Check that ``record``'s budget may change at ``now``; return the event recording it."""
+    if record.status == "completed":
+        raise RunStatusError(record.run_id, record.status, "raise its budget")
+    if record.status == ACTIVE and record.lease_live(now):
+        assert record.owner is not None
+        assert record.lease_expires_at is not None
+        raise LeaseHeldError(record.run_id, record.owner, record.lease_expires_at - now)
+    data = {"before": record.budget, "after": budget, "reason": reason}
+    return EventRow(step=record.step, kind="budget_raised", at=now, data=json.dumps(data))
 
 
 # fields the recorder leaves out of step events when they hold these values

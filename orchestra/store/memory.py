@@ -30,6 +30,7 @@ from .base import (
     RequestRow,
     RunRecord,
     StepCommit,
+    budget_event,
     merge_events,
 )
 
@@ -97,6 +98,16 @@ class MemoryStore:
         self._events[record.run_id] = list(events)
         self._ledger[record.run_id] = {}
         self._requests[record.run_id] = {}
+
+    async def set_budget(
+        self, run_id: str, budget: dict[str, Any], *, reason: str | None = None
+    ) -> RunRecord:
+        now = time.time()
+        stored = json.loads(json.dumps(budget))  # a copy, refused alike if not JSON
+        event = budget_event(self._get(run_id), stored, reason, now)
+        self._runs[run_id] = replace(self._runs[run_id], budget=stored, updated_at=now)
+        self._events[run_id].append(event)
+        return self._get(run_id)
 
     async def commit_step(self, run_id: str, epoch: int, commit: StepCommit) -> None:
         record = self._fenced(run_id, epoch, commit.step)

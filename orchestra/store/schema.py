@@ -11,15 +11,17 @@ from typing import Any
 from .base import CheckpointRow, LedgerEntry, RequestRow, RunRecord
 
 MIGRATION_SET = "orchestra"
-KNOWN_MIGRATIONS = ("m001_initial", "m002_agents")
+KNOWN_MIGRATIONS = ("m001_initial", "m002_agents", "m003_budgets")
 CHECKPOINT_COLUMNS = (
     "step, snapshot, delta, tasks, created_at, events, usage, "
     "length(CAST(coalesce(snapshot, delta, '') AS BLOB)), memory"
 )
 RUN_COLUMNS = (
     "run_id, graph, structure_hash, app_ref, status, step, owner, epoch, lease_expires_at, "
-    "created_at, updated_at, usage, reason, error, abort_requested, parent_run_id, parent_step"
+    "created_at, updated_at, usage, reason, error, abort_requested, parent_run_id, parent_step, "
+    "budget"
 )
+RUN_VALUES = ", ".join("?" for _ in RUN_COLUMNS.split(","))
 # A checkpoint's id is (run_no << 32) + step: the table's own rowid, so a step is one plain
 # b-tree insert with no second index, and a run's checkpoints are one rowid range.
 STEP_MASK = 0xFFFFFFFF
@@ -140,6 +142,12 @@ def migrations() -> Any:
         )
         db.execute("CREATE INDEX requests_by_status ON requests (status, created_at)")
 
+    @migrations(name="m003_budgets")
+    def m003_budgets(db: Any) -> None:
+        # the limits a run was started with (raised by an operator), so a resume keeps them;
+        # NULL for the runs already stored
+        db.execute("ALTER TABLE runs ADD COLUMN budget TEXT")
+
     return migrations
 
 
@@ -199,6 +207,7 @@ def run_values(record: RunRecord) -> tuple[Any, ...]:
         record.abort_requested,
         record.parent_run_id,
         record.parent_step,
+        None if record.budget is None else json.dumps(record.budget),
     )
 
 
@@ -221,6 +230,7 @@ def record_from_row(row: Sequence[Any]) -> RunRecord:
         abort_requested=row[14],
         parent_run_id=row[15],
         parent_step=row[16],
+        budget=json.loads(row[17]) if row[17] is not None else None,
     )
 
 

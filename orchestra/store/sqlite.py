@@ -48,6 +48,7 @@ from .base import (
     RequestRow,
     RunRecord,
     StepCommit,
+    budget_event,
     merge_events,
 )
 from .schema import (
@@ -59,6 +60,7 @@ from .schema import (
     READ_COLUMNS,
     REQUEST_COLUMNS,
     RUN_COLUMNS,
+    RUN_VALUES,
     STEP_MASK,
     checkpoint_from_row,
     checkpoint_values,
@@ -279,14 +281,28 @@ class SQLiteStore:
     ) -> None:
         try:
             conn.execute(
-                f"INSERT INTO runs ({RUN_COLUMNS}) "
-                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({RUN_VALUES})",
                 run_values(record),
             )
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"run {record.run_id} already exists in {self.path}") from exc
         self._insert_checkpoint(conn, record.run_id, checkpoint)
         self._insert_events(conn, record.run_id, events)
+
+    async def set_budget(
+        self, run_id: str, budget: dict[str, Any], *, reason: str | None = None
+    ) -> RunRecord:
+        now = time.time()
+        text = json.dumps(budget)
+        with self._write() as conn:
+            record = self._get(conn, run_id)
+            event = budget_event(record, budget, reason, now)
+            conn.execute(
+                "UPDATE runs SET budget = ?, updated_at = ? WHERE run_id = ?",
+                (text, now, run_id),
+            )
+            self._insert_events(conn, run_id, [event])
+            return self._get(conn, run_id)
 
     async def commit_step(self, run_id: str, epoch: int, commit: StepCommit) -> None:
         # fenced: the row goes in only while this owner's epoch is current

@@ -1,5 +1,5 @@
 """SQLiteStore migrations: a database written at schema m001 (before agents) opens, migrates
-to m002_agents, and its runs load and resume.
+to m002_agents and m003_budgets, and its runs load and resume.
 
 The m001 database is built as orchestra 3a5208c built it: its DDL is copied here (frozen, so
 a later edit of the package's m001 cannot hide a migration problem) and applied by
@@ -174,13 +174,13 @@ def test_m001_database_is_at_schema_m001(path: Path) -> None:
     assert not {"ledger", "requests"} & tables(path)
 
 
-async def test_m001_database_opens_migrated_to_m002_agents(path: Path) -> None:
-    """Opening an m001 database applies m002_agents once."""
+async def test_m001_database_opens_migrated_to_the_current_schema(path: Path) -> None:
+    """Opening an m001 database applies m002_agents and m003_budgets once."""
     async with SQLiteStore(path) as store:
-        assert store.schema_version() == "m002_agents"
+        assert store.schema_version() == "m003_budgets"
     async with SQLiteStore(path) as store:
-        assert store.schema_version() == "m002_agents"
-    assert migration_names(path) == ["m001_initial", "m002_agents"]
+        assert store.schema_version() == "m003_budgets"
+    assert migration_names(path) == ["m001_initial", "m002_agents", "m003_budgets"]
 
 
 async def test_m001_database_gains_the_agents_tables_and_memory_column(path: Path) -> None:
@@ -240,7 +240,7 @@ async def test_m001_database_passes_integrity_check_after_migration(path: Path) 
 
 def test_m001_database_opened_by_two_stores_at_once_migrates_once(path: Path) -> None:
     """Two stores (threads, each with its own connection) opening the m001 file at the same
-    moment both end at m002_agents, applied once."""
+    moment both end at m003_budgets, each migration applied once."""
     barrier = threading.Barrier(2)
     versions: list[str] = []
 
@@ -255,5 +255,5 @@ def test_m001_database_opened_by_two_stores_at_once_migrates_once(path: Path) ->
         thread.start()
     for thread in threads:
         thread.join(10)
-    assert versions == ["m002_agents", "m002_agents"]
-    assert migration_names(path) == ["m001_initial", "m002_agents"]
+    assert versions == ["m003_budgets", "m003_budgets"]
+    assert migration_names(path) == ["m001_initial", "m002_agents", "m003_budgets"]

@@ -140,7 +140,7 @@ def test_sqlite_store_rejects_an_invalid_durability(path: Path) -> None:
 
 async def test_sqlite_store_records_the_schema_version(store: SQLiteStore) -> None:
     """A new file gets the current schema, named by its newest migration."""
-    assert store.schema_version() == "m002_agents"
+    assert store.schema_version() == "m003_budgets"
 
 
 async def test_sqlite_store_reopens_an_existing_file(path: Path) -> None:
@@ -151,7 +151,7 @@ async def test_sqlite_store_reopens_an_existing_file(path: Path) -> None:
     second = SQLiteStore(path)
     try:
         assert (await second.get_run("run-1")).graph == "ticker"
-        assert second.schema_version() == "m002_agents"
+        assert second.schema_version() == "m003_budgets"
     finally:
         await second.aclose()
 
@@ -256,7 +256,7 @@ async def test_sqlite_store_turns_an_empty_file_into_a_store(path: Path) -> None
     store = SQLiteStore(path)
     try:
         assert await store.list_runs() == []
-        assert store.schema_version() == "m002_agents"
+        assert store.schema_version() == "m003_budgets"
     finally:
         await store.aclose()
 
