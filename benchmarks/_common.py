@@ -92,6 +92,7 @@ def versions(*names: str) -> dict[str, str | None]:
     return found
 
 
-def configure_logging() -> None:
-    """Quiet orchestra to warnings: a benchmark is an application and may configure logging."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+def configure_logging(level: int = logging.WARNING) -> None:
+    """Quiet orchestra to warnings (or ``level``): a benchmark is an application and may
+    configure logging."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level))

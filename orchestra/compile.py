@@ -24,6 +24,7 @@ from .events import Event
 from .graph import END, START, EdgeSpec, NodeSpec, RouteSpec
 from .outcome import RunOutcome
 from .safeguards.budgets import Budget
+from .safeguards.loops import LoopGuard
 from .state import StateSchema
 from .validation import (
     graph_tool_problems,
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
 
 __all__ = ("CompiledGraph",)
 
+DEFAULT_GUARD: Any = object()
+"""Stands for "the default LoopGuard()" in compile's signature (None turns it off)."""
+
 StateT = TypeVar("StateT", bound=BaseModel)
 
 
@@ -54,6 +58,7 @@ class CompiledGraph(Generic[StateT]):
         "budget",
         "edges",
         "joins",
+        "loop_guard",
         "max_concurrency",
         "name",
         "nodes",
@@ -76,6 +81,7 @@ class CompiledGraph(Generic[StateT]):
     routes: Mapping[str, tuple[RouteSpec, ...]]
     budget: Budget
     agent_budgets: Mapping[str, Budget]
+    loop_guard: LoopGuard | None
     max_concurrency: int | None
     structure_hash: str
     store: Store | None
@@ -97,6 +103,7 @@ class CompiledGraph(Generic[StateT]):
         store: Store | None = None,
         app_ref: str | None = None,
         origin: tuple[str | None, str | None] = (None, None),
+        loop_guard: LoopGuard | None = None,
     ) -> None:
         set_ = object.__setattr__
         set_(self, "name", name)
@@ -132,6 +139,7 @@ class CompiledGraph(Generic[StateT]):
             ),
         )
         set_(self, "max_concurrency", max_concurrency)
+        set_(self, "loop_guard", loop_guard)
         set_(self, "structure_hash", self._hash())
         set_(self, "store", store)
         set_(self, "_app_ref", app_ref)
@@ -159,6 +167,7 @@ class CompiledGraph(Generic[StateT]):
             max_concurrency=self.max_concurrency,
             store=as_store(store),
             app_ref=self.app_ref,
+            loop_guard=self.loop_guard,
         )
 
     @property
@@ -382,6 +391,7 @@ def compile_graph(
     max_concurrency: int | None,
     app_ref: str | None = None,
     origin: tuple[str | None, str | None] = (None, None),
+    loop_guard: Any = DEFAULT_GUARD,
 ) -> CompiledGraph[Any]:
     definition = graph._definition
     problems: list[str] = list(definition.problems)
@@ -435,6 +445,12 @@ def compile_graph(
     if app_ref is not None and (not isinstance(app_ref, str) or ":" not in app_ref):
         problems.append(f"app_ref must look like 'package.module:attribute', got {app_ref!r}")
 
+    if loop_guard is DEFAULT_GUARD:
+        loop_guard = LoopGuard()
+    if loop_guard is not None and not isinstance(loop_guard, LoopGuard):
+        problems.append(f"loop_guard must be a LoopGuard or None, got {loop_guard!r}")
+    elif loop_guard is not None and schema is not None:
+        problems.extend(loop_guard.problems(schema.fields))
     if problems:
         raise GraphValidationError(graph.name, problems)
     assert schema is not None
@@ -450,6 +466,7 @@ def compile_graph(
         store=resolved_store,
         app_ref=app_ref,
         origin=origin,
+        loop_guard=loop_guard,
     )
 
 

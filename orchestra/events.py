@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 __all__ = (
     "BudgetWarned",
     "Event",
+    "LoopDetected",
     "ModelCalled",
     "NodeFinished",
     "NodeRetried",
@@ -112,6 +113,18 @@ class BudgetWarned(Event):
     limit: str
     used: float
     value: float
+
+
+@dataclass(slots=True, kw_only=True)
+class LoopDetected(Event):
+    """A loop detector tripped after ``step`` (``detector``: ``repeats``, ``same_call`` or
+    ``no_progress``); ``evidence`` is JSON: the steps, what repeated."""
+
+    kind: ClassVar[str] = "loop_detected"
+    step: int
+    detector: str
+    message: str
+    evidence: str
 
 
 @dataclass(slots=True, kw_only=True)

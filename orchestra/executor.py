@@ -20,7 +20,7 @@ last committed step intact.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from ._logging import debug_enabled, get_logger
 from ._tasks import NO_PAYLOAD, Task, TaskResult
 from .agents import conversation_key, tool_map
-from .checkpoint import Joins, MemoryChange
+from .checkpoint import Joins, MemoryChange, compact_json
 from .context import NodeContext
 from .errors import (
     InvalidUpdateError,
@@ -44,6 +44,7 @@ from .errors import (
 from .events import (
     BudgetWarned,
     Event,
+    LoopDetected,
     NodeFinished,
     NodeRetried,
     NodeStarted,
@@ -51,18 +52,20 @@ from .events import (
     RunStarted,
     StepCommitted,
 )
-from .gateway import Caller, Gateway, Meter
+from .gateway import NOT_RUN, Caller, CallOutcome, Gateway, Meter
 from .graph import NodeSpec
 from .ledger import Ledger
+from .models.base import Message
 from .outcome import RunOutcome, RunStatus, Usage
 from .routing import initial_tasks, next_tasks, normalize
 from .safeguards.budgets import Budget, BudgetStop, Spend
 from .safeguards.interrupts import Request, StepInterrupted
+from .safeguards.loops import Detection, LoopWatch
 from .tools import Effect
 
 if TYPE_CHECKING:
     from .compile import CompiledGraph
-    from .models.base import Message
+    from .models.base import ToolCall
     from .recorder import Recorder
     from .tools import Tool
 
@@ -146,6 +149,9 @@ class Execution:
         self._allow: dict[str, Mapping[str, Tool]] = {}
         self._agents = any(node.kind == "agent" for node in graph.nodes.values())
         self._finished: set[str] = set()
+        guard = graph.loop_guard
+        self.loops = LoopWatch(guard, state, step) if guard is not None else None
+        self._loop_found: Detection | None = None
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -423,6 +429,39 @@ class Execution:
         self.done.clear()
         self.ledger.forget(step)
         self.gateway.forget(step)
+        if self.loops is not None:
+            self._guard_loops(step, state, deltas, following, results)
+
+    def _guard_loops(
+        self,
+        step: int,
+        state: BaseModel,
+        changed: Mapping[str, Any],
+        following: list[Task],
+        results: list[TaskResult],
+    ) -> None:
+        """The loop detectors, after the step is committed: a loop stops the run here."""
+        assert self.loops is not None
+        busy = self._agents and any(r.again for r in results)
+        if len(following) == 1:
+            ready: tuple[str, ...] = (following[0].label,)
+        else:
+            ready = tuple(t.label for t in following)
+        found = self.loops.after_step(step, state, changed, ready, busy) or self._loop_found
+        if found is None or not following:
+            return
+        self._loop_found = None
+        self.status, self.reason = RunStatus.LOOP_DETECTED, f"loop detected: {found.message}"
+        event = LoopDetected(
+            run_id=self.run_id,
+            at=_now(),
+            step=step,
+            detector=found.detector,
+            message=found.message,
+            evidence=compact_json(found.evidence),
+        )
+        self._emit(event, self._buffer, "warning")
+        self._carried.append(event)
 
     async def _act(self, tasks: list[Task], results: list[TaskResult], step: int) -> None:
         """The act phase: run every tool call the step's agents proposed, through the
@@ -436,10 +475,37 @@ class Execution:
                 batch.append((caller, result.calls))
                 owners.append(result)
         outcomes = await self.gateway.act(batch)
-        for result, done in zip(owners, outcomes, strict=True):
+        for (caller, calls), result, done in zip(batch, owners, outcomes, strict=True):
             messages = result.messages if result.messages is not None else []
             messages.extend(outcome.to_message() for outcome in done)
+            if self.loops is not None:
+                messages.extend(self._watch_calls(step, caller.label, calls, done))
             result.messages = messages
+
+    def _watch_calls(
+        self, step: int, node: str, calls: Sequence[ToolCall], done: Sequence[CallOutcome]
+    ) -> list[Message]:
+        """The same-call detector on an agent's calls; return a nudge for the agent, if its
+        policy is to nudge and this is the first time."""
+        assert self.loops is not None
+        nudges = []
+        for call, outcome in zip(calls, done, strict=True):
+            if outcome.status in NOT_RUN:
+                continue
+            found, nudge = self.loops.on_call(step, node, call.name, call.arguments)
+            if nudge and found is not None:
+                nudges.append(
+                    Message(
+                        role="user",
+                        name="orchestra",
+                        content=f"You are repeating yourself: {found.message}. Its result "
+                        f"will not change. Do something else, or give your final answer; "
+                        f"repeating it again stops the run.",
+                    )
+                )
+            elif found is not None and self._loop_found is None:
+                self._loop_found = found
+        return nudges
 
     def _remember(self, tasks: list[Task], results: list[TaskResult], joins: Joins) -> MemoryChange:
         """The conversations after the step: the messages its agents added; a finished

@@ -226,6 +226,7 @@ class Graph(Generic[StateT]):
         budget: Budget | None = None,
         max_concurrency: int | None = None,
         app_ref: str | None = None,
+        loop_guard: Any = ...,
     ) -> CompiledGraph[StateT]:
         """Validate the graph and return a frozen, runnable :class:`CompiledGraph`.
 
@@ -236,9 +237,11 @@ class Graph(Generic[StateT]):
         (``"package.module:attribute"``); found automatically when the compiled graph is a
         module-level attribute.
 
+        ``loop_guard``: the loop detectors (default ``LoopGuard()``; ``None`` turns them off).
+
         Raises :class:`~orchestra.errors.GraphValidationError` listing every problem found.
         """
-        from .compile import compile_graph
+        from .compile import DEFAULT_GUARD, compile_graph
 
         caller = sys._getframe(1).f_globals
         origin = (caller.get("__name__"), caller.get("__file__"))
@@ -249,4 +252,5 @@ class Graph(Generic[StateT]):
             max_concurrency=max_concurrency,
             app_ref=app_ref,
             origin=origin,
+            loop_guard=DEFAULT_GUARD if loop_guard is ... else loop_guard,
         )

@@ -59,7 +59,9 @@ class Busy:
         await anyio.sleep(0.001)
         self.in_flight -= 1
         if request.turn + 1 < self.turns:
-            return ModelResponse(tool_calls=(ToolCall(name="look", arguments={"q": "x"}),))
+            return ModelResponse(
+                tool_calls=(ToolCall(name="look", arguments={"q": str(request.turn)}),)
+            )
         return "done"
 
 

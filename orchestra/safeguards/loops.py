@@ -1,0 +1,216 @@
+"""Loop detection that does not rely on the model.
+
+``LoopGuard`` (on ``compile``; on by default) watches a run at every barrier and every act
+phase with detectors that look at what the run *does*, never at what a model says about it:
+
+- ``repeats``: the same state (its fingerprint) with the same ready nodes, seen that many
+  times within ``window`` steps: the run is going round in a circle (an exact cycle, or
+  agents handing work back and forth without changing anything);
+- ``same_call``: one agent calling the same tool with the same arguments that many times
+  within ``window`` steps (its result cannot change what it does next);
+- ``no_progress``: none of the ``progress`` fields changed for that many steps.
+
+The state fingerprint is a XOR of per-field hashes (plain values directly, others through
+their JSON form with dict keys sorted), updated from the fields a step changed: O(changed
+fields) per step, not O(state). Fields listed in
+``volatile`` (timestamps, counters of attempts) are left out.
+
+Each detector's policy is ``stop`` (the run stops, after its step is checkpointed, with status
+``loop_detected`` and the evidence: the repeating window and its steps) or ``nudge`` (for
+``same_call``: the agent is told, once, what it is repeating; the next repetition stops the
+run).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import to_json, to_jsonable_python
+
+__all__ = ("Detection", "LoopGuard", "LoopWatch")
+
+POLICIES = ("stop", "nudge")
+DETECTORS = ("repeats", "same_call", "no_progress")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoopGuard:
+    """Loop detectors and their policies (see the module doc); ``None`` turns one off."""
+
+    repeats: int | None = 3
+    same_call: int | None = 3
+    no_progress: int | None = None
+    window: int = 20
+    progress: tuple[str, ...] = ()
+    volatile: tuple[str, ...] = ()
+    policy: str | Mapping[str, str] = "stop"
+
+    def __post_init__(self) -> None:
+        for name in ("repeats", "same_call", "no_progress"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 2):
+                raise ValueError(f"LoopGuard.{name} must be an integer >= 2 or None")
+        if not isinstance(self.window, int) or self.window < 2:
+            raise ValueError("LoopGuard.window must be an integer >= 2")
+        if self.no_progress is not None and not self.progress:
+            raise ValueError("LoopGuard.no_progress needs progress=(field names)")
+        object.__setattr__(self, "progress", tuple(self.progress))
+        object.__setattr__(self, "volatile", tuple(self.volatile))
+        for detector in DETECTORS:
+            policy = self.policy_for(detector)
+            if policy not in POLICIES:
+                raise ValueError(f"LoopGuard policy must be one of {POLICIES}, got {policy!r}")
+        if self.policy_for("repeats") == "nudge" or self.policy_for("no_progress") == "nudge":
+            raise ValueError("the nudge policy applies to same_call only (it tells an agent)")
+
+    def policy_for(self, detector: str) -> str:
+        if isinstance(self.policy, str):
+            return self.policy
+        return self.policy.get(detector, "stop")
+
+    def problems(self, fields: Iterable[str]) -> list[str]:
+        """Fields named here must be state fields."""
+        known = set(fields)
+        return [
+            f"loop guard: {what} field {name!r} is not a state field"
+            for what, names in (("progress", self.progress), ("volatile", self.volatile))
+            for name in names
+            if name not in known
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """A loop found: which detector, in words, and the evidence (steps, what repeats)."""
+
+    detector: str
+    message: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+_PLAIN = (int, str, bool, float, type(None))
+
+
+def _field_hash(name: str, value: Any) -> int:
+    """A field's hash within this process (the detectors' state is not stored): plain
+    values hash directly; others through their JSON form (dict keys sorted)."""
+    if type(value) in _PLAIN:
+        return hash((name, type(value), value))
+    if isinstance(value, dict) or (isinstance(value, BaseModel) and value.model_extra):
+        text: bytes | str = json.dumps(
+            to_jsonable_python(value), sort_keys=True, separators=(",", ":"), default=str
+        )
+    else:
+        text = to_json(value, fallback=str)
+    return hash((name, text))
+
+
+class LoopWatch:
+    """One run's detectors."""
+
+    def __init__(self, guard: LoopGuard, state: BaseModel, step: int) -> None:
+        self.guard = guard
+        self._skip = frozenset(guard.volatile)
+        self._hashes = {
+            k: _field_hash(k, getattr(state, k))
+            for k in type(state).model_fields
+            if k not in self._skip
+        }
+        self._print = 0
+        for value in self._hashes.values():
+            self._print ^= value
+        # the window: (step, key) in order, and each key's steps within it
+        self._window: deque[tuple[int, tuple[int, tuple[str, ...]]]] = deque()
+        self._recent: dict[tuple[int, tuple[str, ...]], deque[int]] = {}
+        self._calls: dict[tuple[str, str, str], deque[int]] = {}
+        self._nudged: set[tuple[str, str, str]] = set()
+        self._progressed = step
+
+    def fingerprint(self) -> int:
+        return self._print
+
+    def after_step(
+        self,
+        step: int,
+        state: BaseModel,
+        changed: Iterable[str],
+        ready: tuple[str, ...],
+        busy: bool,
+    ) -> Detection | None:
+        """Update the fingerprint from the fields the step changed; check the state and
+        progress detectors. ``busy``: agents are between turns (not a repetition)."""
+        skip, hashes = self._skip, self._hashes
+        guard = self.guard
+        for name in changed:
+            if name in skip:
+                continue
+            new = _field_hash(name, getattr(state, name))
+            self._print ^= hashes.get(name, 0) ^ new
+            hashes[name] = new
+            if name in guard.progress:
+                self._progressed = step
+        if guard.no_progress is not None and step - self._progressed >= guard.no_progress:
+            return Detection(
+                "no_progress",
+                f"no change to {', '.join(map(repr, guard.progress))} for "
+                f"{step - self._progressed} steps (steps {self._progressed + 1}-{step})",
+                {"fields": list(guard.progress), "since_step": self._progressed, "step": step},
+            )
+        if guard.repeats is None or busy or not ready:
+            return None
+        window, recent = self._window, self._recent
+        horizon = step - guard.window
+        while window and window[0][0] <= horizon:
+            _, old_key = window.popleft()
+            old = recent[old_key]
+            old.popleft()
+            if not old:
+                del recent[old_key]
+        key = (self._print, ready)
+        window.append((step, key))
+        steps = recent.get(key)
+        if steps is None:
+            recent[key] = deque((step,))
+            return None
+        steps.append(step)
+        if len(steps) >= guard.repeats:
+            return Detection(
+                "repeats",
+                f"the same state with the same next nodes ({', '.join(ready)}) came back "
+                f"{len(steps)} times, at steps {', '.join(map(str, steps))}",
+                {"steps": list(steps), "next": list(ready), "fingerprint": f"{self._print:016x}"},
+            )
+        return None
+
+    def on_call(
+        self, step: int, node: str, tool: str, arguments: Any
+    ) -> tuple[Detection | None, bool]:
+        """Record an agent's tool call; return a detection and whether it is a first
+        repetition to nudge about (under the nudge policy)."""
+        guard = self.guard
+        if guard.same_call is None:
+            return None, False
+        args = json.dumps(arguments, sort_keys=True, separators=(",", ":"), default=str)
+        key = (node, tool, args)
+        steps = self._calls.setdefault(key, deque())
+        steps.append(step)
+        while steps and steps[0] <= step - guard.window:
+            steps.popleft()
+        if len(steps) < guard.same_call:
+            return None, False
+        detection = Detection(
+            "same_call",
+            f"{node!r} called {tool}({args}) {len(steps)} times within {guard.window} steps "
+            f"(steps {', '.join(map(str, steps))})",
+            {"node": node, "tool": tool, "arguments": arguments, "steps": list(steps)},
+        )
+        if guard.policy_for("same_call") == "nudge" and key not in self._nudged:
+            self._nudged.add(key)
+            steps.clear()  # it gets another window to change course
+            return detection, True
+        return detection, False

@@ -1,0 +1,226 @@
+"""Loop detection: exact cycles and ping-pong (repeated state with the same next nodes),
+an agent repeating one tool call (stop, or nudge once), no progress on chosen fields, no
+false positive on a run that progresses, volatile fields, and the guard's configuration."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from orchestra import (
+    END,
+    START,
+    Agent,
+    Budget,
+    Effect,
+    Graph,
+    GraphValidationError,
+    NodeContext,
+    RunStatus,
+    tool,
+)
+from orchestra.models import ModelRequest, ModelResponse, ScriptedModel, ToolCall
+from orchestra.safeguards.loops import LoopGuard
+from orchestra.store import Store
+
+pytestmark = pytest.mark.anyio
+
+
+class S(BaseModel):
+    counter: int = 0
+    owner: str = ""
+    stamp: float = 0.0
+    done: int = 0
+    answer: str | None = None
+
+
+def cycle(**compile_options: Any) -> Any:
+    """a -> b -> a forever, changing nothing (an exact cycle)."""
+
+    async def a(state: S, ctx: NodeContext) -> None:
+        return None
+
+    async def b(state: S, ctx: NodeContext) -> None:
+        return None
+
+    graph: Graph[S] = Graph(S)
+    graph.add_node("a", a)
+    graph.add_node("b", b)
+    graph.add_edge(START, "a")
+    graph.add_edge("a", "b")
+    graph.add_route("b", lambda state: "a", targets=["a", END])
+    return graph.compile(budget=Budget(steps=200), **compile_options)
+
+
+async def test_loops_exact_cycle_stops_the_run_with_evidence(store: Store) -> None:
+    """An exact cycle is stopped loop_detected after the third repetition, checkpointed,
+    with the repeating steps as evidence."""
+    outcome = await cycle(store=store).run(S(), run_id="r1")
+    assert outcome.status is RunStatus.LOOP_DETECTED
+    assert outcome.steps <= 6
+    assert "came back 3 times" in (outcome.stop_reason or "")
+    checkpoints = await store.checkpoints("r1")
+    assert checkpoints[-1].step == outcome.steps  # stopped after checkpointing
+    (event,) = [e for e in await store.events("r1") if e.kind == "loop_detected"]
+    evidence = json.loads(json.loads(event.data)["evidence"])
+    assert len(evidence["steps"]) == 3
+
+
+async def test_loops_ping_pong_between_agents_is_detected() -> None:
+    """Two agents handing work back and forth without changing the state are stopped."""
+    model = ScriptedModel(lambda request: "over to you")
+    graph: Graph[S] = Graph(S)
+    graph.add_node(Agent("a", model=model))
+    graph.add_node(Agent("b", model=model))
+    graph.add_edge(START, "a")
+    graph.add_route("a", lambda state: "b", targets=["b", END])
+    graph.add_route("b", lambda state: "a", targets=["a", END])
+    outcome = await graph.compile(budget=Budget(steps=100)).run(S())
+    assert outcome.status is RunStatus.LOOP_DETECTED
+    assert outcome.steps <= 6
+
+
+async def test_loops_progressing_loop_is_not_a_loop() -> None:
+    """A loop that changes the state every round runs to its end: no false positive."""
+
+    async def count(state: S, ctx: NodeContext) -> dict[str, int]:
+        return {"counter": state.counter + 1}
+
+    graph: Graph[S] = Graph(S)
+    graph.add_node("count", count)
+    graph.add_edge(START, "count")
+    graph.add_route(
+        "count", lambda state: "count" if state.counter < 150 else END, targets=["count", END]
+    )
+    outcome = await graph.compile(budget=Budget(steps=500)).run(S())
+    assert outcome.status is RunStatus.COMPLETED
+    assert outcome.state.counter == 150
+
+
+async def test_loops_volatile_fields_do_not_hide_a_cycle() -> None:
+    """A cycle that only refreshes a timestamp is still a cycle when the field is
+    volatile, and is not one when it is not."""
+
+    async def tick(state: S, ctx: NodeContext) -> dict[str, float]:
+        return {"stamp": time.monotonic()}
+
+    def build(**guard: Any) -> Any:
+        graph: Graph[S] = Graph(S)
+        graph.add_node("tick", tick)
+        graph.add_edge(START, "tick")
+        graph.add_route("tick", lambda state: "tick", targets=["tick", END])
+        return graph.compile(budget=Budget(steps=30), loop_guard=LoopGuard(**guard))
+
+    caught = await build(volatile=("stamp",)).run(S())
+    assert caught.status is RunStatus.LOOP_DETECTED
+    missed = await build().run(S())
+    assert missed.status is RunStatus.BUDGET_EXCEEDED
+
+
+@tool(effect=Effect.READ)
+async def look(q: str) -> str:
+    """Look something up."""
+    return "same answer"
+
+
+def repeating_agent(policy: str, stubborn: bool) -> tuple[Any, ScriptedModel]:
+    """An agent that calls look(q="x") every turn; unless ``stubborn``, it answers once
+    the framework tells it that it is repeating itself."""
+
+    def answer(request: ModelRequest) -> ModelResponse | str:
+        told = any(m.name == "orchestra" for m in request.messages)
+        if told and not stubborn:
+            return "giving up on the lookup"
+        return ModelResponse(tool_calls=(ToolCall(name="look", arguments={"q": "x"}),))
+
+    model = ScriptedModel(answer)
+    graph: Graph[S] = Graph(S)
+    graph.add_node(Agent("a", model=model, tools=[look], output="answer", max_turns=50))
+    graph.add_edge(START, "a")
+    graph.add_edge("a", END)
+    guard = LoopGuard(repeats=None, policy={"same_call": policy})
+    return graph.compile(loop_guard=guard), model
+
+
+async def test_loops_same_tool_call_repeated_stops_the_run() -> None:
+    """An agent calling the same tool with the same arguments a third time is stopped."""
+    app, _ = repeating_agent("stop", stubborn=True)
+    outcome = await app.run(S())
+    assert outcome.status is RunStatus.LOOP_DETECTED
+    assert "'a' called look" in (outcome.stop_reason or "")
+    assert outcome.usage.tool_calls == 3
+
+
+async def test_loops_nudge_tells_the_agent_once_and_it_can_change_course() -> None:
+    """Under nudge the agent is told what it repeats; it answers and the run completes."""
+    app, model = repeating_agent("nudge", stubborn=False)
+    outcome = await app.run(S())
+    assert outcome.status is RunStatus.COMPLETED
+    assert outcome.state.answer == "giving up on the lookup"
+    nudges = [m for m in model.requests[-1].messages if m.name == "orchestra"]
+    assert len(nudges) == 1
+    assert "You are repeating yourself" in nudges[0].content
+
+
+async def test_loops_nudge_then_repeat_stops_the_run() -> None:
+    """An agent that ignores the nudge and repeats again is stopped."""
+    app, _ = repeating_agent("nudge", stubborn=True)
+    outcome = await app.run(S())
+    assert outcome.status is RunStatus.LOOP_DETECTED
+    assert outcome.usage.tool_calls == 6  # 3, the nudge, 3 more
+
+
+async def test_loops_no_progress_on_chosen_fields_is_detected() -> None:
+    """No change to the progress fields for N steps stops the run, even while other
+    fields change."""
+
+    async def busy(state: S, ctx: NodeContext) -> dict[str, int]:
+        return {"counter": state.counter + 1}  # moving, but never getting done
+
+    graph: Graph[S] = Graph(S)
+    graph.add_node("busy", busy)
+    graph.add_edge(START, "busy")
+    graph.add_route("busy", lambda state: "busy", targets=["busy", END])
+    guard = LoopGuard(no_progress=5, progress=("done",))
+    outcome = await graph.compile(budget=Budget(steps=100), loop_guard=guard).run(S())
+    assert outcome.status is RunStatus.LOOP_DETECTED
+    assert outcome.steps == 5
+    assert "no change to 'done' for 5 steps" in (outcome.stop_reason or "")
+
+
+async def test_loops_guard_off_lets_the_step_budget_stop_it() -> None:
+    """loop_guard=None turns the detectors off; the step budget still ends the run."""
+    outcome = await cycle(loop_guard=None).run(S())
+    assert outcome.status is RunStatus.BUDGET_EXCEEDED
+
+
+async def test_loops_stopped_run_can_be_resumed_by_an_operator(store: Store) -> None:
+    """A run stopped as a loop can be resumed (an operator's decision); it is watched
+    afresh, so the same loop stops it again."""
+    app = cycle(store=store)
+    first = await app.run(S(), run_id="r1")
+    second = await app.resume("r1")
+    assert second.status is RunStatus.LOOP_DETECTED
+    assert second.steps > first.steps
+
+
+def test_loops_guard_fields_must_be_state_fields() -> None:
+    """Progress or volatile fields that the state lacks are compile problems."""
+    with pytest.raises(GraphValidationError, match="progress field 'nope'"):
+        cycle(loop_guard=LoopGuard(no_progress=3, progress=("nope",)))
+
+
+def test_loops_guard_rejects_bad_settings() -> None:
+    """Bad thresholds, unknown policies and no_progress without fields are refused."""
+    for bad in (
+        {"repeats": 1},
+        {"policy": "shrug"},
+        {"no_progress": 3},
+        {"policy": {"repeats": "nudge"}},
+    ):
+        with pytest.raises(ValueError, match=r"LoopGuard|policy|nudge"):
+            LoopGuard(**bad)
