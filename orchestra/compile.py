@@ -344,6 +344,33 @@ class CompiledGraph(Generic[StateT]):
         ``aborted``; a run with no live owner is marked ``aborted`` at once."""
         return await self._require_store().request_abort(run_id, reason)
 
+    async def set_budget(
+        self,
+        run_id: str,
+        budget: Budget,
+        *,
+        agents: Mapping[str, Budget] | None = None,
+        reason: str | None = None,
+    ) -> RunRecord:
+        """Change the limits stored with a stopped run (what ``orchestra budget`` does); a
+        resume runs under them, raised to its app's where the app's are higher. ``agents``
+        replaces the named agents' budgets. Refused for a completed run or one a live
+        process owns; a cost limit over a model without a price is refused too."""
+        from .safeguards.budgets import stored_budget
+
+        store = self._require_store()
+        record = await store.get_run(run_id)
+        current = dict(self.agent_budgets)
+        if record.budget is not None:
+            current.update(
+                {k: Budget.from_dict(v) for k, v in (record.budget.get("agents") or {}).items()}
+            )
+        current.update(agents or {})
+        problems = price_problems(self.nodes, budget, current)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return await store.set_budget(run_id, stored_budget(budget, current), reason=reason)
+
     async def get_run(self, run_id: str) -> RunRecord:
         """Return the stored record of a run."""
         return await self._require_store().get_run(run_id)
@@ -470,7 +497,9 @@ def compile_graph(
     )
 
 
-def price_problems(nodes: Mapping[str, NodeSpec], budget: Budget) -> list[str]:
+def price_problems(
+    nodes: Mapping[str, NodeSpec], budget: Budget, agents: Mapping[str, Budget] | None = None
+) -> list[str]:
     """A cost budget needs a price for every model it covers: never a silent zero."""
     from .safeguards.budgets import price_of
 
@@ -479,7 +508,7 @@ def price_problems(nodes: Mapping[str, NodeSpec], budget: Budget) -> list[str]:
         if node.kind != "agent":
             continue
         agent = node.fn
-        own = agent.budget
+        own = agent.budget if agents is None else agents.get(node.name)
         if budget.cost_usd is None and (own is None or own.cost_usd is None):
             continue
         name = getattr(agent.model, "name", None)

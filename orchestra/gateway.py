@@ -247,10 +247,12 @@ class Gateway:
         """Call ``model`` once, or replay its recorded answer."""
         seq = caller.next_seq()
         name = getattr(model, "name", type(model).__name__)
-        if self.spend is not None and request.max_tokens is None:
+        # the call's identity is the request as the agent asked it (a budget change between a
+        # crash and its resume must not make it another call)
+        digest = fingerprint(request.model_dump(mode="json"))
+        if request.max_tokens is None and self.spend is not None and self.spend.caps(caller.node):
             # a reservation needs a worst case, and the model must be held to it
             request = request.model_copy(update={"max_tokens": DEFAULT_MAX_OUTPUT_TOKENS})
-        digest = fingerprint(request.model_dump(mode="json"))
         began = time.monotonic()
         entry = self.ledger.find(
             caller.step,
@@ -277,16 +279,17 @@ class Gateway:
                 )
             try:
                 response = await model.complete(request)
+                if not isinstance(response, ModelResponse):
+                    from .errors import ModelResponseError
+
+                    raise ModelResponseError(
+                        name,
+                        f"complete() returned {type(response).__name__}, not a ModelResponse",
+                    )
             except BaseException:
                 if spend is not None and reservation is not None:
                     spend.release(reservation)
                 raise
-            if not isinstance(response, ModelResponse):
-                from .errors import ModelResponseError
-
-                raise ModelResponseError(
-                    name, f"complete() returned {type(response).__name__}, not a ModelResponse"
-                )
             await self.ledger.finish(
                 caller.step,
                 caller.label,
@@ -382,6 +385,7 @@ class Gateway:
                     "conflict",
                     error="the arbiter did not schedule this call; it was not made",
                 )
+                self._release(item)
                 self._report(item, item.outcome, 0.0)
         timed_out = [
             p for p in runnable if p.outcome is not None and p.outcome.status == "in_doubt"
@@ -504,9 +508,25 @@ class Gateway:
                 doubt = CallOutcome(call.id, tool.name, "in_doubt")
                 self._report(item, doubt, 0.0)
                 return doubt
-        key = dict(kind="tool", name=tool.name, request_hash=item.request_hash)
         if self.spend is not None and item.reservation is None:
             item.reservation = self.spend.reserve_tool(caller.node)
+        ran: list[bool] = []
+        try:
+            return await self._run_tool(item, ran)
+        except BaseException:
+            # cancelled (an abort, a node timeout) or the store failed: a call that started
+            # may have run, so it counts; no reservation outlives its call
+            if ran and item.reservation is not None:
+                self.meter.tool(caller.node)
+            raise
+        finally:
+            self._release(item)
+
+    async def _run_tool(self, item: PlannedCall, ran: list[bool]) -> CallOutcome:
+        """Record an irreversible call as started, run it, check and record the result."""
+        tool, caller, call = item.tool, item.caller, item.call
+        assert tool is not None
+        key = dict(kind="tool", name=tool.name, request_hash=item.request_hash)
         started = None
         if tool.effect is Effect.IRREVERSIBLE:
             started = await self.ledger.start(caller.step, caller.label, item.seq, **key)
@@ -518,6 +538,7 @@ class Gateway:
             idempotency_key=self.idempotency_key(caller.step, caller.label, item.seq),
         )
         began = time.monotonic()
+        ran.append(True)
         outcome: CallOutcome | None = None
         try:
             if tool.timeout is None:

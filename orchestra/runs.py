@@ -28,7 +28,7 @@ from .errors import (
 from .events import RequestAnswered
 from .gateway import NOT_RUN
 from .outcome import RunStatus
-from .safeguards.budgets import loaded_budget
+from .safeguards.budgets import loaded_budget, price_of
 from .safeguards.interrupts import Abort, Done, Retry
 from .store.base import (
     CheckpointRow,
@@ -191,9 +191,13 @@ def _meter_restored(
         data = json.loads(entry.result)
         if entry.kind == "model":
             usage = data.get("usage") or {}
-            execution.meter.model(
-                node, int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
+            tokens_in, tokens_out = (
+                int(usage.get("input_tokens", 0)),
+                int(usage.get("output_tokens", 0)),
             )
+            price = price_of(entry.name)
+            cost = price.cost(tokens_in, tokens_out) if price else 0.0
+            execution.meter.model(node, tokens_in, tokens_out, cost)
         elif app.nodes[node].kind != "agent" and data.get("status") not in NOT_RUN:
             execution.meter.tool(node)
 

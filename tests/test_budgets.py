@@ -226,9 +226,10 @@ async def test_budget_raised_in_the_store_lets_the_run_resume_without_rebilling(
     assert second.usage.tokens <= 101_200
 
 
-async def test_budget_resume_takes_the_larger_of_stored_and_app_limits(store: Store) -> None:
-    """A resumed run keeps its own stored limits when the resuming app's are the same or
-    lower; an app with higher limits raises them."""
+async def test_budget_resumed_run_keeps_its_own_limits_until_changed(store: Store) -> None:
+    """A resumed run keeps its stored limits against an app with lower or no limits (a
+    limit an operator set on a run whose app has none holds); set_budget (as `orchestra
+    budget`) changes them; a cost limit over an unpriced model is refused."""
     busy = Busy()
     first = (
         await fan_out(busy.model, Budget(tokens=1_200), agents=4)
@@ -236,10 +237,27 @@ async def test_budget_resume_takes_the_larger_of_stored_and_app_limits(store: St
         .run(S(), run_id="r1")
     )
     assert first.status is RunStatus.BUDGET_EXCEEDED
-    lower = fan_out(busy.model, Budget(tokens=500), agents=4).with_store(store)
-    second = await lower.resume("r1")
-    assert second.status is RunStatus.BUDGET_EXCEEDED  # still the run's 1,200 tokens
-    assert second.usage.tokens <= 1_200
+    for app_budget in (Budget(tokens=500), Budget()):
+        app = fan_out(busy.model, app_budget, agents=4).with_store(store)
+        again = await app.resume("r1")
+        assert again.status is RunStatus.BUDGET_EXCEEDED  # still the run's 1,200 tokens
+        assert again.usage.tokens <= 1_200
+    PRICES.pop("scripted")
+    with pytest.raises(ValueError, match="price for model 'scripted'"):
+        await app.set_budget("r1", Budget(tokens=50_000, cost_usd=1.0))
+    await app.set_budget("r1", Budget(tokens=50_000), reason="more")
+    last = await app.resume("r1")
+    assert last.status is RunStatus.COMPLETED
+
+
+async def test_budget_app_with_higher_limits_raises_a_resumed_runs(store: Store) -> None:
+    """An app resuming a run with higher limits than the run's raises them."""
+    busy = Busy()
+    first = (
+        await fan_out(busy.model, Budget(tokens=1_200), agents=4)
+        .with_store(store)
+        .run(S(), run_id="r1")
+    )
+    assert first.status is RunStatus.BUDGET_EXCEEDED
     higher = fan_out(busy.model, Budget(tokens=1_000_000), agents=4).with_store(store)
-    third = await higher.resume("r1")
-    assert third.status is RunStatus.COMPLETED
+    assert (await higher.resume("r1")).status is RunStatus.COMPLETED

@@ -83,7 +83,9 @@ class Budget:
             for name in _SPEND:
                 limit = getattr(self, name)
                 used = _used(usage, name)
-                if limit is not None and used >= limit:
+                # past it (the reservations keep it from being passed; at it, the next step
+                # may still run if it spends nothing)
+                if limit is not None and used > limit:
                     return (
                         f"{_words(name)} budget exhausted: {_amount(name, used)} of "
                         f"{_amount(name, limit)} used"
@@ -100,7 +102,8 @@ class Budget:
             current = getattr(self, name)
             if current is not None:
                 value = current + more
-                changes[name] = int(value) if isinstance(current, int) else float(value)
+                whole = name not in ("cost_usd", "wall_seconds") and float(value).is_integer()
+                changes[name] = int(value) if whole else float(value)
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -234,6 +237,11 @@ class Spend:
         }
         return self._reserve(node, amounts, "a model call")
 
+    def caps(self, node: str) -> bool:
+        """Whether a token or cost limit covers ``node``'s model calls."""
+        agent = self.agents.get(node)
+        return self.run.limits_spend or (agent is not None and agent.limits_spend)
+
     def reserve_tool(self, node: str) -> Reservation:
         """Reserve one tool call (``tool_calls`` limits)."""
         return self._reserve(node, {"tool_calls": 1.0}, "a tool call")
@@ -333,21 +341,25 @@ def stored_budget(run: Budget, agents: Mapping[str, Budget]) -> dict[str, Any]:
 def loaded_budget(
     data: Mapping[str, Any], run: Budget, agents: Mapping[str, Budget]
 ) -> tuple[Budget, dict[str, Budget]]:
-    """The limits a resumed run runs under: for each limit, the larger of the run's own
-    (as stored, and as ``orchestra budget`` raised it) and the resuming app's (an app may
-    raise a run's limits, never lower them). An agent new to the graph gets the app's."""
+    """The limits a resumed run runs under, limit by limit: its own (as stored, and as an
+    operator changed them with ``orchestra budget`` or ``app.set_budget``), raised to the
+    resuming app's where the app's is higher. A limit only one of them sets applies; an
+    agent new to the graph gets the app's."""
     stored = data.get("agents") or {}
-    return _larger(Budget.from_dict(data["run"]), run), {
-        name: _larger(Budget.from_dict(stored[name]), budget) if name in stored else budget
+    return _merged(Budget.from_dict(data["run"]), run), {
+        name: _merged(Budget.from_dict(stored[name]), budget) if name in stored else budget
         for name, budget in agents.items()
     }
 
 
-def _larger(own: Budget, app: Budget) -> Budget:
+def _merged(own: Budget, app: Budget) -> Budget:
     changes: dict[str, Any] = {}
     for item in fields(Budget):
         if item.name == "soft":
             continue
         mine, theirs = getattr(own, item.name), getattr(app, item.name)
-        changes[item.name] = None if mine is None or theirs is None else max(mine, theirs)
+        if mine is None:
+            changes[item.name] = theirs
+        elif theirs is not None:
+            changes[item.name] = max(mine, theirs)
     return replace(own, **changes)
