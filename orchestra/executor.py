@@ -58,7 +58,7 @@ from .ledger import Ledger
 from .models.base import Message
 from .outcome import RunOutcome, RunStatus, Usage
 from .routing import initial_tasks, next_tasks, normalize
-from .safeguards.budgets import Budget, BudgetStop, Spend
+from .safeguards.budgets import Budget, BudgetStop, Spend, StateSize
 from .safeguards.interrupts import Request, StepInterrupted
 from .safeguards.loops import Detection, LoopWatch
 from .tools import Effect
@@ -149,6 +149,7 @@ class Execution:
         self._allow: dict[str, Mapping[str, Tool]] = {}
         self._agents = any(node.kind == "agent" for node in graph.nodes.values())
         self._finished: set[str] = set()
+        self._size = StateSize(state) if self.budget.state_bytes is not None else None
         guard = graph.loop_guard
         self.loops = LoopWatch(guard, state, step) if guard is not None else None
         self._loop_found: Detection | None = None
@@ -399,6 +400,8 @@ class Execution:
                     await self.recorder.discard_pending(step)
                     self._finished.clear()
                 raise
+        if self._size is not None and deltas:
+            self._check_state_size(state, deltas, tasks, results, step)
         joins = dict(self.joins) if self._agents else None
         following = await next_tasks(self.graph, self.run_id, state, tasks, results, step, joins)
         remembered = self._remember(tasks, results, joins) if joins is not None else None
@@ -535,6 +538,33 @@ class Execution:
         if allowed is None:
             allowed = self._allow[node] = tool_map(self.graph.nodes[node].tools)
         return allowed
+
+    def _check_state_size(
+        self,
+        state: BaseModel,
+        deltas: Mapping[str, Any],
+        tasks: list[Task],
+        results: list[TaskResult],
+        step: int,
+    ) -> None:
+        """Refuse a step whose updates would make the state larger than its budget."""
+        assert self._size is not None
+        limit = self.budget.state_bytes
+        total, sizes = self._size.after(state, deltas)
+        if limit is not None and total > limit:
+            name, (before, after) = max(sizes.items(), key=lambda kv: kv[1][1] - kv[1][0])
+            writers = [
+                t.label
+                for t, r in zip(tasks, results, strict=True)
+                if r.update and name in r.update
+            ]
+            raise BudgetStop(
+                f"run state-size budget: the update of field {name!r} by "
+                f"{', '.join(map(repr, writers)) or 'the step'} would make the state "
+                f"{total:,} bytes of JSON (the field {before:,} -> {after:,}), over its limit "
+                f"of {limit:,}; the update was refused"
+            )
+        self._size.keep(total, sizes)
 
     def _read_only(self, name: str) -> bool:
         tool = self.graph.tools.get(name)

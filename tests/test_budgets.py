@@ -4,7 +4,7 @@ thresholds warn once, and a cost budget needs prices."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import pytest
@@ -21,6 +21,7 @@ from orchestra import (
     NodeContext,
     RunStatus,
     Send,
+    append,
     register_price,
     tool,
 )
@@ -261,3 +262,57 @@ async def test_budget_app_with_higher_limits_raises_a_resumed_runs(store: Store)
     assert first.status is RunStatus.BUDGET_EXCEEDED
     higher = fan_out(busy.model, Budget(tokens=1_000_000), agents=4).with_store(store)
     assert (await higher.resume("r1")).status is RunStatus.COMPLETED
+
+
+class Notes(BaseModel):
+    notes: Annotated[list[str], append] = []
+    title: str = ""
+
+
+def growing(store: Store | None = None, state_bytes: int = 300) -> Any:
+    """A node appending a 40-character note every step, for 20 steps."""
+
+    async def write(state: Notes, ctx: NodeContext) -> dict[str, str]:
+        return {"notes": "n" * 40}
+
+    graph: Graph[Notes] = Graph(Notes)
+    graph.add_node("writer", write)
+    graph.add_edge(START, "writer")
+    graph.add_route(
+        "writer", lambda s: "writer" if len(s.notes) < 20 else END, targets=["writer", END]
+    )
+    return graph.compile(store=store, budget=Budget(state_bytes=state_bytes))
+
+
+async def test_budget_state_bytes_refuses_the_update_that_would_pass_it(store: Store) -> None:
+    """The state stops growing at its size limit: the update that would pass it is refused,
+    naming the node, the field and the sizes; the last committed state fits."""
+    outcome = await growing(store).run(Notes(), run_id="r1")
+    assert outcome.status is RunStatus.BUDGET_EXCEEDED
+    reason = outcome.stop_reason or ""
+    assert "state-size budget" in reason
+    assert "field 'notes' by 'writer'" in reason
+    assert len(outcome.state.model_dump_json()) <= 300
+    assert len(outcome.state.notes) == outcome.steps
+
+
+async def test_budget_state_bytes_raised_lets_the_run_finish(store: Store) -> None:
+    """Raised with set_budget, the run resumes and completes."""
+    app = growing(store)
+    await app.run(Notes(), run_id="r1")
+    await app.set_budget("r1", Budget(state_bytes=10_000))
+    outcome = await app.resume("r1")
+    assert outcome.status is RunStatus.COMPLETED
+    assert len(outcome.state.notes) == 20
+
+
+def test_budget_state_size_follows_the_json_size() -> None:
+    """The tracked size is the state's JSON size, updated from the changed fields."""
+    from orchestra.safeguards.budgets import StateSize
+
+    state = Notes(notes=["a", "bb"], title="t")
+    size = StateSize(state)
+    assert size.total == len(state.model_dump_json())
+    grown = state.model_copy(update={"notes": [*state.notes, "ccc"]})
+    total, _ = size.after(grown, ["notes"])
+    assert total == len(grown.model_dump_json())

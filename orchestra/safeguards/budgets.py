@@ -12,7 +12,7 @@ together.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -35,7 +35,9 @@ class Budget:
     ``wall_seconds``: wall-clock seconds from the run's start (default one hour; not used
     for an agent). ``tokens``, ``input_tokens``, ``output_tokens``: model tokens;
     ``cost_usd``: dollars from the price table (:func:`register_price`); ``tool_calls``: tool
-    calls made. ``None`` lifts a limit; a run compiled without a budget gets the step and
+    calls made. ``state_bytes``: the size of the run's state as JSON (an update that would
+    pass it is refused at the barrier, naming the node, the field and the sizes; for the
+    run only). ``None`` lifts a limit; a run compiled without a budget gets the step and
     wall-time defaults, so no run is unbounded by accident. ``soft`` is the fraction of a
     limit at which a ``budget_warned`` event is emitted, once per limit (default 0.8).
     """
@@ -47,6 +49,7 @@ class Budget:
     output_tokens: int | None = None
     cost_usd: float | None = None
     tool_calls: int | None = None
+    state_bytes: int | None = None
     soft: float = 0.8
 
     def __post_init__(self) -> None:
@@ -60,6 +63,12 @@ class Budget:
                 isinstance(value, bool) or not isinstance(value, int | float) or value < 0
             ):
                 raise ValueError(f"Budget.{name} must be a number >= 0, got {value!r}")
+        if self.state_bytes is not None and (
+            isinstance(self.state_bytes, bool)
+            or not isinstance(self.state_bytes, int)
+            or self.state_bytes < 1
+        ):
+            raise ValueError(f"Budget.state_bytes must be a positive int, got {self.state_bytes!r}")
         if not 0 < self.soft <= 1:
             raise ValueError(f"Budget.soft must be within (0, 1], got {self.soft}")
 
@@ -363,3 +372,34 @@ def _merged(own: Budget, app: Budget) -> Budget:
         elif theirs is not None:
             changes[item.name] = max(mine, theirs)
     return replace(own, **changes)
+
+
+class StateSize:
+    """The size of a run's state as JSON, kept up to date from the fields each step changes
+    (O(changed fields), not O(state)): field by field, ``"name":value`` plus separators."""
+
+    def __init__(self, state: Any) -> None:
+        from pydantic_core import to_json
+
+        self._to_json = to_json
+        self.fields = {
+            name: self._measure(name, getattr(state, name)) for name in type(state).model_fields
+        }
+        self.total = 2 + sum(self.fields.values()) + max(len(self.fields) - 1, 0)
+
+    def _measure(self, name: str, value: Any) -> int:
+        return len(name) + 3 + len(self._to_json(value, fallback=str))
+
+    def after(self, state: Any, changed: Iterable[str]) -> tuple[int, dict[str, tuple[int, int]]]:
+        """The size the state would have after a step, and each changed field's (before,
+        after) size; nothing is kept until :meth:`keep`."""
+        sizes = {
+            name: (self.fields[name], self._measure(name, getattr(state, name))) for name in changed
+        }
+        total = self.total + sum(after - before for before, after in sizes.values())
+        return total, sizes
+
+    def keep(self, total: int, sizes: Mapping[str, tuple[int, int]]) -> None:
+        self.total = total
+        for name, (_, after) in sizes.items():
+            self.fields[name] = after
