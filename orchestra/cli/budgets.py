@@ -35,8 +35,11 @@ LIMITS: dict[str, tuple[str, str]] = {
     "tool_calls": ("--tool-calls", "tool calls"),
     "steps": ("--steps", "steps"),
     "wall_seconds": ("--wall", "wall time"),
+    "state_bytes": ("--state-bytes", "state size"),
 }
-_INTEGER = frozenset({"tokens", "input_tokens", "output_tokens", "tool_calls", "steps"})
+_INTEGER = frozenset(
+    {"tokens", "input_tokens", "output_tokens", "tool_calls", "steps", "state_bytes"}
+)
 _WHOLE = re.compile(r"\d+(?:[_,]\d+)*")
 _DECIMAL = re.compile(r"(?:\d+(?:[_,]\d+)*)(?:\.\d*)?|\.\d+")
 

@@ -240,6 +240,7 @@ _BUDGET_OPTIONS = (
     ("output_tokens", "[+]N", "Model output tokens."),
     ("cost_usd", "[+]USD", "Dollars, from the price table."),
     ("tool_calls", "[+]N", "Tool calls made."),
+    ("state_bytes", "[+]BYTES", "The run state's size as JSON."),
 )
 
 
