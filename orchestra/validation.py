@@ -9,11 +9,12 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .graph import END, START, EdgeSpec, NodeSpec, RetryPolicy, RouteSpec
 
-__all__ = ("node_problems", "reference_problems", "structure_problems")
+__all__ = ("Cycle", "Link", "cycles", "node_problems", "reference_problems", "structure_problems")
 
 
 def node_problems(node: NodeSpec) -> list[str]:
@@ -199,3 +200,117 @@ def structure_problems(
             f"replace one edge with a route that can leave the cycle"
         )
     return problems
+
+
+# the ways from one node to another, the most certain first (a hop shows the first it has)
+_WAYS = ("edge", "join", "route", "goto")
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """One way from a node to the next.
+
+    ``via`` is ``edge`` (always taken), ``join`` (taken once all the join's sources ran in
+    one step), ``route`` (its function, named by ``label``, decides) or ``goto`` (a
+    :class:`~orchestra.graph.Command` or :class:`~orchestra.graph.Send` the node returns,
+    to one of its declared targets).
+    """
+
+    source: str
+    target: str
+    via: str
+    label: str | None = None
+
+    @property
+    def conditional(self) -> bool:
+        """Whether taking this way is decided when the graph runs."""
+        return self.via != "edge"
+
+
+@dataclass(frozen=True, slots=True)
+class Cycle:
+    """A path of nodes that can lead back to its first node, and the ways out of it.
+
+    ``links[i]`` goes from ``nodes[i]`` to the next node (the last one back to the first);
+    ``exits`` are the ways from a node of the cycle to a node outside it or to END;
+    ``agents`` are the cycle's agent nodes (where a model's answers keep it going).
+    """
+
+    nodes: tuple[str, ...]
+    links: tuple[Link, ...]
+    exits: tuple[Link, ...]
+    agents: tuple[str, ...]
+
+    @property
+    def conditional(self) -> bool:
+        """Whether some hop is decided when the graph runs (a route, a goto or a join)."""
+        return any(link.conditional for link in self.links)
+
+
+def cycles(
+    edges: Iterable[EdgeSpec],
+    routes: Iterable[RouteSpec],
+    nodes: Mapping[str, NodeSpec],
+    *,
+    limit: int | None = None,
+) -> list[Cycle]:
+    """Return every simple cycle through the graph's nodes (at most ``limit`` of them).
+
+    The cycles follow edges, joins, route targets and declared goto/Send targets; START and
+    END are never part of one. Each cycle starts at its node nearest to START (then first
+    declared), and the cycles come in that order. References to unknown nodes are ignored
+    (``reference_problems`` reports them).
+    """
+    import itertools
+
+    import networkx as nx
+
+    ways: dict[tuple[str, str], dict[Link, None]] = {}
+
+    def add(link: Link) -> None:
+        if (link.source in nodes or link.source == START) and (
+            link.target in nodes or link.target == END
+        ):
+            ways.setdefault((link.source, link.target), {})[link] = None
+
+    for edge in edges:
+        for source in edge.sources:
+            add(Link(source, edge.target, "join" if edge.is_join else "edge"))
+    for route in routes:
+        label = getattr(route.fn, "__name__", None)
+        for target in route.targets:
+            add(Link(route.source, target, "route", label if isinstance(label, str) else None))
+    for node in nodes.values():
+        for target in node.targets:
+            add(Link(node.name, target, "goto"))
+
+    full = nx.DiGraph()
+    full.add_nodes_from([START, *nodes, END])
+    full.add_edges_from(ways)
+    depth = nx.single_source_shortest_path_length(full, START)
+    declared = {name: i for i, name in enumerate(nodes)}
+
+    def rank(name: str) -> tuple[float, int]:
+        return depth.get(name, math.inf), declared[name]
+
+    leaving: dict[str, list[Link]] = {}
+    for (source, _), links in ways.items():
+        leaving.setdefault(source, []).extend(links)
+
+    found = []
+    flow = full.subgraph(nodes)
+    for path in itertools.islice(nx.simple_cycles(flow), limit):
+        first = path.index(min(path, key=rank))
+        ordered = tuple(path[first:] + path[:first])
+        members = set(ordered)
+        hops = tuple(
+            min(ways[pair], key=lambda link: _WAYS.index(link.via))
+            for pair in zip(ordered, ordered[1:] + ordered[:1], strict=True)
+        )
+        exits = tuple(
+            link for name in ordered for link in leaving[name] if link.target not in members
+        )
+        agents = tuple(name for name in ordered if nodes[name].kind == "agent")
+        found.append(Cycle(nodes=ordered, links=hops, exits=exits, agents=agents))
+    found.sort(key=lambda cycle: [rank(name) for name in cycle.nodes])
+    return found
