@@ -33,6 +33,7 @@ from .reducers import reducer as reducer
 from .safeguards.budgets import Budget as Budget
 from .safeguards.budgets import register_price as register_price
 from .safeguards.interrupts import Abort as Abort
+from .safeguards.interrupts import Continue as Continue
 from .safeguards.interrupts import Done as Done
 from .safeguards.interrupts import Request as Request
 from .safeguards.interrupts import Retry as Retry
@@ -52,6 +53,7 @@ __all__ = (
     "Budget",
     "Command",
     "CompiledGraph",
+    "Continue",
     "Done",
     "Effect",
     "Graph",

@@ -59,7 +59,7 @@ from .models.base import Message
 from .outcome import RunOutcome, RunStatus, Usage
 from .routing import initial_tasks, next_tasks, normalize
 from .safeguards.budgets import Budget, BudgetStop, Spend, StateSize
-from .safeguards.interrupts import Request, StepInterrupted
+from .safeguards.interrupts import Request, StepInterrupted, request_id
 from .safeguards.loops import Detection, LoopWatch
 from .tools import Effect
 
@@ -454,7 +454,26 @@ class Execution:
         if found is None or not following:
             return
         self._loop_found = None
-        self.status, self.reason = RunStatus.LOOP_DETECTED, f"loop detected: {found.message}"
+        guard = self.graph.loop_guard
+        assert guard is not None
+        if guard.policy_for(found.detector) == "interrupt":
+            request = Request(
+                id=request_id(self.run_id, step, "loop", 0, found.detector),
+                run_id=self.run_id,
+                kind="loop",
+                step=step,
+                node=", ".join(ready) or "-",
+                payload={
+                    "detector": found.detector,
+                    "message": found.message,
+                    "evidence": found.evidence,
+                },
+                created_at=_now(),
+            )
+            self.status, self.pending = RunStatus.INTERRUPTED, [request]
+            self.reason = f"loop suspected, waiting for an operator: {found.message}"
+        else:
+            self.status, self.reason = RunStatus.LOOP_DETECTED, f"loop detected: {found.message}"
         event = LoopDetected(
             run_id=self.run_id,
             at=_now(),

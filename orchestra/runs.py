@@ -29,7 +29,7 @@ from .events import RequestAnswered
 from .gateway import NOT_RUN
 from .outcome import RunStatus
 from .safeguards.budgets import loaded_budget, price_of
-from .safeguards.interrupts import Abort, Done, Retry
+from .safeguards.interrupts import Abort, Continue, Done, Retry
 from .store.base import (
     CheckpointRow,
     EventRow,
@@ -239,6 +239,15 @@ def _check_one(app: CompiledGraph[Any], run_id: str, row: RequestRow, answer: An
 
     from .tools import describe_validation_error
 
+    if row.kind == "loop":
+        if not isinstance(answer, Continue | Abort):
+            raise AnswerError(
+                run_id,
+                row.request_id,
+                f"a suspected loop is answered with Continue() or Abort(), got {answer!r:.80}",
+            )
+        text = compact_json({"answer": type(answer).__name__.lower(), **_fields(answer)})
+        return _Checked(row, answer, text)
     if row.kind != "in_doubt":
         raise AnswerError(run_id, row.request_id, f"requests of kind {row.kind!r} are unknown")
     if not isinstance(answer, Done | Retry | Abort):
@@ -313,7 +322,7 @@ async def apply_answers(
                 await store.put_ledger(run_id, epoch, done)
             elif entry is not None:
                 await store.delete_ledger(run_id, epoch, row.step, row.task, payload["seq"])
-        else:
+        elif isinstance(answer, Abort):
             stop = answer.reason
     return stop
 

@@ -14,8 +14,11 @@ from pydantic import BaseModel
 from orchestra import (
     END,
     START,
+    Abort,
     Agent,
     Budget,
+    Continue,
+    Done,
     Effect,
     Graph,
     GraphValidationError,
@@ -23,6 +26,7 @@ from orchestra import (
     RunStatus,
     tool,
 )
+from orchestra.errors import AnswerError
 from orchestra.models import ModelRequest, ModelResponse, ScriptedModel, ToolCall
 from orchestra.safeguards.loops import LoopGuard
 from orchestra.store import Store
@@ -219,8 +223,37 @@ def test_loops_guard_rejects_bad_settings() -> None:
     for bad in (
         {"repeats": 1},
         {"policy": "shrug"},
+        {"policy": {"no_progress": "nudge"}},
         {"no_progress": 3},
         {"policy": {"repeats": "nudge"}},
     ):
         with pytest.raises(ValueError, match=r"LoopGuard|policy|nudge"):
             LoopGuard(**bad)
+
+
+async def test_loops_interrupt_policy_asks_an_operator(store: Store) -> None:
+    """Under interrupt a loop stops the run interrupted with a loop request; Continue()
+    lets it go on (watched afresh, so it is asked again), Abort() stops it."""
+    app = cycle(store=store, loop_guard=LoopGuard(policy="interrupt"))
+    first = await app.run(S(), run_id="r1")
+    assert first.status is RunStatus.INTERRUPTED
+    (request,) = first.pending
+    assert request.kind == "loop"
+    assert request.payload["detector"] == "repeats"
+    assert "suspected loop" in request.describe()
+    second = await app.resume("r1", answers={request.id: Continue()})
+    assert second.status is RunStatus.INTERRUPTED
+    assert second.steps > first.steps
+    (again,) = second.pending
+    assert again.id != request.id
+    third = await app.resume("r1", answers={again.id: Abort("a real loop")})
+    assert third.status is RunStatus.ABORTED
+    assert third.stop_reason == "a real loop"
+
+
+async def test_loops_loop_request_refuses_other_answers(store: Store) -> None:
+    """A loop request takes Continue() or Abort(), nothing else."""
+    app = cycle(store=store, loop_guard=LoopGuard(policy="interrupt"))
+    (request,) = (await app.run(S(), run_id="r1")).pending
+    with pytest.raises(AnswerError, match=r"Continue\(\) or Abort\(\)"):
+        await app.resume("r1", answers={request.id: Done("x")})

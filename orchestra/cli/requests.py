@@ -31,6 +31,10 @@ _ANSWERS = {
         ("Retry()", "it did not; run it again, with the same idempotency key"),
         ("Abort()", "stop the run"),
     ),
+    "loop": (
+        ("Continue()", "it is not a loop (or worth its cost): go on, watched afresh"),
+        ("Abort()", "stop the run"),
+    ),
 }
 
 

@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..store.base import RequestRow
 
-__all__ = ("Abort", "Answer", "Done", "Request", "Retry", "StepInterrupted", "request_id")
+__all__ = (
+    "Abort",
+    "Answer",
+    "Continue",
+    "Done",
+    "Request",
+    "Retry",
+    "StepInterrupted",
+    "request_id",
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,6 +94,8 @@ class Request:
                 f"irreversible call {self.payload.get('tool')!r} by {self.node!r} at step "
                 f"{self.step} started but never reported a result: did it take effect?"
             )
+        if self.kind == "loop":
+            return f"suspected loop after step {self.step}: {self.payload.get('message')}"
         return f"{self.kind} request from {self.node!r} at step {self.step}"
 
 
@@ -102,13 +113,19 @@ class Retry:
 
 
 @dataclass(frozen=True, slots=True)
+class Continue:
+    """A suspected loop is not one (or is worth its cost): let the run go on. The loop
+    detectors watch it afresh."""
+
+
+@dataclass(frozen=True, slots=True)
 class Abort:
     """Stop the run here (status ``aborted``)."""
 
-    reason: str = "aborted by operator while resolving an in-doubt call"
+    reason: str = "aborted by an operator's answer"
 
 
-Answer = Done | Retry | Abort
+Answer = Done | Retry | Continue | Abort
 
 
 def _dumps(value: Any) -> str:

@@ -16,9 +16,10 @@ fields) per step, not O(state). Fields listed in
 ``volatile`` (timestamps, counters of attempts) are left out.
 
 Each detector's policy is ``stop`` (the run stops, after its step is checkpointed, with status
-``loop_detected`` and the evidence: the repeating window and its steps) or ``nudge`` (for
-``same_call``: the agent is told, once, what it is repeating; the next repetition stops the
-run).
+``loop_detected`` and the evidence: the repeating window and its steps), ``interrupt`` (it
+stops ``interrupted`` with a ``loop`` request: an operator answers ``Continue()`` or
+``Abort()``) or ``nudge`` (for ``same_call``: the agent is told, once, what it is repeating;
+the next repetition stops the run).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pydantic_core import to_json, to_jsonable_python
 
 __all__ = ("Detection", "LoopGuard", "LoopWatch")
 
-POLICIES = ("stop", "nudge")
+POLICIES = ("stop", "interrupt", "nudge")
 DETECTORS = ("repeats", "same_call", "no_progress")
 
 
