@@ -2,13 +2,15 @@
 
 ``orchestra demo`` runs a demo graph live. On a run database (``--db`` or ``ORCHESTRA_DB``):
 ``runs``, ``show``, ``checkpoints`` read it; ``resume``, ``abort``, ``stop-all``, ``budget``,
-``fork`` and ``prune`` change it; ``db check`` looks after the file.
+``fork`` and ``prune`` change it; ``db check`` looks after the file. ``graph check`` and
+``graph render`` look at an app's graph (``module:attribute``) without running it.
 
 Formatting is kept apart from printing: :mod:`.format`, :mod:`.records`, :mod:`.history`,
-:mod:`.requests` and :mod:`.budgets` turn events, outcomes, records, checkpoints, requests,
-budgets and errors into strings and rich renderables; only :mod:`.output` and the commands
-(:mod:`.demo`, :mod:`.inspection`, :mod:`.control`, :mod:`.maintenance`) print. click, rich
-and the logging setup load here only; ``import orchestra`` never imports this package.
+:mod:`.requests`, :mod:`.budgets` and :mod:`.graphs` turn events, outcomes, records,
+checkpoints, requests, budgets, graph checks and errors into strings and rich renderables;
+only :mod:`.output` and the commands (:mod:`.demo`, :mod:`.inspection`, :mod:`.control`,
+:mod:`.maintenance`, :mod:`.structure`) print. click, rich and the logging setup load here
+only; ``import orchestra`` never imports this package.
 
 Exit codes: 0 when the command did its job (for ``demo`` and ``resume``: the run
 completed), 1 when it did not or an error stopped it (one line on stderr, no traceback
@@ -22,7 +24,7 @@ from pathlib import Path
 import click
 
 from .._version import __version__
-from . import control, demo, inspection, maintenance
+from . import control, demo, inspection, maintenance, structure
 from .database import Settings
 from .output import _Group, logging_configured
 
@@ -62,5 +64,6 @@ for _command in (
     maintenance.fork,
     maintenance.prune,
     maintenance.db_group,
+    structure.graph_group,
 ):
     main.add_command(_command)
