@@ -150,6 +150,13 @@ class Execution:
         self._agents = any(node.kind == "agent" for node in graph.nodes.values())
         self._finished: set[str] = set()
         self._size = StateSize(state) if self.budget.state_bytes is not None else None
+        # the step at which the step budget's soft threshold is reached (warned once)
+        steps = self.budget.steps
+        self._soft_due = (
+            max(int(steps * self.budget.soft), 1)
+            if steps is not None and steps * self.budget.soft > step
+            else None
+        )
         guard = graph.loop_guard
         self.loops = LoopWatch(guard, state, step) if guard is not None else None
         self._loop_found: Detection | None = None
@@ -207,6 +214,9 @@ class Execution:
             return None
         buffer: list[Event] = []
         self._buffer = buffer
+        if self._soft_due is not None and self.step + 1 >= self._soft_due:
+            self._soft_due = None
+            self._budget_warned("run", "steps", float(self.step + 1), float(self.budget.steps or 0))
         try:
             await self._run_step(self.tasks, buffer)
         except RunError as exc:  # a node, a merge, or the store (RunStoreError)

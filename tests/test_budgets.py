@@ -173,7 +173,7 @@ async def test_budget_soft_threshold_warns_once() -> None:
     """Crossing the soft threshold emits one budget_warned event per limit."""
     app = fan_out(Busy().model, Budget(tokens=100_000, soft=0.005), agents=2)
     events: list[Event] = [event async for event in app.stream(S())]
-    warned = [e for e in events if isinstance(e, BudgetWarned)]
+    warned = [e for e in events if isinstance(e, BudgetWarned) and e.limit == "tokens"]
     assert [(w.scope, w.limit) for w in warned] == [("run", "tokens")]
     assert warned[0].used >= 500
 
@@ -316,3 +316,19 @@ def test_budget_state_size_follows_the_json_size() -> None:
     grown = state.model_copy(update={"notes": [*state.notes, "ccc"]})
     total, _ = size.after(grown, ["notes"])
     assert total == len(grown.model_dump_json())
+
+
+async def test_budget_step_limit_warns_at_its_soft_threshold() -> None:
+    """The step budget warns once when the run reaches its soft threshold."""
+
+    async def count(state: Notes, ctx: NodeContext) -> dict[str, str]:
+        return {"title": str(ctx.step)}
+
+    graph: Graph[Notes] = Graph(Notes)
+    graph.add_node("count", count)
+    graph.add_edge(START, "count")
+    graph.add_route("count", lambda s: "count" if s.title != "9" else END, targets=["count", END])
+    app = graph.compile(budget=Budget(steps=10, soft=0.5))
+    events = [event async for event in app.stream(Notes())]
+    warned = [e for e in events if isinstance(e, BudgetWarned)]
+    assert [(w.limit, w.used, w.value) for w in warned] == [("steps", 5.0, 10.0)]
