@@ -1,7 +1,23 @@
 """Benchmark the safeguards against multi-agent failure modes, one *storm* each.
 
-    .venv/bin/python benchmarks/failure_modes.py [--storm budget|all] [--runs 50]
+    .venv/bin/python benchmarks/failure_modes.py [--storm loop|budget|all] [--runs N]
         [--backend asyncio|trio|both] [--agents 20] [--seed 1] [--json]
+
+**Loop storm.** Runs of small graphs on ``ScriptedModel``, each case ``--runs`` times (40) per
+backend, seeded and interleaved, under the loop guard ``compile`` puts on by default (the
+stuck cases: ``LoopGuard(no_progress=8, progress=("done",))``). A *loop* run first progresses
+for 0-40 steps (drawn from its seed), then loops in one way: an exact cycle of 2-4 plain
+nodes; two agents handing the work back and forth unchanged (0-2, or 4-5, lookups a visit);
+one agent repeating a tool call (valid, or with invalid arguments); a worker whose attempts
+change the state but never the progress field. It has 100 more steps to be caught (its step
+budget). As many *legitimate* runs, of the same graphs, progress for 30-160 steps and must not
+be flagged: revisits that change the state, a writer and a reviewer exchanging new drafts,
+an agent making many different calls (a few twice), an agent editing a file and re-running
+the tests, a worker that progresses at most every 8 steps. Each run's nodes and model keep
+its ground truth (the step its loop started, the values written, the calls made) and the
+result is checked against it; a wrong result aborts with status 2. Reported per case and
+backend: loops caught, steps from the loop's start to its detection, repetitions seen (state
+or call), false positives, wall time; a missed target exits with status 2.
 
 **Budget storm.** One run fans out ``--agents`` copies of one research agent (``Send``) on a
 ``ScriptedModel``; they share the run's token budget and cost budget (a price registered for
@@ -25,15 +41,18 @@ with status 2 when broken.
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
+import itertools
 import json
 import logging
 import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any
 
 import anyio
@@ -52,12 +71,16 @@ from orchestra import (
     RunOutcome,
     RunStatus,
     Send,
+    Tool,
+    ToolContext,
     append,
     register_price,
     tool,
 )
+from orchestra.events import LoopDetected, RunFinished, StepCommitted
 from orchestra.models import ModelRequest, ModelResponse, ScriptedModel, ToolCall
 from orchestra.safeguards.budgets import BudgetStop, Price, Spend
+from orchestra.safeguards.loops import LoopGuard
 
 MODES = ("reserved", "check-then-call")
 
@@ -455,30 +478,652 @@ def print_budget_storm(result: dict[str, Any], args: argparse.Namespace) -> None
     print(f"target: 0 tokens and $0 over the hard limits with reservations: {verdict}")
 
 
+# -- the loop storm --------------------------------------------------------------------------
+
+PREFIX = 40  # a loop run first progresses for 0 to this many steps, drawn from its seed
+LOOP_CAP = 100  # then has this many steps to be caught (its step budget): else it is missed
+NO_PROGRESS = 8  # the stuck cases' LoopGuard(no_progress=...)
+PROGRESS_GUARD = LoopGuard(no_progress=NO_PROGRESS, progress=("done",))
+REPETITIONS = 3  # target: a repeated state or call is caught by the time it is seen this often
+
+
+class Work(BaseModel):
+    """The state of every loop-storm graph; ``done`` is the stuck cases' progress field."""
+
+    done: int = 0
+    tries: int = 0
+    stage: str = ""
+    draft: str = ""
+    review: str = ""
+    attempt: str = ""
+    answer: str | None = None
+
+
+@dataclass
+class Script:
+    """One run's script, and what its nodes and model did (the run's ground truth)."""
+
+    seed: int
+    rng: random.Random
+    prefix: int | None  # a loop run loops after this step; None: a legitimate run
+    step: int = 0  # the last committed step, kept by the stream's reader
+    last_change: int = 0  # the last step that changed the state (stuck: the progress field)
+    first_repeat: int | None = None  # the step of the first of the repeated calls
+    expect: dict[str, Any] = field(default_factory=dict)  # each field's last written value
+    model_calls: int = 0
+    tool_calls: int = 0  # calls with valid arguments (the ones that run)
+    clock_ok: bool = True
+
+    @property
+    def now(self) -> int:
+        """The step running now: the graphs run one task a step, and the stream's reader
+        resumes the run only after it has read the last step's events."""
+        return self.step + 1
+
+    def looping(self) -> bool:
+        return self.prefix is not None and self.now > self.prefix
+
+    def wrote(self, name: str, old: Any, new: Any, *, marks: bool = True) -> None:
+        """Note a write; one that changes the field and ``marks`` moves ``last_change``."""
+        self.expect[name] = new
+        if marks and new != old:
+            self.last_change = self.now
+
+
+@tool(effect=Effect.READ)
+async def lookup(query: str) -> str:
+    """Look a term up."""
+    return f"notes on {query}"
+
+
+@tool(effect=Effect.READ)
+async def search(query: str, page: int = 1) -> str:
+    """Search the web."""
+    return f"results {page} for {query}"
+
+
+@tool(effect=Effect.READ)
+async def read_page(url: str, page: int) -> str:
+    """Read one page of a document."""
+    return f"page {page} of {url}"
+
+
+WORKSPACES: dict[str, dict[str, str]] = {}  # run id -> path -> content
+
+
+@tool(effect=Effect.WRITE)
+async def write_file(path: str, content: str, ctx: ToolContext) -> str:
+    """Write a file of the workspace."""
+    WORKSPACES.setdefault(ctx.run_id, {})[path] = content
+    return f"wrote {len(content)} characters to {path}"
+
+
+@tool(effect=Effect.READ)
+async def run_tests(ctx: ToolContext) -> str:
+    """Run the test suite."""
+    edits = len(WORKSPACES.get(ctx.run_id, {}))
+    return f"{max(40 - 7 * edits, 0)} of 40 tests failing"
+
+
+def visit_of(request: ModelRequest) -> tuple[int, int, dict[str, Any]]:
+    """An agent's visit (from 1), its turn within the visit (from 0), and the visit's input
+    (the state, as the agent was given it)."""
+    visit, turn, given = 0, 0, "{}"
+    for message in request.messages:
+        if message.role == "user" and message.name == "input":
+            visit, turn, given = visit + 1, 0, message.content
+        elif message.role == "assistant":
+            turn += 1
+    return visit, turn, json.loads(given)
+
+
+def build_cycle(script: Script) -> Graph[Work]:
+    """Plain nodes a -> b (-> c -> d) -> a; each sets ``stage``, a also counts ``done``. A
+    loop run's nodes change nothing after its prefix; a legitimate run ends after 15-40
+    rounds."""
+    size = script.rng.randint(2, 4)
+    rounds = script.rng.randint(15, 40)
+    names = ["a", "b", "c", "d"][:size]
+
+    def node(name: str) -> Callable[[Work, NodeContext], Awaitable[dict[str, Any] | None]]:
+        async def visit(state: Work, ctx: NodeContext) -> dict[str, Any] | None:
+            script.clock_ok = script.clock_ok and ctx.step == script.now
+            if script.looping():
+                return None
+            update: dict[str, Any] = {"stage": name}
+            script.wrote("stage", state.stage, name)
+            if name == "a":
+                update["done"] = state.done + 1
+                script.wrote("done", state.done, state.done + 1)
+            return update
+
+        return visit
+
+    def again(state: Work) -> str:
+        return "a" if script.prefix is not None or state.done < rounds else END
+
+    graph: Graph[Work] = Graph(Work, name="cycle")
+    for name in names:
+        graph.add_node(name, node(name))
+    graph.add_edge(START, "a")
+    for one, two in itertools.pairwise(names):
+        graph.add_edge(one, two)
+    graph.add_route(names[-1], again, targets=["a", END])
+    return graph
+
+
+def build_ping_pong(script: Script, lookups: tuple[int, int]) -> Graph[Work]:
+    """A writer and a reviewer agent hand the work back and forth, each first making
+    ``lookups`` (a range) distinct lookups a visit. The writer writes a new draft each
+    visit, the reviewer "needs work"; a loop run's agents write back what is there after its
+    prefix; a legitimate run's reviewer approves at its 15th-30th visit."""
+    rounds = script.rng.randint(15, 30)
+
+    def answer(request: ModelRequest) -> ModelResponse | str:
+        script.model_calls += 1
+        agent = request.agent or ""
+        visit, turn, given = visit_of(request)
+        if turn < random.Random(f"{script.seed}/{agent}/{visit}").randint(*lookups):
+            script.tool_calls += 1
+            call = ToolCall(name="lookup", arguments={"query": f"{agent} {visit}.{turn}"})
+            return ModelResponse(tool_calls=(call,))
+        name = "draft" if agent == "writer" else "review"
+        old = given[name]
+        if script.looping():
+            new = old
+        elif agent == "writer":
+            new = f"draft {visit}"
+        else:
+            new = "approved" if script.prefix is None and visit >= rounds else "needs work"
+        script.wrote(name, old, new)
+        return new
+
+    model = ScriptedModel(answer)
+    graph: Graph[Work] = Graph(Work, name="ping_pong")
+    graph.add_node(Agent("writer", model=model, tools=[lookup], output="draft"))
+    graph.add_node(Agent("reviewer", model=model, tools=[lookup], output="review"))
+    graph.add_edge(START, "writer")
+    graph.add_edge("writer", "reviewer")
+    graph.add_route(
+        "reviewer",
+        lambda state: END if state.review == "approved" else "writer",
+        targets=["writer", END],
+    )
+    return graph
+
+
+def one_agent(name: str, model: ScriptedModel, tools: list[Tool]) -> Graph[Work]:
+    graph: Graph[Work] = Graph(Work, name=name)
+    graph.add_node(Agent("agent", model=model, tools=tools, output="answer", max_turns=1000))
+    graph.add_edge(START, "agent")
+    graph.add_edge("agent", END)
+    return graph
+
+
+def build_tool_repeat(script: Script, invalid: bool = False) -> Graph[Work]:
+    """One agent researching with 1-2 calls a turn (search, read_page, lookup), all with new
+    arguments; a legitimate run re-reads a page now and then (never a third time) and
+    answers at its 40th-80th turn. After its prefix a loop run's agent calls
+    ``read_page(url=.../status, page=1)`` every turn, alone or beside a new call, its
+    arguments in either order; ``invalid``: with ``page="first"``, which fails validation."""
+    turns = script.rng.randint(40, 80)
+    fresh = itertools.count()
+    once: list[ToolCall] = []  # calls made once: a legitimate agent may make one again
+
+    def new_call(rng: random.Random) -> ToolCall:
+        n = next(fresh)
+        name = rng.choice(("search", "read_page", "lookup"))
+        if name == "search":
+            arguments: dict[str, Any] = {"query": f"topic {n}", "page": 1 + n % 3}
+        elif name == "read_page":
+            arguments = {"url": f"https://example.org/{n}", "page": 1}
+        else:
+            arguments = {"query": f"term {n}"}
+        call = ToolCall(name=name, arguments=arguments)
+        once.append(call)
+        return call
+
+    def answer(request: ModelRequest) -> ModelResponse | str:
+        script.model_calls += 1
+        turn = request.turn
+        rng = random.Random(f"{script.seed}/{turn}")
+        if script.prefix is None and turn >= turns:
+            script.wrote("answer", None, "the research is done")
+            return "the research is done"
+        if script.looping():
+            page: Any = "first" if invalid else 1
+            stuck = {"url": "https://example.org/status", "page": page}
+            if rng.random() < 0.5:
+                stuck = dict(reversed(stuck.items()))
+            calls = [ToolCall(name="read_page", arguments=stuck)]
+            if rng.random() < 0.5:
+                calls.insert(rng.randint(0, 1), new_call(rng))
+            if script.first_repeat is None:
+                script.first_repeat = script.now
+            script.tool_calls += len(calls) - 1 if invalid else len(calls)
+        else:
+            calls = []
+            if script.prefix is None and once and rng.random() < 0.15:
+                calls.append(once.pop(rng.randrange(len(once))))  # a second look, no third
+            calls.extend(new_call(rng) for _ in range(rng.randint(1, 2)))
+            script.tool_calls += len(calls)
+        return ModelResponse(tool_calls=tuple(calls))
+
+    return one_agent("tool_repeat", ScriptedModel(answer), [search, read_page, lookup])
+
+
+def build_edit_test(script: Script) -> Graph[Work]:
+    """A coding agent alternates ``write_file`` (a new revision each time) and
+    ``run_tests()``, whose result changes with every edit, for 10-25 rounds, then answers."""
+    rounds = script.rng.randint(10, 25)
+
+    def answer(request: ModelRequest) -> ModelResponse | str:
+        script.model_calls += 1
+        turn = request.turn
+        if turn >= 2 * rounds:
+            script.wrote("answer", None, "all tests pass")
+            return "all tests pass"
+        script.tool_calls += 1
+        if turn % 2:
+            return ModelResponse(tool_calls=(ToolCall(name="run_tests", arguments={}),))
+        path, content = f"src/module_{turn // 2 % 6}.py", f"# revision {turn // 2}\n"
+        call = ToolCall(name="write_file", arguments={"path": path, "content": content})
+        return ModelResponse(tool_calls=(call,))
+
+    return one_agent("edit_test", ScriptedModel(answer), [write_file, run_tests])
+
+
+def build_stuck(script: Script) -> Graph[Work]:
+    """A worker agent writes an attempt (after 0-1 lookups), a plain ``check`` node counts
+    ``tries`` and, for a good attempt, ``done`` (the progress field). Attempts fail 0-3
+    times in a row, never for more than NO_PROGRESS steps; a legitimate run ends at its
+    10th-20th good attempt. After its prefix a loop run's attempts all fail (each one
+    different, so the state keeps changing)."""
+    goal = script.rng.randint(10, 20)
+    plan: list[tuple[int, bool]] = []  # per worker visit: lookups, whether the attempt passes
+    while len(plan) < 2 * (PREFIX + LOOP_CAP):
+        looks = [script.rng.randint(0, 1) for _ in range(script.rng.randint(1, 4))]
+        if sum(2 + n for n in looks) <= NO_PROGRESS:  # steps from one progress to the next
+            plan.extend((n, i == len(looks) - 1) for i, n in enumerate(looks))
+
+    def answer(request: ModelRequest) -> ModelResponse | str:
+        script.model_calls += 1
+        visit, turn, given = visit_of(request)
+        looks, good = plan[visit - 1]
+        if turn < looks:
+            script.tool_calls += 1
+            call = ToolCall(name="lookup", arguments={"query": f"hint {visit}"})
+            return ModelResponse(tool_calls=(call,))
+        good = good and not script.looping()
+        text = f"attempt {visit} ({'good' if good else 'bad'})"
+        script.wrote("attempt", given["attempt"], text, marks=False)
+        return text
+
+    async def check(state: Work, ctx: NodeContext) -> dict[str, int]:
+        script.clock_ok = script.clock_ok and ctx.step == script.now
+        script.wrote("tries", state.tries, state.tries + 1, marks=False)
+        if not state.attempt.endswith("(good)"):
+            return {"tries": state.tries + 1}
+        script.wrote("done", state.done, state.done + 1)
+        return {"tries": state.tries + 1, "done": state.done + 1}
+
+    graph: Graph[Work] = Graph(Work, name="stuck")
+    graph.add_node(Agent("worker", model=ScriptedModel(answer), tools=[lookup], output="attempt"))
+    graph.add_node("check", check)
+    graph.add_edge(START, "worker")
+    graph.add_edge("worker", "check")
+    graph.add_route(
+        "check",
+        lambda state: END if script.prefix is None and state.done >= goal else "worker",
+        targets=["worker", END],
+    )
+    return graph
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kind of run of the loop storm: a loop to catch, or a legitimate run to leave be."""
+
+    kind: str
+    name: str
+    loop: bool
+    build: Callable[[Script], Graph[Work]]
+    detector: str | None = None  # the detector meant to catch the loop
+    guard: LoopGuard | None = None  # None: compile's default
+
+
+CASES = (
+    Case("cycle", "loop: 2-4 nodes, nothing changes", True, build_cycle, "repeats"),
+    Case("cycle", "legit: revisits change the state", False, build_cycle),
+    Case(
+        "ping-pong",
+        "loop: 2 agents, 0-2 lookups a visit",
+        True,
+        functools.partial(build_ping_pong, lookups=(0, 2)),
+        "repeats",
+    ),
+    Case(
+        "ping-pong",
+        "loop: 2 agents, 4-5 lookups a visit",
+        True,
+        functools.partial(build_ping_pong, lookups=(4, 5)),
+        "repeats",
+    ),
+    Case(
+        "ping-pong",
+        "legit: new draft each round",
+        False,
+        functools.partial(build_ping_pong, lookups=(0, 2)),
+    ),
+    Case("tool repeat", "loop: the same call again", True, build_tool_repeat, "same_call"),
+    Case(
+        "tool repeat",
+        "loop: the same invalid call again",
+        True,
+        functools.partial(build_tool_repeat, invalid=True),
+        "same_call",
+    ),
+    Case("tool repeat", "legit: new calls, a few re-reads", False, build_tool_repeat),
+    Case("tool repeat", "legit: edit, run the tests, again", False, build_edit_test),
+    Case(
+        "stuck",
+        "loop: attempts change, done never",
+        True,
+        build_stuck,
+        "no_progress",
+        PROGRESS_GUARD,
+    ),
+    Case(
+        "stuck",
+        f"legit: done at most every {NO_PROGRESS} steps",
+        False,
+        build_stuck,
+        guard=PROGRESS_GUARD,
+    ),
+)
+
+
+@dataclass
+class LoopRun:
+    """One run of the loop storm, checked."""
+
+    case: str
+    kind: str
+    loop: bool
+    seed: int
+    status: str
+    steps: int
+    prefix: int | None  # the legitimate steps the script meant to run before looping
+    loop_start: int | None  # the first step of the loop (see check_loop_run)
+    detector: str | None  # the detector that stopped the run, if one did
+    detected_at: int | None
+    to_detect: int | None  # steps from the loop's start to its detection, both counted
+    repetitions: int | None  # times the repeated state or call was seen (repeats, same_call)
+    early: bool  # flagged before its loop started: a false positive
+    wall_ms: float
+
+
+async def loop_run(case: Case, seed: int) -> LoopRun:
+    rng = random.Random(f"{seed}/{case.kind}/{case.name}")
+    script = Script(seed=seed, rng=rng, prefix=rng.randint(0, PREFIX) if case.loop else None)
+    budget = Budget(steps=script.prefix + LOOP_CAP) if script.prefix is not None else Budget()
+    options: dict[str, Any] = {"budget": budget}
+    if case.guard is not None:
+        options["loop_guard"] = case.guard
+    app = case.build(script).compile(**options)
+    run_id = f"loop-storm-{seed}-{case.kind}-{case.name}"
+    found: list[LoopDetected] = []
+    finished: RunFinished | None = None
+    began = time.perf_counter()
+    try:
+        async with aclosing(app.stream(Work(), run_id=run_id)) as events:
+            async for event in events:
+                if isinstance(event, StepCommitted):
+                    script.step = event.step
+                elif isinstance(event, LoopDetected):
+                    found.append(event)
+                elif isinstance(event, RunFinished):
+                    finished = event
+    finally:
+        WORKSPACES.pop(run_id, None)
+    wall = time.perf_counter() - began
+    return check_loop_run(case, script, finished, found, wall)
+
+
+def check_loop_run(
+    case: Case,
+    script: Script,
+    finished: RunFinished | None,
+    found: list[LoopDetected],
+    wall: float,
+) -> LoopRun:
+    """Check one run against its script. A loop starts at the first step after the last
+    that changed the state (stuck: the progress field), or, for a repeated call, at the
+    step of its first call."""
+    where = f"{case.kind}, {case.name}, seed {script.seed}"
+    if finished is None or finished.outcome is None:
+        raise BenchmarkError(f"{where}: the stream ended without the outcome")
+    outcome = finished.outcome
+    expect(f"{where}: error", outcome.error, None)
+    expect(f"{where}: node steps vs the stream's", script.clock_ok, True)
+    expect(f"{where}: steps", outcome.steps, script.step)
+    expect(f"{where}: model calls", outcome.usage.model_calls, script.model_calls)
+    expect(f"{where}: tool calls run", outcome.usage.tool_calls, script.tool_calls)
+    for name, value in script.expect.items():
+        expect(f"{where}: state.{name}", getattr(outcome.state, name), value)
+    status = outcome.status
+    if status is RunStatus.BUDGET_EXCEEDED:
+        if script.prefix is None:
+            raise BenchmarkError(f"{where}: a legitimate run used its step budget")
+        expect(f"{where}: steps of a missed loop", outcome.steps, script.prefix + LOOP_CAP)
+    elif status is RunStatus.COMPLETED:
+        if case.loop:
+            raise BenchmarkError(f"{where}: a loop run completed")
+    elif status is not RunStatus.LOOP_DETECTED:
+        raise BenchmarkError(f"{where}: status {status}: {outcome.stop_reason}")
+    expect(f"{where}: loop_detected events", len(found), int(status is RunStatus.LOOP_DETECTED))
+    loop_start = None
+    if script.prefix is not None:
+        loop_start = script.first_repeat if case.detector == "same_call" else script.last_change + 1
+        # (stuck: the check that credits the last good attempt may run one step later)
+        if loop_start is None or loop_start > script.prefix + 2:
+            raise BenchmarkError(f"{where}: the loop started at {loop_start}, not by its prefix")
+    detector = detected_at = to_detect = repetitions = None
+    early = False
+    if found:
+        event = found[0]
+        detector, detected_at = event.detector, event.step
+        expect(f"{where}: detection step", detected_at, outcome.steps)
+        if event.message not in (outcome.stop_reason or ""):
+            raise BenchmarkError(f"{where}: stop reason {outcome.stop_reason!r}")
+        evidence = json.loads(event.evidence)
+        if detector in ("repeats", "same_call"):
+            repetitions = len(evidence["steps"])
+            expect(f"{where}: the last repetition's step", evidence["steps"][-1], detected_at)
+        if loop_start is not None:
+            early = detected_at < loop_start
+            to_detect = None if early else detected_at - loop_start + 1
+    return LoopRun(
+        case=case.name,
+        kind=case.kind,
+        loop=case.loop,
+        seed=script.seed,
+        status=str(status),
+        steps=outcome.steps,
+        prefix=script.prefix,
+        loop_start=loop_start,
+        detector=detector,
+        detected_at=detected_at,
+        to_detect=to_detect,
+        repetitions=repetitions,
+        early=early,
+        wall_ms=wall * 1e3,
+    )
+
+
+async def loop_storm_runs(runs: int, seed: int) -> list[LoopRun]:
+    """Run every case on every seed, interleaved (case 1, case 2, ... then the next seed),
+    after a warm-up run of each."""
+    for case in CASES:
+        await loop_run(case, seed - 1)
+    return [await loop_run(case, seed + n) for n in range(runs) for case in CASES]
+
+
+def summarize_loops(case: Case, runs: list[LoopRun]) -> dict[str, Any]:
+    flagged = [r for r in runs if r.detector is not None]
+    caught = [r for r in flagged if not r.early]
+    to_detect = [r.to_detect for r in caught if r.to_detect is not None]
+    repetitions = [r.repetitions for r in caught if r.repetitions is not None]
+    detectors = collections.Counter(r.detector for r in flagged)
+    endings = collections.Counter(r.status for r in runs if r.detector is None)
+    prefixes = [r.prefix for r in runs if r.prefix is not None]
+    return {
+        "kind": case.kind,
+        "case": case.name,
+        "loop": case.loop,
+        "runs": len(runs),
+        "detected": len(caught) if case.loop else None,
+        "false_positives": len(flagged) if not case.loop else sum(r.early for r in runs),
+        "detectors": dict(detectors),
+        "undetected_ended": dict(endings),
+        "median_prefix": statistics.median(prefixes) if prefixes else None,
+        "min_to_detect": min(to_detect) if to_detect else None,
+        "median_to_detect": statistics.median(to_detect) if to_detect else None,
+        "max_to_detect": max(to_detect) if to_detect else None,
+        "median_repetitions": statistics.median(repetitions) if repetitions else None,
+        "max_repetitions": max(repetitions) if repetitions else None,
+        "median_steps": statistics.median(r.steps for r in runs),
+        "median_wall_ms": statistics.median(r.wall_ms for r in runs),
+        "p90_wall_ms": p90([r.wall_ms for r in runs]),
+    }
+
+
+def loop_failures(backend: str, case: Case, summary: dict[str, Any]) -> list[str]:
+    """The targets: every loop caught within REPETITIONS (stuck: exactly NO_PROGRESS
+    steps), no legitimate run or legitimate prefix flagged."""
+    where, runs = f"{backend}, {case.kind}, {case.name}", summary["runs"]
+    failures = []
+    if summary["false_positives"]:
+        what = "legitimate runs" if not case.loop else "loop runs flagged before the loop,"
+        failures.append(
+            f"{where}: {summary['false_positives']} of {runs} {what} flagged "
+            f"({_counts(summary['detectors'])})"
+        )
+    if case.loop and summary["detected"] < runs:
+        failures.append(
+            f"{where}: {runs - summary['detected']} of {runs} loops missed (ended "
+            f"{_counts(summary['undetected_ended'])})"
+        )
+    if (summary["max_repetitions"] or 0) > REPETITIONS:
+        failures.append(f"{where}: caught after {summary['max_repetitions']} repetitions")
+    took = {summary["min_to_detect"], summary["max_to_detect"]} - {None}
+    if case.detector == "no_progress" and took - {NO_PROGRESS}:
+        low, high = summary["min_to_detect"], summary["max_to_detect"]
+        failures.append(f"{where}: caught after {low}..{high} steps, not {NO_PROGRESS}")
+    return failures
+
+
+def _counts(counter: dict[str, int]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in counter.items()) or "-"
+
+
+def loop_storm(args: argparse.Namespace, backends: list[str]) -> dict[str, Any]:
+    """Run the loop storm on each backend; return its summaries and missed targets."""
+    summaries: dict[str, dict[str, Any]] = {}
+    every: list[dict[str, Any]] = []
+    failures: list[str] = []
+    for backend in backends:
+        runs = anyio.run(loop_storm_runs, args.runs, args.seed, backend=backend)
+        every.extend({"backend": backend, **asdict(r)} for r in runs)
+        for case in CASES:
+            mine = [r for r in runs if r.kind == case.kind and r.case == case.name]
+            summary = summarize_loops(case, mine)
+            summaries[f"{backend}/{case.kind}/{case.name}"] = summary
+            failures.extend(loop_failures(backend, case, summary))
+    return {"summaries": summaries, "runs": every, "failures": failures}
+
+
+def _range(low: Any, high: Any) -> str:
+    if low is None:
+        return "-"
+    return f"{low:g}" if low == high else f"{low:g} / {high:g}"
+
+
+LOOP_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
+    ("kind", lambda s: s["kind"]),
+    ("case", lambda s: s["case"]),
+    ("caught", lambda s: f"{s['detected']}/{s['runs']}" if s["loop"] else "-"),
+    ("false pos.", lambda s: f"{s['false_positives']}/{s['runs']}"),
+    ("by", lambda s: _counts(s["detectors"])),
+    ("steps to catch", lambda s: _range(s["median_to_detect"], s["max_to_detect"])),
+    ("repetitions", lambda s: _range(s["median_repetitions"], s["max_repetitions"])),
+    ("steps/run", lambda s: f"{s['median_steps']:g}"),
+    ("wall ms", lambda s: f"{s['median_wall_ms']:.1f}"),
+)
+
+
+def print_loop_storm(result: dict[str, Any], args: argparse.Namespace) -> None:
+    print(
+        f"loop storm: {args.runs} runs per case and backend (seeds {args.seed}.."
+        f"{args.seed + args.runs - 1}); each loop run progresses for 0-{PREFIX} steps, then "
+        f"loops for up to {LOOP_CAP}"
+    )
+    print("steps to catch, repetitions: median / max; steps/run, wall ms: median")
+    for backend in dict.fromkeys(key.split("/")[0] for key in result["summaries"]):
+        rows = [
+            [render(s) for _, render in LOOP_COLUMNS]
+            for key, s in result["summaries"].items()
+            if key.split("/")[0] == backend
+        ]
+        heads = [head for head, _ in LOOP_COLUMNS]
+        sizes = [max(len(head), *(len(row[i]) for row in rows)) for i, head in enumerate(heads)]
+        print(f"\n{backend}")
+        for cells in (heads, ["-" * n for n in sizes], *rows):
+            left = [f"{cell:<{n}}" for cell, n in zip(cells[:2], sizes, strict=False)]
+            right = [f"{cell:>{n}}" for cell, n in zip(cells[2:], sizes[2:], strict=True)]
+            print("  ".join(left + right))
+    verdict = "FAIL" if result["failures"] else "PASS"
+    print(
+        f"targets: every loop caught, within {REPETITIONS} repetitions (stuck: "
+        f"{NO_PROGRESS} steps), no legitimate run flagged: {verdict}"
+    )
+
+
 STORMS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[..., None]]] = {
+    "loop": (loop_storm, print_loop_storm),
     "budget": (budget_storm, print_budget_storm),
 }
+DEFAULT_RUNS = {"loop": 40, "budget": 50}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--storm", choices=(*STORMS, "all"), default="all")
-    parser.add_argument("--runs", type=int, default=50, help="runs per backend and mode")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        help="runs per backend and case (loop storm, default 40) or mode (budget, 50)",
+    )
     parser.add_argument("--backend", choices=("asyncio", "trio", "both"), default="both")
     parser.add_argument("--agents", type=int, default=20, help="concurrent agents per run")
     parser.add_argument("--seed", type=int, default=1, help="seed of the first run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.agents < 2:
+    if (args.runs is not None and args.runs < 1) or args.agents < 2:
         parser.error("--runs must be at least 1 and --agents at least 2")
     # errors only: every run of a storm crosses its soft thresholds (budget_warned warnings)
     configure_logging(logging.ERROR)
     backends = ["asyncio", "trio"] if args.backend == "both" else [args.backend]
     storms = list(STORMS) if args.storm == "all" else [args.storm]
+    # each storm's own default number of runs, unless --runs says
+    options = {
+        name: argparse.Namespace(**{**vars(args), "runs": args.runs or DEFAULT_RUNS[name]})
+        for name in storms
+    }
     results: dict[str, dict[str, Any]] = {}
     try:
         for name in storms:
-            results[name] = STORMS[name][0](args, backends)
+            results[name] = STORMS[name][0](options[name], backends)
     except BenchmarkError as exc:
         print(f"benchmark aborted: {exc}", file=sys.stderr)
         return 2
@@ -489,7 +1134,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": sys.version.split()[0],
             **versions("anyio", "pydantic", "trio"),
             "backends": backends,
-            "runs": args.runs,
+            "runs": {name: options[name].runs for name in storms},
             "agents": args.agents,
             "seed": args.seed,
         }
@@ -497,7 +1142,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"orchestra ({revision()}) failure-mode benchmark, {', '.join(backends)}")
         for name, result in results.items():
-            STORMS[name][1](result, args)
+            print()
+            STORMS[name][1](result, options[name])
         for failure in failures:
             print(f"invariant broken: {failure}", file=sys.stderr)
     return 2 if failures else 0

@@ -52,7 +52,7 @@ from .events import (
     RunStarted,
     StepCommitted,
 )
-from .gateway import NOT_RUN, Caller, CallOutcome, Gateway, Meter
+from .gateway import Caller, CallOutcome, Gateway, Meter
 from .graph import NodeSpec
 from .ledger import Ledger
 from .models.base import Message
@@ -522,9 +522,14 @@ class Execution:
         assert self.loops is not None
         nudges = []
         for call, outcome in zip(calls, done, strict=True):
-            if outcome.status in NOT_RUN:
-                continue
-            found, nudge = self.loops.on_call(step, node, call.name, call.arguments)
+            if outcome.status == "in_doubt":
+                continue  # (denied and invalid calls repeated are a loop too)
+            tool = self.graph.tools.get(call.name)
+            if outcome.ok and tool is not None and tool.effect is not Effect.READ:
+                self.loops.changed_world(node, call.name, call.arguments)
+            found, nudge = self.loops.on_call(
+                step, node, call.name, call.arguments, outcome.to_json()
+            )
             if nudge and found is not None:
                 nudges.append(
                     Message(

@@ -257,3 +257,82 @@ async def test_loops_loop_request_refuses_other_answers(store: Store) -> None:
     (request,) = (await app.run(S(), run_id="r1")).pending
     with pytest.raises(AnswerError, match=r"Continue\(\) or Abort\(\)"):
         await app.resume("r1", answers={request.id: Done("x")})
+
+
+async def test_loops_invalid_call_repeated_is_a_loop() -> None:
+    """An agent repeating a call the gateway refuses (bad arguments) is stopped too."""
+
+    def answer(request: ModelRequest) -> ModelResponse:
+        return ModelResponse(tool_calls=(ToolCall(name="look", arguments={"q": 1}),))
+
+    graph: Graph[S] = Graph(S)
+    graph.add_node(Agent("a", model=ScriptedModel(answer), tools=[look], max_turns=50))
+    graph.add_edge(START, "a")
+    graph.add_edge("a", END)
+    outcome = await graph.compile(budget=Budget(steps=40)).run(S())
+    assert outcome.status is RunStatus.LOOP_DETECTED
+    assert outcome.steps == 3
+
+
+async def test_loops_calls_after_a_write_are_not_repetitions() -> None:
+    """Tests re-run after each edit (a write call in between) are not a loop, even when
+    their result is the same; re-running them with no edit is."""
+    files: dict[str, str] = {}
+
+    @tool(effect=Effect.WRITE)
+    async def write(path: str, content: str) -> str:
+        files[path] = content
+        return "written"
+
+    @tool(effect=Effect.READ)
+    async def run_tests() -> str:
+        return "3 failing"
+
+    def build(edits: bool) -> Any:
+        def answer(request: ModelRequest) -> ModelResponse | str:
+            turn = request.turn
+            if turn >= 16:
+                return "done"
+            if edits and turn % 2 == 0:
+                call = ToolCall(name="write", arguments={"path": "a.py", "content": str(turn)})
+            else:
+                call = ToolCall(name="run_tests", arguments={})
+            return ModelResponse(tool_calls=(call,))
+
+        graph: Graph[S] = Graph(S)
+        agent = Agent("a", model=ScriptedModel(answer), tools=[write, run_tests], max_turns=50)
+        graph.add_node(agent)
+        graph.add_edge(START, "a")
+        graph.add_edge("a", END)
+        return graph.compile(budget=Budget(steps=40))
+
+    assert (await build(edits=True).run(S())).status is RunStatus.COMPLETED
+    assert (await build(edits=False).run(S())).status is RunStatus.LOOP_DETECTED
+
+
+async def test_loops_long_rounds_between_agents_are_compared() -> None:
+    """Agents handing work back and forth with many tool turns a visit are still caught:
+    the window counts the steps where the state is compared, not the turns in between."""
+
+    def answer(request: ModelRequest) -> ModelResponse | str:
+        since = 0
+        for message in reversed(request.messages):
+            if message.role == "user" and message.name == "input":
+                break
+            since += message.role == "assistant"
+        if since < 6:
+            return ModelResponse(
+                tool_calls=(ToolCall(name="look", arguments={"q": f"{request.turn}"}),)
+            )
+        return "over to you"
+
+    model = ScriptedModel(answer)
+    graph: Graph[S] = Graph(S)
+    graph.add_node(Agent("a", model=model, tools=[look], max_turns=50))
+    graph.add_node(Agent("b", model=model, tools=[look], max_turns=50))
+    graph.add_edge(START, "a")
+    graph.add_route("a", lambda state: "b", targets=["b", END])
+    graph.add_route("b", lambda state: "a", targets=["a", END])
+    outcome = await graph.compile(budget=Budget(steps=200)).run(S())
+    assert outcome.status is RunStatus.LOOP_DETECTED
+    assert "came back 3 times" in (outcome.stop_reason or "")

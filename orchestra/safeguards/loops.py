@@ -128,6 +128,7 @@ class LoopWatch:
         # the window: (step, key) in order, and each key's steps within it
         self._window: deque[tuple[int, tuple[int, tuple[str, ...]]]] = deque()
         self._recent: dict[tuple[int, tuple[str, ...]], deque[int]] = {}
+        self._clock = 0  # steps checked by the state detector
         self._calls: dict[tuple[str, str, str], deque[int]] = {}
         self._nudged: set[tuple[str, str, str]] = set()
         self._progressed = step
@@ -164,8 +165,12 @@ class LoopWatch:
             )
         if guard.repeats is None or busy or not ready:
             return None
+        # the window counts the steps checked here: steps where agents are between turns
+        # (using tools) do not use it up, so long rounds of agents are compared too
+        self._clock += 1
+        clock = self._clock
         window, recent = self._window, self._recent
-        horizon = step - guard.window
+        horizon = clock - guard.window
         while window and window[0][0] <= horizon:
             _, old_key = window.popleft()
             old = recent[old_key]
@@ -173,12 +178,13 @@ class LoopWatch:
             if not old:
                 del recent[old_key]
         key = (self._print, ready)
-        window.append((step, key))
-        steps = recent.get(key)
-        if steps is None:
+        window.append((clock, key))
+        seen = recent.get(key)
+        if seen is None:
             recent[key] = deque((step,))
             return None
-        steps.append(step)
+        seen.append(step)
+        steps = seen
         if len(steps) >= guard.repeats:
             return Detection(
                 "repeats",
@@ -188,16 +194,26 @@ class LoopWatch:
             )
         return None
 
+    def changed_world(self, node: str, tool: str, arguments: Any) -> None:
+        """A call with an effect (a write) by ``node``: its other calls are not repetitions
+        of what came before it (tests re-run after an edit)."""
+        args = json.dumps(arguments, sort_keys=True, separators=(",", ":"), default=str)
+        mine = f"{args}\x00"
+        for key in [k for k in self._calls if k[0] == node]:
+            if not (key[1] == tool and key[2].startswith(mine)):
+                del self._calls[key]
+
     def on_call(
-        self, step: int, node: str, tool: str, arguments: Any
+        self, step: int, node: str, tool: str, arguments: Any, result: str = ""
     ) -> tuple[Detection | None, bool]:
-        """Record an agent's tool call; return a detection and whether it is a first
-        repetition to nudge about (under the nudge policy)."""
+        """Record an agent's tool call and what came of it (a call whose result changed,
+        say tests re-run after an edit, is not a repetition); return a detection and
+        whether it is a first repetition to nudge about (under the nudge policy)."""
         guard = self.guard
         if guard.same_call is None:
             return None, False
         args = json.dumps(arguments, sort_keys=True, separators=(",", ":"), default=str)
-        key = (node, tool, args)
+        key = (node, tool, f"{args}\x00{result}")
         steps = self._calls.setdefault(key, deque())
         steps.append(step)
         while steps and steps[0] <= step - guard.window:
@@ -207,7 +223,7 @@ class LoopWatch:
         detection = Detection(
             "same_call",
             f"{node!r} called {tool}({args}) {len(steps)} times within {guard.window} steps "
-            f"(steps {', '.join(map(str, steps))})",
+            f"with the same result (steps {', '.join(map(str, steps))})",
             {"node": node, "tool": tool, "arguments": arguments, "steps": list(steps)},
         )
         if guard.policy_for("same_call") == "nudge" and key not in self._nudged:
