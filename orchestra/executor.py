@@ -19,6 +19,7 @@ last committed step intact.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -150,10 +151,11 @@ class Execution:
         self._agents = any(node.kind == "agent" for node in graph.nodes.values())
         self._finished: set[str] = set()
         self._size = StateSize(state) if self.budget.state_bytes is not None else None
+        self._size_warned = False
         # the step at which the step budget's soft threshold is reached (warned once)
         steps = self.budget.steps
         self._soft_due = (
-            max(int(steps * self.budget.soft), 1)
+            max(math.ceil(steps * self.budget.soft), 1)
             if steps is not None and steps * self.budget.soft > step
             else None
         )
@@ -456,10 +458,13 @@ class Execution:
         """The loop detectors, after the step is committed: a loop stops the run here."""
         assert self.loops is not None
         busy = self._agents and any(r.again for r in results)
-        if len(following) == 1:
+        if len(following) == 1 and following[0].payload is NO_PAYLOAD:
             ready: tuple[str, ...] = (following[0].label,)
-        else:
-            ready = tuple(t.label for t in following)
+        else:  # a Send task is known by its payload too (it may carry the progress)
+            ready = tuple(
+                t.label if t.payload is NO_PAYLOAD else f"{t.label}:{_payload_key(t.payload)}"
+                for t in following
+            )
         found = self.loops.after_step(step, state, changed, ready, busy) or self._loop_found
         if found is None or not following:
             return
@@ -585,7 +590,8 @@ class Execution:
         assert self._size is not None
         limit = self.budget.state_bytes
         total, sizes = self._size.after(state, deltas)
-        if limit is not None and total > limit:
+        # (an update that shrinks a state already over its limit, say a compaction, is fine)
+        if limit is not None and total > limit and total > self._size.total:
             name, (before, after) = max(sizes.items(), key=lambda kv: kv[1][1] - kv[1][0])
             writers = [
                 t.label
@@ -599,6 +605,9 @@ class Execution:
                 f"of {limit:,}; the update was refused"
             )
         self._size.keep(total, sizes)
+        if limit is not None and total >= limit * self.budget.soft and not self._size_warned:
+            self._size_warned = True
+            self._budget_warned("run", "state_bytes", float(total), float(limit))
 
     def _read_only(self, name: str) -> bool:
         tool = self.graph.tools.get(name)
@@ -846,6 +855,12 @@ class Execution:
         if level != "debug" or self._debug:
             data = event.to_dict()
             getattr(self.log, level)(data.pop("event"), **data)
+
+
+def _payload_key(payload: Any) -> str:
+    from pydantic_core import to_json
+
+    return to_json(payload, fallback=str).decode()
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> list[Any]:

@@ -29,7 +29,7 @@ from .events import RequestAnswered
 from .gateway import NOT_RUN
 from .outcome import RunStatus
 from .safeguards.budgets import loaded_budget, price_of
-from .safeguards.interrupts import Abort, Continue, Done, Retry
+from .safeguards.interrupts import Abort, Continue, Done, Request, Retry
 from .store.base import (
     CheckpointRow,
     EventRow,
@@ -153,6 +153,18 @@ async def prepare_resume(
     )
     execution.ledger.preload(entries)
     _meter_restored(app, execution, tasks, done, entries)
+    # a suspected loop waits for its answer: a resume without one asks again, runs nothing
+    answered = {item.row.request_id for item in checked}
+    waiting = [
+        Request.from_row(row)
+        for row in await store.requests(run_id)
+        if row.kind == "loop" and row.request_id not in answered
+    ]
+    if waiting and stop is None:
+        execution.status, execution.pending = RunStatus.INTERRUPTED, waiting
+        execution.reason = (
+            f"a suspected loop waits for an answer (Continue() or Abort()): {waiting[0].id}"
+        )
     now = time.time()
     execution._carried.extend(
         RequestAnswered(

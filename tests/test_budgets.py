@@ -332,3 +332,28 @@ async def test_budget_step_limit_warns_at_its_soft_threshold() -> None:
     events = [event async for event in app.stream(Notes())]
     warned = [e for e in events if isinstance(e, BudgetWarned)]
     assert [(w.limit, w.used, w.value) for w in warned] == [("steps", 5.0, 10.0)]
+
+
+async def test_budget_state_over_its_limit_may_still_shrink() -> None:
+    """A state already over its limit (an input too large, or a lowered limit) may be
+    compacted: an update that makes it smaller is not refused."""
+
+    async def compact(state: Notes, ctx: NodeContext) -> Notes:
+        return state.model_copy(update={"title": ""})
+
+    graph: Graph[Notes] = Graph(Notes)
+    graph.add_node("compact", compact)
+    graph.add_edge(START, "compact")
+    graph.add_edge("compact", END)
+    app = graph.compile(budget=Budget(state_bytes=50))
+    outcome = await app.run(Notes(title="x" * 200))
+    assert outcome.status is RunStatus.COMPLETED
+    assert outcome.state.title == ""
+
+
+async def test_budget_state_bytes_warns_at_its_soft_threshold() -> None:
+    """Nearing the state-size limit emits budget_warned once."""
+    events = [event async for event in growing(state_bytes=1_000).stream(Notes())]
+    warned = [e for e in events if isinstance(e, BudgetWarned) and e.limit == "state_bytes"]
+    assert len(warned) == 1
+    assert warned[0].used >= 800

@@ -24,6 +24,7 @@ from orchestra import (
     GraphValidationError,
     NodeContext,
     RunStatus,
+    Send,
     tool,
 )
 from orchestra.errors import AnswerError
@@ -175,7 +176,7 @@ async def test_loops_nudge_then_repeat_stops_the_run() -> None:
     app, _ = repeating_agent("nudge", stubborn=True)
     outcome = await app.run(S())
     assert outcome.status is RunStatus.LOOP_DETECTED
-    assert outcome.usage.tool_calls == 6  # 3, the nudge, 3 more
+    assert outcome.usage.tool_calls == 4  # 3, the nudge, then one more stops it
 
 
 async def test_loops_no_progress_on_chosen_fields_is_detected() -> None:
@@ -224,6 +225,9 @@ def test_loops_guard_rejects_bad_settings() -> None:
         {"repeats": 1},
         {"policy": "shrug"},
         {"policy": {"no_progress": "nudge"}},
+        {"policy": {"same_calls": "nudge"}},
+        {"repeats": 5, "window": 4},
+        {"progress": "done", "no_progress": 3},
         {"no_progress": 3},
         {"policy": {"repeats": "nudge"}},
     ):
@@ -336,3 +340,93 @@ async def test_loops_long_rounds_between_agents_are_compared() -> None:
     outcome = await graph.compile(budget=Budget(steps=200)).run(S())
     assert outcome.status is RunStatus.LOOP_DETECTED
     assert "came back 3 times" in (outcome.stop_reason or "")
+
+
+async def test_loops_plain_resume_of_a_loop_request_asks_again(store: Store) -> None:
+    """A resume without an answer to a suspected loop runs nothing and keeps asking."""
+    app = cycle(store=store, loop_guard=LoopGuard(policy="interrupt"))
+    first = await app.run(S(), run_id="r1")
+    second = await app.resume("r1")
+    assert second.status is RunStatus.INTERRUPTED
+    assert second.steps == first.steps
+    assert [r.id for r in second.pending] == [r.id for r in first.pending]
+    assert len(await store.requests("r1")) == 1
+
+
+async def test_loops_send_chain_carrying_progress_in_its_payload_is_not_a_loop() -> None:
+    """A node that hands itself the next item with Send, the state unchanged, progresses:
+    the payload is part of what repeats."""
+    seen: list[int] = []
+
+    async def work(item: int, ctx: NodeContext) -> Any:
+        seen.append(item)
+        return Send("work", item + 1) if item < 9 else None
+
+    async def start(state: S, ctx: NodeContext) -> Any:
+        return Send("work", 0)
+
+    graph: Graph[S] = Graph(S)
+    graph.add_node("start", start, targets=["work"])
+    graph.add_node("work", work, targets=["work"])
+    graph.add_edge(START, "start")
+    graph.add_edge("work", END)
+    outcome = await graph.compile().run(S())
+    assert outcome.status is RunStatus.COMPLETED
+    assert seen == list(range(10))
+
+
+async def test_loops_same_lookup_once_per_round_of_a_progressing_run_is_not_a_loop() -> None:
+    """An agent making the same lookup at the start of each visit, while the state moves
+    on between visits, is not repeating itself."""
+
+    def answer(request: ModelRequest) -> ModelResponse | str:
+        last = request.messages[-1]
+        if last.role == "user":
+            return ModelResponse(tool_calls=(ToolCall(name="look", arguments={"q": "guide"}),))
+        return "next"
+
+    async def bump(state: S, ctx: NodeContext) -> dict[str, int]:
+        return {"counter": state.counter + 1}
+
+    graph: Graph[S] = Graph(S)
+    graph.add_node(Agent("worker", model=ScriptedModel(answer), tools=[look]))
+    graph.add_node("bump", bump)
+    graph.add_edge(START, "worker")
+    graph.add_edge("worker", "bump")
+    graph.add_route("bump", lambda s: "worker" if s.counter < 6 else END, targets=["worker", END])
+    outcome = await graph.compile(budget=Budget(steps=100)).run(S())
+    assert outcome.status is RunStatus.COMPLETED
+    assert outcome.state.counter == 6
+
+
+async def test_loops_writing_the_same_value_is_not_progress() -> None:
+    """A progress field written with its old value does not count as progress."""
+
+    async def busy(state: S, ctx: NodeContext) -> dict[str, int]:
+        return {"counter": state.counter + 1, "done": state.done}
+
+    graph: Graph[S] = Graph(S)
+    graph.add_node("busy", busy)
+    graph.add_edge(START, "busy")
+    graph.add_route("busy", lambda state: "busy", targets=["busy", END])
+    guard = LoopGuard(no_progress=5, progress=("done",))
+    outcome = await graph.compile(budget=Budget(steps=60), loop_guard=guard).run(S())
+    assert outcome.status is RunStatus.LOOP_DETECTED
+    assert outcome.steps == 5
+
+
+async def test_loops_fingerprint_survives_values_pydantic_cannot_serialize() -> None:
+    """A dict field holding an arbitrary object does not crash the loop guard."""
+
+    class Bag(BaseModel):
+        model_config = {"arbitrary_types_allowed": True}
+        things: dict[str, Any] = {}
+
+    async def put(state: Bag, ctx: NodeContext) -> dict[str, Any]:
+        return {"things": {"lock": object()}}
+
+    graph: Graph[Bag] = Graph(Bag)
+    graph.add_node("put", put)
+    graph.add_edge(START, "put")
+    graph.add_edge("put", END)
+    assert (await graph.compile().run(Bag())).status is RunStatus.COMPLETED

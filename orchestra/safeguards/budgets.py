@@ -390,12 +390,27 @@ class StateSize:
     def _measure(self, name: str, value: Any) -> int:
         return len(name) + 3 + len(self._to_json(value, fallback=str))
 
-    def after(self, state: Any, changed: Iterable[str]) -> tuple[int, dict[str, tuple[int, int]]]:
+    def after(
+        self, state: Any, changed: Mapping[str, Any] | Iterable[str]
+    ) -> tuple[int, dict[str, tuple[int, int]]]:
         """The size the state would have after a step, and each changed field's (before,
-        after) size; nothing is kept until :meth:`keep`."""
-        sizes = {
-            name: (self.fields[name], self._measure(name, getattr(state, name))) for name in changed
-        }
+        after) size; nothing is kept until :meth:`keep`. With ``changed`` mapping fields to
+        their FieldDelta, an append measures only the new items."""
+        sizes = {}
+        deltas: Mapping[str, Any] = (
+            changed if isinstance(changed, Mapping) else dict.fromkeys(changed)
+        )
+        for name, delta in deltas.items():
+            before = self.fields[name]
+            items = (
+                getattr(delta, "value", None) if getattr(delta, "kind", None) == "append" else None
+            )
+            if items:
+                added = len(self._to_json(items, fallback=str)) - 2  # without [ ]
+                empty = before == len(name) + 5  # "name":[]
+                sizes[name] = (before, before + added + (0 if empty else 1))
+            else:
+                sizes[name] = (before, self._measure(name, getattr(state, name)))
         total = self.total + sum(after - before for before, after in sizes.values())
         return total, sizes
 

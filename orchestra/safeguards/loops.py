@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import to_json, to_jsonable_python
+from pydantic_core import to_jsonable_python
 
 __all__ = ("Detection", "LoopGuard", "LoopWatch")
 
@@ -58,6 +58,21 @@ class LoopGuard:
                 raise ValueError(f"LoopGuard.{name} must be an integer >= 2 or None")
         if not isinstance(self.window, int) or self.window < 2:
             raise ValueError("LoopGuard.window must be an integer >= 2")
+        for name in ("repeats", "same_call"):
+            value = getattr(self, name)
+            if value is not None and value > self.window:
+                raise ValueError(
+                    f"LoopGuard.{name}={value} can never be seen within window={self.window}"
+                )
+        for name in ("progress", "volatile"):
+            if isinstance(getattr(self, name), str):
+                raise ValueError(f"LoopGuard.{name} takes a tuple of field names, not a str")
+        if not isinstance(self.policy, str):
+            unknown = sorted(set(self.policy) - set(DETECTORS))
+            if unknown:
+                raise ValueError(
+                    f"LoopGuard policy names unknown detectors {unknown}; known: {DETECTORS}"
+                )
         if self.no_progress is not None and not self.progress:
             raise ValueError("LoopGuard.no_progress needs progress=(field names)")
         object.__setattr__(self, "progress", tuple(self.progress))
@@ -100,15 +115,17 @@ _PLAIN = (int, str, bool, float, type(None))
 def _field_hash(name: str, value: Any) -> int:
     """A field's hash within this process (the detectors' state is not stored): plain
     values hash directly; others through their JSON form (dict keys sorted)."""
-    if type(value) in _PLAIN:
+    if type(value) in _PLAIN and value == value:  # (NaN is not equal to itself)
         return hash((name, type(value), value))
-    if isinstance(value, dict) or (isinstance(value, BaseModel) and value.model_extra):
-        text: bytes | str = json.dumps(
-            to_jsonable_python(value), sort_keys=True, separators=(",", ":"), default=str
-        )
-    else:
-        text = to_json(value, fallback=str)
-    return hash((name, text))
+    return hash((name, _value_text(value)))
+
+
+def _value_text(value: Any) -> str:
+    """Canonical JSON of a value: dict keys sorted at every level, anything pydantic cannot
+    serialize as its str."""
+    return json.dumps(
+        to_jsonable_python(value, fallback=str), sort_keys=True, separators=(",", ":"), default=str
+    )
 
 
 class LoopWatch:
@@ -140,19 +157,26 @@ class LoopWatch:
         self,
         step: int,
         state: BaseModel,
-        changed: Iterable[str],
+        changed: Mapping[str, Any],
         ready: tuple[str, ...],
         busy: bool,
     ) -> Detection | None:
-        """Update the fingerprint from the fields the step changed; check the state and
-        progress detectors. ``busy``: agents are between turns (not a repetition)."""
+        """Update the fingerprint from the fields the step changed (``changed``: field ->
+        FieldDelta; an append folds in only the new items); check the state and progress
+        detectors. ``busy``: agents are between turns (not a repetition)."""
         skip, hashes = self._skip, self._hashes
         guard = self.guard
-        for name in changed:
+        for name, delta in changed.items():
             if name in skip:
                 continue
-            new = _field_hash(name, getattr(state, name))
-            self._print ^= hashes.get(name, 0) ^ new
+            old = hashes.get(name, 0)
+            if getattr(delta, "kind", None) == "append":
+                new = hash((name, old, _value_text(delta.value)))
+            else:
+                new = _field_hash(name, getattr(state, name))
+            if new == old:
+                continue  # written, but to the same value: not a change, not progress
+            self._print ^= old ^ new
             hashes[name] = new
             if name in guard.progress:
                 self._progressed = step
@@ -173,9 +197,9 @@ class LoopWatch:
         horizon = clock - guard.window
         while window and window[0][0] <= horizon:
             _, old_key = window.popleft()
-            old = recent[old_key]
-            old.popleft()
-            if not old:
+            expired = recent[old_key]
+            expired.popleft()
+            if not expired:
                 del recent[old_key]
         key = (self._print, ready)
         window.append((clock, key))
@@ -198,7 +222,7 @@ class LoopWatch:
         """A call with an effect (a write) by ``node``: its other calls are not repetitions
         of what came before it (tests re-run after an edit)."""
         args = json.dumps(arguments, sort_keys=True, separators=(",", ":"), default=str)
-        mine = f"{args}\x00"
+        mine = f"{args}\x00"  # (the key's third part starts with the arguments)
         for key in [k for k in self._calls if k[0] == node]:
             if not (key[1] == tool and key[2].startswith(mine)):
                 del self._calls[key]
@@ -213,7 +237,9 @@ class LoopWatch:
         if guard.same_call is None:
             return None, False
         args = json.dumps(arguments, sort_keys=True, separators=(",", ":"), default=str)
-        key = (node, tool, f"{args}\x00{result}")
+        # with the state as it is: the same lookup once per round of a progressing run is
+        # not a repetition
+        key = (node, tool, f"{args}\x00{result}\x00{self._print}")
         steps = self._calls.setdefault(key, deque())
         steps.append(step)
         while steps and steps[0] <= step - guard.window:
@@ -227,7 +253,6 @@ class LoopWatch:
             {"node": node, "tool": tool, "arguments": arguments, "steps": list(steps)},
         )
         if guard.policy_for("same_call") == "nudge" and key not in self._nudged:
-            self._nudged.add(key)
-            steps.clear()  # it gets another window to change course
+            self._nudged.add(key)  # told once; the next repetition stops the run
             return detection, True
         return detection, False
