@@ -460,11 +460,11 @@ class Execution:
         busy = self._agents and any(r.again for r in results)
         if len(following) == 1 and following[0].payload is NO_PAYLOAD:
             ready: tuple[str, ...] = (following[0].label,)
-        else:  # a Send task is known by its payload too (it may carry the progress)
-            ready = tuple(
-                t.label if t.payload is NO_PAYLOAD else f"{t.label}:{_payload_key(t.payload)}"
-                for t in following
-            )
+        else:
+            ready = tuple(t.label for t in following)
+            payloads = [t.payload for t in following if t.payload is not NO_PAYLOAD]
+            if payloads:  # Send tasks are known by their payloads too (they may carry progress)
+                ready = (*ready, _payload_key(payloads))
         found = self.loops.after_step(step, state, changed, ready, busy) or self._loop_found
         if found is None or not following:
             return
