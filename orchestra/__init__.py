@@ -32,6 +32,7 @@ from .reducers import merge as merge
 from .reducers import reducer as reducer
 from .safeguards.budgets import Budget as Budget
 from .safeguards.budgets import register_price as register_price
+from .safeguards.caps import Cap as Cap
 from .safeguards.interrupts import Abort as Abort
 from .safeguards.interrupts import Continue as Continue
 from .safeguards.interrupts import Done as Done
@@ -51,6 +52,7 @@ __all__ = (
     "Abort",
     "Agent",
     "Budget",
+    "Cap",
     "Command",
     "CompiledGraph",
     "Continue",

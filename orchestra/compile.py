@@ -429,6 +429,7 @@ def compile_graph(
     else:
         schema = StateSchema(state)
         problems.extend(schema.problems)
+        problems.extend(cap_problems(state))
         serialization = schema.serialization_problem()
         if serialization is not None:
             problems.append(serialization)
@@ -519,4 +520,19 @@ def price_problems(
                 f"add one with orchestra.register_price({name!r}, input_per_million=..., "
                 f"output_per_million=...)"
             )
+    return problems
+
+
+def cap_problems(state: type[BaseModel]) -> list[str]:
+    """Caps go on list fields."""
+    from typing import get_origin
+
+    from .safeguards.caps import field_caps
+
+    problems = []
+    for name, _ in field_caps(state).items():
+        annotation = state.model_fields[name].annotation
+        origin = get_origin(annotation) or annotation
+        if origin not in (list, tuple):
+            problems.append(f"state field {name!r} has a Cap but is not a list")
     return problems

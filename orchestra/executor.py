@@ -60,8 +60,10 @@ from .models.base import Message
 from .outcome import RunOutcome, RunStatus, Usage
 from .routing import initial_tasks, next_tasks, normalize
 from .safeguards.budgets import Budget, BudgetStop, Spend, StateSize
+from .safeguards.caps import field_caps
 from .safeguards.interrupts import Request, StepInterrupted, request_id
 from .safeguards.loops import Detection, LoopWatch
+from .state import FieldDelta
 from .tools import Effect
 
 if TYPE_CHECKING:
@@ -151,6 +153,7 @@ class Execution:
         self._agents = any(node.kind == "agent" for node in graph.nodes.values())
         self._finished: set[str] = set()
         self._size = StateSize(state) if self.budget.state_bytes is not None else None
+        self._caps = field_caps(type(state))
         self._size_warned = False
         # the step at which the step budget's soft threshold is reached (warned once)
         steps = self.budget.steps
@@ -412,6 +415,8 @@ class Execution:
                     await self.recorder.discard_pending(step)
                     self._finished.clear()
                 raise
+        if self._caps and deltas:
+            state, deltas = self._apply_caps(state, deltas, tasks, results, step)
         if self._size is not None and deltas:
             self._check_state_size(state, deltas, tasks, results, step)
         joins = dict(self.joins) if self._agents else None
@@ -578,6 +583,54 @@ class Execution:
             allowed = self._allow[node] = tool_map(self.graph.nodes[node].tools)
         return allowed
 
+    def _apply_caps(
+        self,
+        state: BaseModel,
+        deltas: dict[str, Any],
+        tasks: list[Task],
+        results: list[TaskResult],
+        step: int,
+    ) -> tuple[BaseModel, dict[str, Any]]:
+        """Hold capped list fields to their caps (refuse, drop the oldest, or a hook)."""
+        trimmed: dict[str, Any] = {}
+        for name, cap in self._caps.items():
+            if name not in deltas:
+                continue
+            items = list(getattr(state, name) or ())
+            if len(items) <= cap.max_items:
+                continue
+            writers = _writers(name, tasks, results)
+            if cap.policy == "refuse":
+                raise InvalidUpdateError(
+                    f"field {name!r} would hold {len(items)} items, over its cap of "
+                    f"{cap.max_items}; written by {', '.join(map(repr, writers)) or 'the step'} "
+                    f"(Cap policy 'refuse': the step was not committed)",
+                    run_id=self.run_id,
+                    step=step,
+                    node=writers[0] if writers else None,
+                )
+            if cap.policy == "drop_oldest":
+                kept = items[-cap.max_items :]
+            else:
+                assert callable(cap.policy)
+                kept = list(cap.policy(items))
+                if len(kept) > cap.max_items:
+                    raise InvalidUpdateError(
+                        f"the Cap hook of field {name!r} returned {len(kept)} items, over the "
+                        f"cap of {cap.max_items}",
+                        run_id=self.run_id,
+                        step=step,
+                        node=writers[0] if writers else None,
+                    )
+            trimmed[name] = kept
+        if not trimmed:
+            return state, deltas
+        state = state.model_copy(update=trimmed)
+        deltas = dict(deltas)
+        for name, kept in trimmed.items():
+            deltas[name] = FieldDelta("set", kept)  # no longer an append: stored whole
+        return state, deltas
+
     def _check_state_size(
         self,
         state: BaseModel,
@@ -593,11 +646,7 @@ class Execution:
         # (an update that shrinks a state already over its limit, say a compaction, is fine)
         if limit is not None and total > limit and total > self._size.total:
             name, (before, after) = max(sizes.items(), key=lambda kv: kv[1][1] - kv[1][0])
-            writers = [
-                t.label
-                for t, r in zip(tasks, results, strict=True)
-                if r.update and name in r.update
-            ]
+            writers = _writers(name, tasks, results)
             raise BudgetStop(
                 f"run state-size budget: the update of field {name!r} by "
                 f"{', '.join(map(repr, writers)) or 'the step'} would make the state "
@@ -855,6 +904,11 @@ class Execution:
         if level != "debug" or self._debug:
             data = event.to_dict()
             getattr(self.log, level)(data.pop("event"), **data)
+
+
+def _writers(name: str, tasks: list[Task], results: list[TaskResult]) -> list[str]:
+    """The tasks of a step whose updates wrote field ``name``."""
+    return [t.label for t, r in zip(tasks, results, strict=True) if r.update and name in r.update]
 
 
 def _payload_key(payload: Any) -> str:
