@@ -450,7 +450,7 @@ class Execution:
         self.ledger.forget(step)
         self.gateway.forget(step)
         if self.loops is not None:
-            self._guard_loops(step, state, deltas, following, results)
+            self._guard_loops(step, state, deltas, following, results, tasks)
 
     def _guard_loops(
         self,
@@ -459,10 +459,20 @@ class Execution:
         changed: Mapping[str, Any],
         following: list[Task],
         results: list[TaskResult],
+        tasks: list[Task],
     ) -> None:
         """The loop detectors, after the step is committed: a loop stops the run here."""
         assert self.loops is not None
         busy = self._agents and any(r.again for r in results)
+        if self._agents and self.loops.guard.similar_output is not None:
+            for task, result in zip(tasks, results, strict=True):
+                if result.again or not result.messages:
+                    continue
+                last = result.messages[-1]
+                if last.role == "assistant" and not last.tool_calls:
+                    found = self.loops.on_output(step, task.label, last.content)
+                    if found is not None and self._loop_found is None:
+                        self._loop_found = found
         if len(following) == 1 and following[0].payload is NO_PAYLOAD:
             ready: tuple[str, ...] = (following[0].label,)
         else:

@@ -430,3 +430,47 @@ async def test_loops_fingerprint_survives_values_pydantic_cannot_serialize() -> 
     graph.add_edge(START, "put")
     graph.add_edge("put", END)
     assert (await graph.compile().run(Bag())).status is RunStatus.COMPLETED
+
+
+def answering_loop(answers: list[str], **guard: Any) -> Any:
+    """An agent visited again and again (a counter moves on), answering from ``answers``."""
+
+    def answer(request: ModelRequest) -> str:
+        visits = sum(1 for m in request.messages if m.name == "input")
+        return answers[(visits - 1) % len(answers)]
+
+    async def bump(state: S, ctx: NodeContext) -> dict[str, int]:
+        return {"counter": state.counter + 1}
+
+    graph: Graph[S] = Graph(S)
+    graph.add_node(Agent("writer", model=ScriptedModel(answer), output="answer"))
+    graph.add_node("bump", bump)
+    graph.add_edge(START, "writer")
+    graph.add_edge("writer", "bump")
+    graph.add_route("bump", lambda s: "writer" if s.counter < 8 else END, targets=["writer", END])
+    return graph.compile(budget=Budget(steps=100), loop_guard=LoopGuard(**guard))
+
+
+async def test_loops_near_identical_answers_in_a_row_are_a_loop() -> None:
+    """An agent giving essentially the same answer three times in a row is stopped, even
+    though the state (a counter) moves on."""
+    outcome = await answering_loop(
+        [
+            "I am still looking into the refund for order 42.",
+            "I am still looking into the refund for order 42!",
+        ]
+    ).run(S())
+    assert outcome.status is RunStatus.LOOP_DETECTED
+    assert "near-identical answers 3 times in a row" in (outcome.stop_reason or "")
+
+
+async def test_loops_different_or_short_answers_are_not_a_loop() -> None:
+    """Answers that differ, or short ones (a label), repeat legitimately."""
+    varied = answering_loop(
+        [f"Refund {i} approved for order {40 + i}, case closed." for i in range(4)]
+    )
+    assert (await varied.run(S())).status is RunStatus.COMPLETED
+    short = answering_loop(["billing"])
+    assert (await short.run(S())).status is RunStatus.COMPLETED
+    off = answering_loop(["I am still looking into the refund for order 42."], similar_output=None)
+    assert (await off.run(S())).status is RunStatus.COMPLETED

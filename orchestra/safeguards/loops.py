@@ -8,7 +8,10 @@ phase with detectors that look at what the run *does*, never at what a model say
   agents handing work back and forth without changing anything);
 - ``same_call``: one agent calling the same tool with the same arguments that many times
   within ``window`` steps (its result cannot change what it does next);
-- ``no_progress``: none of the ``progress`` fields changed for that many steps.
+- ``no_progress``: none of the ``progress`` fields changed for that many steps;
+- ``similar_output``: one agent's final answers near-identical (``similarity``, 0.9 by
+  default, of normalized text, and the same numbers and ids; answers of 20 characters or
+  more) that many times in a row.
 
 The state fingerprint is a XOR of per-field hashes (plain values directly, others through
 their JSON form with dict keys sorted), updated from the fields a step changed: O(changed
@@ -36,7 +39,8 @@ from pydantic_core import to_jsonable_python
 __all__ = ("Detection", "LoopGuard", "LoopWatch")
 
 POLICIES = ("stop", "interrupt", "nudge")
-DETECTORS = ("repeats", "same_call", "no_progress")
+DETECTORS = ("repeats", "same_call", "no_progress", "similar_output")
+MIN_OUTPUT = 20  # characters: short answers ("billing", "yes") repeat legitimately
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,13 +50,17 @@ class LoopGuard:
     repeats: int | None = 3
     same_call: int | None = 3
     no_progress: int | None = None
+    similar_output: int | None = 3
+    similarity: float = 0.9
     window: int = 20
     progress: tuple[str, ...] = ()
     volatile: tuple[str, ...] = ()
     policy: str | Mapping[str, str] = "stop"
 
     def __post_init__(self) -> None:
-        for name in ("repeats", "same_call", "no_progress"):
+        if not 0 < self.similarity <= 1:
+            raise ValueError(f"LoopGuard.similarity must be within (0, 1], got {self.similarity}")
+        for name in ("repeats", "same_call", "no_progress", "similar_output"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 2):
                 raise ValueError(f"LoopGuard.{name} must be an integer >= 2 or None")
@@ -81,7 +89,7 @@ class LoopGuard:
             policy = self.policy_for(detector)
             if policy not in POLICIES:
                 raise ValueError(f"LoopGuard policy must be one of {POLICIES}, got {policy!r}")
-        if self.policy_for("repeats") == "nudge" or self.policy_for("no_progress") == "nudge":
+        if any(self.policy_for(d) == "nudge" for d in DETECTORS if d != "same_call"):
             raise ValueError("the nudge policy applies to same_call only (it tells an agent)")
 
     def policy_for(self, detector: str) -> str:
@@ -148,6 +156,7 @@ class LoopWatch:
         self._clock = 0  # steps checked by the state detector
         self._calls: dict[tuple[str, str, str], deque[int]] = {}
         self._nudged: set[tuple[str, str, str]] = set()
+        self._outputs: dict[str, list[tuple[int, str]]] = {}
         self._progressed = step
 
     def fingerprint(self) -> int:
@@ -218,6 +227,30 @@ class LoopWatch:
             )
         return None
 
+    def on_output(self, step: int, label: str, text: str) -> Detection | None:
+        """Record an agent's final answer; detect the same answer again and again."""
+        guard = self.guard
+        if guard.similar_output is None:
+            return None
+        normal = " ".join(text.lower().split())
+        if len(normal) < MIN_OUTPUT:
+            self._outputs.pop(label, None)
+            return None
+        run = self._outputs.get(label)
+        if run is not None and _similar(run[-1][1], normal) >= guard.similarity:
+            run.append((step, normal))
+        else:
+            run = self._outputs[label] = [(step, normal)]
+        if len(run) < guard.similar_output:
+            return None
+        steps = [s for s, _ in run]
+        return Detection(
+            "similar_output",
+            f"{label!r} gave near-identical answers {len(run)} times in a row (steps "
+            f"{', '.join(map(str, steps))}): {text[:80]!r}",
+            {"node": label, "steps": steps, "answer": text[:500]},
+        )
+
     def changed_world(self, node: str, tool: str, arguments: Any) -> None:
         """A call with an effect (a write) by ``node``: its other calls are not repetitions
         of what came before it (tests re-run after an edit)."""
@@ -256,3 +289,19 @@ class LoopWatch:
             self._nudged.add(key)  # told once; the next repetition stops the run
             return detection, True
         return detection, False
+
+
+def _similar(a: str, b: str) -> float:
+    """How alike two texts are, from 0 to 1 (difflib's ratio; equal texts cost nothing).
+
+    Texts that mention different numbers or ids (``order 41``, ``order 42``) are not alike:
+    a templated answer about each new item is progress, not a loop."""
+    if a == b:
+        return 1.0
+    import re
+
+    if re.findall(r"\w*\d\w*", a) != re.findall(r"\w*\d\w*", b):
+        return 0.0
+    from difflib import SequenceMatcher
+
+    return SequenceMatcher(None, a, b, autojunk=False).ratio()
