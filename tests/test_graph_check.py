@@ -151,7 +151,8 @@ def test_graph_check_lists_the_cycles_and_the_guard() -> None:
     assert "cycle 2: polish -> polish" in lines
     assert "  exits     polish -> END (route again)" in lines
     assert lines[-1] == (
-        "loop guard  on: repeats=3, same_call=4, no_progress=off, similar_output=3, similarity=0.9, window=20, policy=same_call:nudge"
+        "loop guard  on: repeats=3, same_call=4, no_progress=off, similar_output=3, "
+        "similarity=0.9, window=20, policy=same_call:nudge"
     )
 
 
