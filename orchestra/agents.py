@@ -26,9 +26,10 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from ._tasks import NO_PAYLOAD
 from .checkpoint import compact_json
-from .errors import AgentOutputError, AgentTurnsError
+from .errors import AgentOutputError, AgentTurnsError, InvalidUpdateError
 from .models.base import Message, ModelRequest, ToolCall, ToolSpec
 from .safeguards.budgets import Budget
+from .safeguards.caps import Cap
 from .tools import Tool, describe_validation_error
 
 if TYPE_CHECKING:
@@ -62,7 +63,10 @@ class Agent:
     an invalid answer is sent back. ``priority`` orders this agent's calls in arbitration.
     ``max_tokens``, ``temperature`` and ``stop`` go to every model request; ``timeout`` and
     ``retry`` apply to each turn as to any node. ``budget`` limits this agent's own spending
-    (tokens, cost, tool calls; its ``steps`` are its turns) within the run's.
+    (tokens, cost, tool calls; its ``steps`` are its turns) within the run's. ``memory``, a
+    :class:`~orchestra.Cap`, holds its conversation to a number of messages: ``"refuse"``
+    fails the step, ``"drop_oldest"`` forgets the oldest turns (the instructions stay), a
+    hook ``messages -> messages`` compacts them.
     """
 
     kind = "agent"
@@ -85,9 +89,11 @@ class Agent:
         timeout: float | None = None,
         retry: Any = None,
         budget: Budget | None = None,
+        memory: Cap | None = None,
     ) -> None:
         self.name = name
         self.budget = budget
+        self.memory = memory
         self.model = model
         self.tools = tuple(tools)
         self.instructions = instructions
@@ -132,6 +138,8 @@ class Agent:
             found.append(f"{where}: max_turns must be a positive integer, got {self.max_turns!r}")
         if not isinstance(self.output_retries, int) or self.output_retries < 0:
             found.append(f"{where}: output_retries must be 0 or more, got {self.output_retries!r}")
+        if self.memory is not None and not isinstance(self.memory, Cap):
+            found.append(f"{where}: memory must be a Cap, got {self.memory!r}")
         if self.budget is not None and not isinstance(self.budget, Budget):
             found.append(f"{where}: budget must be a Budget, got {self.budget!r}")
         if self.input is not None and not callable(self.input):
@@ -315,3 +323,53 @@ def is_agent(value: Any) -> bool:
 
 def tool_map(tools: Iterable[Any]) -> Mapping[str, Tool]:
     return {t.name: t for t in tools if isinstance(t, Tool)}
+
+
+def hold_conversation(messages: list[Message], cap: Cap, run_id: str, label: str) -> list[Message]:
+    """Hold a conversation to its cap: keep the instructions, forget whole oldest turns (a
+    tool result never outlives its call), or let a hook compact it; refuse if asked to."""
+    if cap.policy == "refuse":
+        raise InvalidUpdateError(
+            f"agent {label!r}: its conversation would hold {len(messages)} messages, over its "
+            f"cap of {cap.max_items} (Cap policy 'refuse')",
+            run_id=run_id,
+            node=label,
+        )
+    if callable(cap.policy):
+        kept = list(cap.policy(list(messages)))
+    else:
+        # keep the instructions and this visit's input, then the newest whole turns (an
+        # answer with its tool results) that fit: earlier visits and turns are forgotten
+        head = [m for m in messages[:1] if m.role == "system"]
+        start = next(
+            (
+                i
+                for i in range(len(messages) - 1, -1, -1)
+                if messages[i].role == "user" and messages[i].name == "input"
+            ),
+            None,
+        )
+        if start is not None:
+            head.append(messages[start])
+        turns: list[list[Message]] = []
+        for message in messages[(start + 1) if start is not None else len(head) :]:
+            if message.role == "assistant" or not turns:
+                turns.append([message])
+            else:
+                turns[-1].append(message)
+        room = cap.max_items - len(head)
+        tail: list[Message] = []
+        for turn in reversed(turns):
+            if len(turn) > room:
+                break
+            tail[:0] = turn
+            room -= len(turn)
+        kept = [*head, *tail]
+    if len(kept) > cap.max_items or not all(isinstance(m, Message) for m in kept):
+        raise InvalidUpdateError(
+            f"agent {label!r}: the memory Cap hook must return at most {cap.max_items} "
+            f"Message objects, got {len(kept)}",
+            run_id=run_id,
+            node=label,
+        )
+    return kept

@@ -187,10 +187,11 @@ class MemoryChange:
     dropped: list[str]
     joins: Joins
     joins_changed: bool = False
+    replaced: dict[str, list[Message]] | None = None
 
     @property
     def empty(self) -> bool:
-        return not self.added and not self.dropped and not self.joins_changed
+        return not self.added and not self.dropped and not self.joins_changed and not self.replaced
 
 
 def dump_memory(change: MemoryChange, *, full: bool) -> str | None:
@@ -205,6 +206,8 @@ def dump_memory(change: MemoryChange, *, full: bool) -> str | None:
         return compact_json(data) if data else None
     if change.added:
         data["add"] = {k: dump_messages(v) for k, v in change.added.items()}
+    if change.replaced:
+        data["set"] = {k: dump_messages(v) for k, v in change.replaced.items()}
     if change.dropped:
         data["drop"] = list(change.dropped)
     if change.joins_changed:
@@ -242,6 +245,8 @@ def replay_memory(chain: Sequence[CheckpointRow]) -> dict[str, list[Any]]:
             memory = {k: list(v) for k, v in data["all"].items()}
         for key, items in data.get("add", {}).items():
             memory.setdefault(key, []).extend(items)
+        for key, items in data.get("set", {}).items():  # a conversation held to its cap
+            memory[key] = list(items)
         for key in data.get("drop", ()):
             memory.pop(key, None)
     return memory

@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from ._logging import debug_enabled, get_logger
 from ._tasks import NO_PAYLOAD, Task, TaskResult
-from .agents import conversation_key, tool_map
+from .agents import conversation_key, hold_conversation, tool_map
 from .checkpoint import Joins, MemoryChange, compact_json
 from .context import NodeContext
 from .errors import (
@@ -583,6 +583,16 @@ class Execution:
         memory = change.conversations = dict(self.memory)
         for key, messages in added.items():
             memory[key] = [*memory.get(key, ()), *messages]
+        for task in tasks:
+            agent = self.graph.nodes[task.node].fn
+            cap = getattr(agent, "memory", None)
+            key = conversation_key(task.node, task.label, task.payload)
+            if cap is None or key not in added or len(memory[key]) <= cap.max_items:
+                continue
+            kept = hold_conversation(memory[key], cap, self.run_id, task.label)
+            memory[key] = kept
+            change.replaced = {**(change.replaced or {}), key: kept}
+            added.pop(key)
         for key in dropped:
             memory.pop(key, None)
         return change

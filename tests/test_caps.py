@@ -11,15 +11,19 @@ from pydantic import BaseModel
 from orchestra import (
     END,
     START,
+    Agent,
     Cap,
+    Effect,
     Graph,
     GraphValidationError,
     NodeContext,
     RunStatus,
     append,
     extend,
+    tool,
 )
 from orchestra.errors import InvalidUpdateError
+from orchestra.models import ModelRequest, ModelResponse, ScriptedModel, ToolCall
 from orchestra.store import Store
 
 pytestmark = pytest.mark.anyio
@@ -119,3 +123,64 @@ async def test_caps_apply_to_extend_fields_too() -> None:
     outcome = await graph.compile().run({})
     assert outcome.status is RunStatus.COMPLETED
     assert outcome.state.items == [8, 9, 10, 11]
+
+
+def chatty(memory: Cap, store: Store | None = None) -> tuple[Any, ScriptedModel]:
+    """An agent that looks something up (a new query each turn) for 8 turns, then answers."""
+
+    @tool(effect=Effect.READ)
+    async def look(q: str) -> str:
+        return f"found {q}"
+
+    calls: list[int] = []
+
+    def answer(request: ModelRequest) -> ModelResponse | str:
+        # counted here: the trimmed conversation forgets how many turns it took
+        calls.append(1)
+        if len(calls) <= 8:
+            call = ToolCall(name="look", arguments={"q": f"q{len(calls)}"})
+            return ModelResponse(tool_calls=(call,))
+        return "done"
+
+    class Work(BaseModel):
+        answer: str | None = None
+
+    model = ScriptedModel(answer)
+    agent = Agent(
+        "a",
+        model=model,
+        tools=[look],
+        instructions="Be brief.",
+        output="answer",
+        memory=memory,
+        max_turns=20,
+    )
+    graph: Graph[Work] = Graph(Work)
+    graph.add_node(agent)
+    graph.add_edge(START, "a")
+    graph.add_edge("a", END)
+    return graph.compile(store=store), model
+
+
+async def test_caps_agent_memory_drop_oldest_keeps_instructions_and_whole_turns(
+    store: Store,
+) -> None:
+    """A capped conversation forgets its oldest turns: the model never sees more than the
+    cap, the instructions stay first, no tool result without its call; it is stored so."""
+    app, model = chatty(Cap(max_items=6, policy="drop_oldest"), store)
+    outcome = await app.run({}, run_id="r1")
+    assert outcome.status is RunStatus.COMPLETED
+    for request in model.requests:
+        # what the step added (an input, or this turn's call and result) may come on top
+        assert len(request.messages) <= 6 + 2
+        assert request.messages[0].name == "system"
+        assert request.messages[1].role != "tool"
+    assert len(model.requests[-1].messages) < 8 * 2
+
+
+async def test_caps_agent_memory_refuse_fails_the_run() -> None:
+    """Under refuse, a conversation over its cap fails the run naming the agent."""
+    app, _ = chatty(Cap(max_items=4))
+    outcome = await app.run({})
+    assert outcome.status is RunStatus.FAILED
+    assert "agent 'a': its conversation would hold" in str(outcome.error)
