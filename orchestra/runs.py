@@ -28,7 +28,7 @@ from .errors import (
 from .events import RequestAnswered
 from .gateway import NOT_RUN
 from .outcome import RunStatus
-from .safeguards.budgets import loaded_budget, price_of
+from .safeguards.budgets import loaded_budget, price_of, stored_budget
 from .safeguards.interrupts import Abort, Continue, Done, Request, Retry
 from .store.base import (
     CheckpointRow,
@@ -69,6 +69,15 @@ async def prepare_resume(
     if record.structure_hash != app.structure_hash and not allow_graph_change:
         raise GraphChangedError(run_id, record.structure_hash, app.structure_hash)
     checked = await check_answers(app, store, run_id, answers or {})
+    if record.budget is not None and record.status != "running":
+        # the limits this resume runs under become the run's own (so `orchestra budget +N`
+        # adds to what the run really has), recorded as a budget_raised event
+        budget, agent_budgets = loaded_budget(record.budget, app.budget, app.agent_budgets)
+        effective = stored_budget(budget, agent_budgets)
+        if effective != record.budget:
+            record = await store.set_budget(
+                run_id, effective, reason="raised to the limits of the app resuming it"
+            )
     owner = new_owner_id()
     # as close to taking the lease as possible: what a refused answer gives back
     previous = await store.get_run(run_id) if checked else record

@@ -357,3 +357,21 @@ async def test_budget_state_bytes_warns_at_its_soft_threshold() -> None:
     warned = [e for e in events if isinstance(e, BudgetWarned) and e.limit == "state_bytes"]
     assert len(warned) == 1
     assert warned[0].used >= 800
+
+
+async def test_budget_limits_raised_by_the_resuming_app_are_stored(store: Store) -> None:
+    """The limits a resume runs under become the run's stored limits (so an operator's +N
+    adds to them), with a budget_raised event."""
+    busy = Busy()
+    first = (
+        await fan_out(busy.model, Budget(tokens=1_200), agents=4)
+        .with_store(store)
+        .run(S(), run_id="r1")
+    )
+    assert first.status is RunStatus.BUDGET_EXCEEDED
+    higher = fan_out(busy.model, Budget(tokens=1_500), agents=4).with_store(store)
+    await higher.resume("r1")
+    record = await store.get_run("r1")
+    assert record.budget is not None
+    assert record.budget["run"]["tokens"] == 1_500
+    assert any(e.kind == "budget_raised" for e in await store.events("r1"))
