@@ -317,10 +317,6 @@ def conversation_key(node: str, label: str, payload: Any) -> str:
     return node if payload is NO_PAYLOAD else f"send:{label}"
 
 
-def is_agent(value: Any) -> bool:
-    return isinstance(value, Agent)
-
-
 def tool_map(tools: Iterable[Any]) -> Mapping[str, Tool]:
     return {t.name: t for t in tools if isinstance(t, Tool)}
 

@@ -358,6 +358,14 @@ class CompiledGraph(Generic[StateT]):
         process owns; a cost limit over a model without a price is refused too."""
         from .safeguards.budgets import stored_budget
 
+        if not isinstance(budget, Budget):
+            raise TypeError(f"set_budget takes a Budget, got {type(budget).__name__}")
+        bad = [name for name, b in (agents or {}).items() if not isinstance(b, Budget)]
+        if bad:
+            raise TypeError(f"set_budget: the budgets of agents {bad} are not Budget objects")
+        unknown = sorted(set(agents or {}) - set(self.nodes))
+        if unknown:
+            raise ValueError(f"set_budget: this graph has no agents {unknown}")
         store = self._require_store()
         record = await store.get_run(run_id)
         current = dict(self.agent_budgets)

@@ -375,3 +375,18 @@ async def test_budget_limits_raised_by_the_resuming_app_are_stored(store: Store)
     assert record.budget is not None
     assert record.budget["run"]["tokens"] == 1_500
     assert any(e.kind == "budget_raised" for e in await store.events("r1"))
+
+
+async def test_budget_set_budget_refuses_bad_input_and_changes_nothing(store: Store) -> None:
+    """set_budget refuses a non-Budget, non-Budget agent limits and unknown agents; the
+    stored limits stay as they were."""
+    app = fan_out(Busy().model, Budget(tokens=1_200), agents=2).with_store(store)
+    await app.run(S(), run_id="r1")
+    before = (await store.get_run("r1")).budget
+    with pytest.raises(TypeError, match="takes a Budget"):
+        await app.set_budget("r1", {"tokens": 5})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not Budget objects"):
+        await app.set_budget("r1", Budget(), agents={"worker": 5})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="no agents \\['ghost'\\]"):
+        await app.set_budget("r1", Budget(), agents={"ghost": Budget()})
+    assert (await store.get_run("r1")).budget == before
