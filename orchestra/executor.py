@@ -207,7 +207,7 @@ class Execution:
         reason = self.budget.exceeded(
             steps=self.step,
             wall_seconds=self._elapsed(),
-            usage=self.meter.stored() if self._spends else None,
+            usage=self.meter.totals() if self._spends else None,
         )
         if reason is not None:
             self.status, self.reason = RunStatus.BUDGET_EXCEEDED, reason
@@ -389,8 +389,6 @@ class Execution:
 
     async def _run_step(self, tasks: list[Task], buffer: list[Event]) -> None:
         """Run one superstep: think, merge at the barrier, route, then commit all at once."""
-        # the tasks that will not run again if this step fails (restored or pending-written)
-        self._finished = set(self.done) if self.done else set()
         step = self.step + 1
         began = time.monotonic()
         results = await self._think(tasks, step, buffer)
@@ -709,7 +707,11 @@ class Execution:
         """
         done = self.done
         if len(tasks) == 1 and not done:
+            if self._finished:
+                self._finished = set()
             return [await self._run_task(tasks[0], step, buffer)]
+        # the tasks that will not run again if this step fails (restored or pending-written)
+        self._finished = set(done)
         results: list[TaskResult | None] = [done.get(t.label) for t in tasks]
         recorder = self.recorder
 

@@ -176,6 +176,15 @@ class Meter:
         self.denied_calls = int(usage.get("denied_calls", 0))
         self.by_node = {k: dict(v) for k, v in usage.get("by_node", {}).items()}
 
+    def totals(self) -> dict[str, Any]:
+        """The run's totals (no per-node copies): what the budget check reads each step."""
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost_usd": self.cost_usd,
+            "tool_calls": self.tool_calls,
+        }
+
     def stored(self) -> dict[str, Any]:
         """The counters as the store keeps them (empty while nothing was called)."""
         if not self.model_calls and not self.tool_calls and not self.denied_calls:
