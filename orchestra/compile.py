@@ -25,7 +25,7 @@ from .graph import END, START, EdgeSpec, NodeSpec, RouteSpec
 from .outcome import RunOutcome
 from .safeguards.budgets import Budget
 from .safeguards.loops import LoopGuard
-from .state import StateSchema
+from .state import StateSchema, describe_validation_error
 from .validation import (
     graph_tool_problems,
     node_problems,
@@ -262,10 +262,7 @@ class CompiledGraph(Generic[StateT]):
                 )
             return model.model_validate(data, by_name=True)
         except ValidationError as exc:
-            details = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
-                for e in exc.errors()
-            )
+            details = describe_validation_error(exc, "(root)")
             raise InputValidationError(model.__name__, details) from exc
 
     async def run(

@@ -219,11 +219,8 @@ class StateSchema:
 
 
 def _invalid(exc: ValidationError, key: str, writer: str, run_id: str, step: int) -> Exception:
-    details = "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or key}: {err['msg']}" for err in exc.errors()
-    )
     return InvalidUpdateError(
-        f"value written to field {key!r} is invalid: {details}",
+        f"value written to field {key!r} is invalid: {describe_validation_error(exc, key)}",
         run_id=run_id,
         step=step,
         node=writer,
@@ -244,3 +241,12 @@ def _copy_with(state: BaseModel, values: dict[str, Any]) -> BaseModel:
 
 def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or repr(annotation)
+
+
+def describe_validation_error(exc: ValidationError, what: str = "value") -> str:
+    """Summarise a ValidationError in one line a model (or a person) can act on."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ())) or what
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts)

@@ -16,11 +16,12 @@ from enum import StrEnum
 from typing import Any, get_type_hints
 
 import anyio
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, TypeAdapter, create_model
 from pydantic_core import to_jsonable_python
 
 from .checkpoint import compact_json
 from .models.base import ToolSpec
+from .state import describe_validation_error as describe_validation_error
 
 __all__ = ("Effect", "Tool", "ToolContext", "tool")
 
@@ -227,12 +228,3 @@ def _signature_models(
     returns = hints.get("return", Any)
     result = None if returns in (Any, inspect.Signature.empty) else TypeAdapter(returns)
     return model, context_param, result
-
-
-def describe_validation_error(exc: ValidationError, what: str = "value") -> str:
-    """Summarise a ValidationError in one line a model (or a person) can act on."""
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error.get("loc", ())) or what
-        parts.append(f"{where}: {error.get('msg', 'invalid')}")
-    return "; ".join(parts)
