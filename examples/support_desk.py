@@ -14,6 +14,10 @@ run afterwards with ``orchestra --db support_desk.db show RUN``. It shows:
 - a typed state: the triage agent's answer is validated against a pydantic model (its
   ``notes`` are appended by the field's reducer), billing's final answer becomes
   ``resolution``, and a route sends the ticket to ``billing`` or ends the run;
+- approval: ``refund`` is irreversible, so the run stops ``interrupted`` before it runs, with
+  an approval request naming the exact call; the example approves it (an operator would run
+  ``orchestra approve RUN REQ``) and resumes: the refund runs once, and the calls made
+  before the interrupt are replayed from the ledger, not made again;
 - what the store keeps: status, usage (tokens, model and tool calls, per agent) and one event
   per model and tool call.
 
@@ -38,6 +42,7 @@ from orchestra import (
     END,
     START,
     Agent,
+    Approve,
     Budget,
     Effect,
     Graph,
@@ -181,6 +186,8 @@ def describe(kind: str, data: dict[str, Any]) -> str | None:
     if kind == "tool_called":
         error = f": {data['error']}" if data.get("error") else ""
         return f"{data['node']:<8} tool  {data['tool']} -> {data['status']}{error}{replayed}"
+    if kind == "approval_decided":
+        return f"{data['node']:<8} approval of {data['tool']}: {data['decision']}"
     return None
 
 
@@ -189,6 +196,13 @@ async def main(path: Path) -> str:
     async with SQLiteStore(path) as store:
         desk = app.with_store(store)
         outcome = await desk.run(Ticket(request="My order 42 arrived broken. Refund, please."))
+        for request in outcome.pending:  # the refund waits for a person
+            call = request.payload
+            print(f"waiting for approval: {call['tool']}({call['arguments']}) [{request.id}]")
+            print(f"  (an operator: orchestra approve {outcome.run_id} {request.id})")
+        outcome = await desk.resume(
+            outcome.run_id, answers={request.id: Approve() for request in outcome.pending}
+        )
         outcome.raise_for_status()
         events = await store.events(outcome.run_id)
 

@@ -30,12 +30,19 @@ from .reducers import append as append
 from .reducers import extend as extend
 from .reducers import merge as merge
 from .reducers import reducer as reducer
+from .safeguards.approvals import Approvals as Approvals
+from .safeguards.arbitration import Arbitration as Arbitration
+from .safeguards.arbitration import Conflict as Conflict
 from .safeguards.budgets import Budget as Budget
 from .safeguards.budgets import register_price as register_price
 from .safeguards.caps import Cap as Cap
 from .safeguards.interrupts import Abort as Abort
+from .safeguards.interrupts import Approve as Approve
+from .safeguards.interrupts import Choose as Choose
 from .safeguards.interrupts import Continue as Continue
 from .safeguards.interrupts import Done as Done
+from .safeguards.interrupts import Edit as Edit
+from .safeguards.interrupts import Reject as Reject
 from .safeguards.interrupts import Request as Request
 from .safeguards.interrupts import Retry as Retry
 
@@ -51,12 +58,18 @@ __all__ = (
     "START",
     "Abort",
     "Agent",
+    "Approvals",
+    "Approve",
+    "Arbitration",
     "Budget",
     "Cap",
+    "Choose",
     "Command",
     "CompiledGraph",
+    "Conflict",
     "Continue",
     "Done",
+    "Edit",
     "Effect",
     "Graph",
     "GraphValidationError",
@@ -64,6 +77,7 @@ __all__ = (
     "NodeError",
     "OrchestraError",
     "Reducer",
+    "Reject",
     "Request",
     "Retry",
     "RetryPolicy",

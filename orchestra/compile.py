@@ -23,6 +23,8 @@ from .errors import GraphValidationError, InputValidationError, StoreError
 from .events import Event
 from .graph import END, START, EdgeSpec, NodeSpec, RouteSpec
 from .outcome import RunOutcome
+from .safeguards.approvals import Approvals
+from .safeguards.arbitration import Arbitration
 from .safeguards.budgets import Budget
 from .safeguards.loops import LoopGuard
 from .state import StateSchema, describe_validation_error
@@ -36,6 +38,7 @@ from .validation import (
 if TYPE_CHECKING:
     from .executor import Execution
     from .graph import Graph
+    from .safeguards.interrupts import Request
     from .store.base import RunRecord, Store
     from .tools import Tool
 
@@ -55,8 +58,12 @@ class CompiledGraph(Generic[StateT]):
         "_frozen",
         "_origin",
         "agent_budgets",
+        "approvals",
+        "arbitration",
         "budget",
         "edges",
+        "interrupt_after",
+        "interrupt_before",
         "joins",
         "loop_guard",
         "max_concurrency",
@@ -82,6 +89,10 @@ class CompiledGraph(Generic[StateT]):
     budget: Budget
     agent_budgets: Mapping[str, Budget]
     loop_guard: LoopGuard | None
+    approvals: Approvals | None
+    arbitration: Arbitration | None
+    interrupt_before: frozenset[str]
+    interrupt_after: frozenset[str]
     max_concurrency: int | None
     structure_hash: str
     store: Store | None
@@ -104,8 +115,16 @@ class CompiledGraph(Generic[StateT]):
         app_ref: str | None = None,
         origin: tuple[str | None, str | None] = (None, None),
         loop_guard: LoopGuard | None = None,
+        approvals: Approvals | None = None,
+        arbitration: Arbitration | None = None,
+        interrupt_before: frozenset[str] = frozenset(),
+        interrupt_after: frozenset[str] = frozenset(),
     ) -> None:
         set_ = object.__setattr__
+        set_(self, "approvals", approvals)
+        set_(self, "arbitration", arbitration)
+        set_(self, "interrupt_before", frozenset(interrupt_before))
+        set_(self, "interrupt_after", frozenset(interrupt_after))
         set_(self, "name", name)
         set_(self, "state_model", state_model)
         set_(self, "schema", schema)
@@ -168,6 +187,10 @@ class CompiledGraph(Generic[StateT]):
             store=as_store(store),
             app_ref=self.app_ref,
             loop_guard=self.loop_guard,
+            approvals=self.approvals,
+            arbitration=self.arbitration,
+            interrupt_before=self.interrupt_before,
+            interrupt_after=self.interrupt_after,
         )
 
     @property
@@ -336,6 +359,26 @@ class CompiledGraph(Generic[StateT]):
         )
         return await run_to_end(execution)
 
+    async def answer(self, run_id: str, answers: Mapping[str, Any]) -> tuple[Request, ...]:
+        """Record answers to a stopped run's requests without resuming it; return the
+        requests still open. Every answer is checked first (against its request's schema,
+        the tool's for an ``Edit``); a refused one raises
+        :class:`~orchestra.errors.AnswerError` and nothing is recorded. A later
+        ``resume`` uses them."""
+        from .runs import answer_requests
+        from .safeguards.interrupts import Request
+
+        rows = await answer_requests(self, self._require_store(), run_id, answers)
+        return tuple(Request.from_row(row) for row in rows)
+
+    async def pending(self, run_id: str | None = None) -> tuple[Request, ...]:
+        """Return the open requests of one run, or of every run in the store, oldest
+        first."""
+        from .safeguards.interrupts import Request
+
+        rows = await self._require_store().requests(run_id)
+        return tuple(Request.from_row(row) for row in rows)
+
     async def abort(self, run_id: str, reason: str = "aborted by operator") -> RunRecord:
         """Ask a run to stop: its owner cancels it within one poll interval and records
         ``aborted``; a run with no live owner is marked ``aborted`` at once."""
@@ -424,6 +467,10 @@ def compile_graph(
     app_ref: str | None = None,
     origin: tuple[str | None, str | None] = (None, None),
     loop_guard: Any = DEFAULT_GUARD,
+    approvals: Any = DEFAULT_GUARD,
+    arbitration: Any = DEFAULT_GUARD,
+    interrupt_before: Iterable[str] = (),
+    interrupt_after: Iterable[str] = (),
 ) -> CompiledGraph[Any]:
     definition = graph._definition
     problems: list[str] = list(definition.problems)
@@ -484,6 +531,11 @@ def compile_graph(
         problems.append(f"loop_guard must be a LoopGuard or None, got {loop_guard!r}")
     elif loop_guard is not None and schema is not None:
         problems.extend(loop_guard.problems(schema.fields))
+    approvals, arbitration = _hitl_settings(
+        approvals, arbitration, nodes, definition.nodes, problems
+    )
+    before = _breakpoints("interrupt_before", interrupt_before, nodes, problems)
+    after = _breakpoints("interrupt_after", interrupt_after, nodes, problems)
     if problems:
         raise GraphValidationError(graph.name, problems)
     assert schema is not None
@@ -500,7 +552,62 @@ def compile_graph(
         app_ref=app_ref,
         origin=origin,
         loop_guard=loop_guard,
+        approvals=approvals,
+        arbitration=arbitration,
+        interrupt_before=before,
+        interrupt_after=after,
     )
+
+
+def _hitl_settings(
+    approvals: Any,
+    arbitration: Any,
+    nodes: Mapping[str, Any],
+    specs: Any,
+    problems: list[str],
+) -> tuple[Approvals | None, Arbitration | None]:
+    """The approval policy and arbitration, defaulted and checked (problems appended)."""
+    if approvals is DEFAULT_GUARD:
+        approvals = Approvals()
+    if arbitration is DEFAULT_GUARD:
+        arbitration = Arbitration()
+    tools = {
+        name
+        for node in nodes.values()
+        for t in getattr(node, "tools", ())
+        if isinstance(name := getattr(t, "name", None), str)
+    }
+    if approvals is not None:
+        if not isinstance(approvals, Approvals):
+            problems.append(f"approvals must be an Approvals or None, got {approvals!r}")
+            approvals = None
+        else:
+            problems.extend(approvals.problems(nodes, tools))
+    if arbitration is not None:
+        if not isinstance(arbitration, Arbitration):
+            problems.append(f"arbitration must be an Arbitration or None, got {arbitration!r}")
+            arbitration = None
+        else:
+            problems.extend(arbitration.problems())
+    return approvals, arbitration
+
+
+def _breakpoints(
+    label: str, names: Iterable[str], nodes: Mapping[str, Any], problems: list[str]
+) -> frozenset[str]:
+    if isinstance(names, str):
+        problems.append(f"{label} takes a list of node names, got the string {names!r}")
+        return frozenset()
+    try:
+        found = frozenset(names)
+    except TypeError:
+        problems.append(f"{label} takes a list of node names, got {names!r}")
+        return frozenset()
+    for name in sorted(found, key=str):
+        if name not in nodes:
+            known = ", ".join(sorted(nodes)) or "none"
+            problems.append(f"{label}: no node {name!r} in this graph (its nodes: {known})")
+    return found
 
 
 def price_problems(

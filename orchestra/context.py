@@ -103,6 +103,34 @@ class NodeContext:
         known = caller.tools[name]
         return known.load_result(outcome.value)
 
+    async def interrupt(
+        self, prompt: str, *, schema: Any = None, expires_in: float | None = None
+    ) -> Any:
+        """Ask a person; return their answer, validated against ``schema``.
+
+        The first time, the step stops here and the run returns ``interrupted`` with a
+        ``question`` request (``outcome.pending``); ``app.resume(run_id, answers={id:
+        value})`` (or ``orchestra answer RUN REQ --json ...``) checks the answer against
+        ``schema`` and re-runs the node, and this call returns it. Calls the node made
+        before the question replay from the ledger; they are not made again. ``schema``:
+        None (any JSON), ``str``, ``int``, ``float``, ``bool``, ``dict``, ``list`` or a
+        module-level class (a pydantic model, a dataclass). ``expires_in``: seconds after
+        which the question can no longer be answered; the resumed node then gets
+        :class:`~orchestra.errors.RequestExpiredError` here. The prompt must be the same
+        when the node runs again (it identifies the question).
+        """
+        if self._gateway is None:
+            raise RuntimeError("ctx.interrupt works only inside a running node")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"ctx.interrupt needs a non-empty prompt, got {prompt!r}")
+        if expires_in is not None and (
+            isinstance(expires_in, bool)
+            or not isinstance(expires_in, int | float)
+            or expires_in <= 0
+        ):
+            raise ValueError(f"expires_in must be a positive number of seconds, got {expires_in!r}")
+        return await self._gateway.question(self._get_caller(), prompt, schema, expires_in)
+
     async def _call_model(self, model: Model, request: ModelRequest) -> ModelResponse:
         """Call a model through the ledger (agents use this)."""
         assert self._gateway is not None

@@ -12,7 +12,10 @@ Every error a user can catch derives from :class:`OrchestraError`::
     │   └── ModelUnavailableError       429, 5xx, connection errors or timeouts, every retry
     ├── ToolCallError                   ctx.call_tool got no result (.tool, .status)
     │   ├── ToolDeniedError             the tool is not on the caller's allowlist
-    │   └── ToolArgumentsError          the arguments do not fit the tool's schema
+    │   ├── ToolArgumentsError          the arguments do not fit the tool's schema
+    │   ├── ToolRejectedError           an operator rejected the call (or its approval expired)
+    │   └── ToolConflictError           arbitration gave the call's resources to another call
+    ├── RequestExpiredError             ctx.interrupt's question expired unanswered
     ├── RunError                        a run stopped on an error (.run_id, .step, .node)
     │   ├── NodeError                   a node raised; the original is chained as __cause__
     │   │   └── NodeTimeoutError        a node attempt ran past its timeout
@@ -61,6 +64,7 @@ __all__ = (
     "NodeError",
     "NodeTimeoutError",
     "OrchestraError",
+    "RequestExpiredError",
     "RouteError",
     "RunError",
     "RunNotFoundError",
@@ -72,7 +76,9 @@ __all__ = (
     "StoreFileError",
     "ToolArgumentsError",
     "ToolCallError",
+    "ToolConflictError",
     "ToolDeniedError",
+    "ToolRejectedError",
 )
 
 
@@ -176,6 +182,31 @@ class ToolArgumentsError(ToolCallError):
 
     def __init__(self, tool: str, detail: str) -> None:
         super().__init__(tool, "invalid_arguments", detail)
+
+
+class ToolRejectedError(ToolCallError):
+    """An operator rejected the call (``Reject``), or its approval expired; it did not run."""
+
+    def __init__(self, tool: str, detail: str) -> None:
+        super().__init__(tool, "rejected", detail)
+
+
+class ToolConflictError(ToolCallError):
+    """Arbitration let another call have the call's resources; it did not run."""
+
+    def __init__(self, tool: str, detail: str) -> None:
+        super().__init__(tool, "conflict", detail)
+
+
+class RequestExpiredError(OrchestraError):
+    """A question asked with ``ctx.interrupt(..., expires_in=...)`` was not answered in
+    time. The node may catch it and go on without the answer."""
+
+    def __init__(self, run_id: str, request_id: str, prompt: str) -> None:
+        self.run_id = run_id
+        self.request_id = request_id
+        self.prompt = prompt
+        super().__init__(f"run {run_id}, request {request_id} expired unanswered: {prompt!r:.120}")
 
 
 class RunError(OrchestraError):

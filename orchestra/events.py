@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from .outcome import RunOutcome
 
 __all__ = (
+    "ApprovalDecided",
     "BudgetWarned",
+    "ConflictArbitrated",
     "Event",
     "LoopDetected",
     "ModelCalled",
@@ -125,6 +127,38 @@ class LoopDetected(Event):
     detector: str
     message: str
     evidence: str
+
+
+@dataclass(slots=True, kw_only=True)
+class ConflictArbitrated(Event):
+    """Tool calls of one step conflicted over ``resources`` and ``policy`` settled it:
+    ``calls`` (JSON: each call's key, caller, tool, arguments, resources), ``run`` (the keys
+    that ran, in order) and ``lost`` (JSON: key -> why it did not run). ``replayed``: the
+    decision recorded by an earlier run of the step was reused."""
+
+    kind: ClassVar[str] = "conflict_arbitrated"
+    step: int
+    policy: str
+    resources: tuple[str, ...]
+    calls: str
+    run: tuple[str, ...]
+    lost: str
+    replayed: bool = False
+
+
+@dataclass(slots=True, kw_only=True)
+class ApprovalDecided(Event):
+    """A held call met its approval: ``decision`` is ``approved``, ``edited``,
+    ``rejected`` or ``expired``; ``request_id`` the request that held it."""
+
+    kind: ClassVar[str] = "approval_decided"
+    step: int
+    node: str
+    tool: str
+    call_id: str
+    request_id: str
+    decision: str
+    reason: str | None = None
 
 
 @dataclass(slots=True, kw_only=True)

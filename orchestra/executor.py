@@ -19,6 +19,7 @@ last committed step intact.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
@@ -41,6 +42,7 @@ from .errors import (
     OrchestraError,
     RunError,
     RunStoreError,
+    StoreError,
 )
 from .events import (
     BudgetWarned,
@@ -70,6 +72,7 @@ if TYPE_CHECKING:
     from .compile import CompiledGraph
     from .models.base import ToolCall
     from .recorder import Recorder
+    from .store.base import RequestRow
     from .tools import Tool
 
 __all__ = ("Execution", "run_to_end", "stream_events")
@@ -100,6 +103,7 @@ class Execution:
         budget: Budget | None = None,
         agent_budgets: Mapping[str, Budget] | None = None,
         events: bool = True,
+        requests: Mapping[str, RequestRow] | None = None,
     ) -> None:
         self.graph = graph
         self.state = state
@@ -146,7 +150,15 @@ class Execution:
             else None
         )
         self.gateway = Gateway(
-            run_id=run_id, ledger=self.ledger, meter=self.meter, emit=self._report, spend=spend
+            run_id=run_id,
+            ledger=self.ledger,
+            meter=self.meter,
+            emit=self._report,
+            spend=spend,
+            approvals=graph.approvals,
+            arbitration=graph.arbitration,
+            requests=requests,
+            expire=self._expire_request if recorder is not None else None,
         )
         self.pending: list[Request] = []
         self._allow: dict[str, Mapping[str, Tool]] = {}
@@ -216,6 +228,8 @@ class Execution:
         # would starve it, and a stream's reader may pause between steps
         if self._store_check_due() and await self._poll_store():
             self.stopped_by_scope()
+            return None
+        if self.graph.interrupt_before and self._breakpoint("before", self.step + 1, self.tasks):
             return None
         buffer: list[Event] = []
         self._buffer = buffer
@@ -449,6 +463,49 @@ class Execution:
         self.gateway.forget(step)
         if self.loops is not None:
             self._guard_loops(step, state, deltas, following, results, tasks)
+        if self.graph.interrupt_after and following and self.status is RunStatus.RUNNING:
+            self._breakpoint("after", step, tasks)
+
+    def _breakpoint(self, where: str, step: int, tasks: list[Task]) -> bool:
+        """Stop at an ``interrupt_before`` / ``interrupt_after`` node unless an operator
+        already let this step pass; return whether the run stopped."""
+        marked = self.graph.interrupt_before if where == "before" else self.graph.interrupt_after
+        nodes = sorted({t.node for t in tasks if t.node in marked})
+        if not nodes:
+            return False
+        rid = request_id(self.run_id, step, where, 0, f"{where}:{','.join(nodes)}")
+        row = self.gateway.requests.get(rid)
+        if row is not None and row.status != "open":
+            return False  # answered: go on (an abort stopped the run at its resume)
+        request = Request(
+            id=rid,
+            run_id=self.run_id,
+            kind=where,
+            step=step,
+            node=", ".join(nodes),
+            payload={
+                "nodes": nodes,
+                "tasks": [t.label for t in (tasks if where == "before" else self.tasks)],
+            },
+            created_at=_now(),
+        )
+        self.status, self.pending = RunStatus.INTERRUPTED, [request]
+        self.reason = f"breakpoint {where} {', '.join(nodes)} at step {step}"
+        return True
+
+    async def _expire_request(self, row: RequestRow) -> None:
+        """Mark an unanswered request expired (a held call is then rejected)."""
+        assert self.recorder is not None
+        store = self.recorder.store
+        # (a StoreError: answered at this very moment; the expiry is applied all the same)
+        with contextlib.suppress(StoreError):
+            await store.answer_request(
+                self.run_id,
+                self.recorder.epoch,
+                row.request_id,
+                '{"answer":"expired"}',
+                status="expired",
+            )
 
     def _guard_loops(
         self,
@@ -521,7 +578,14 @@ class Execution:
         for task, result in zip(tasks, results, strict=True):
             if result.calls:
                 # seq 0 was the turn's model call
-                caller = Caller(task.node, task.label, step, self._tools_of(task.node), seq=1)
+                caller = Caller(
+                    task.node,
+                    task.label,
+                    step,
+                    self._tools_of(task.node),
+                    seq=1,
+                    priority=getattr(self.graph.nodes[task.node].fn, "priority", 0),
+                )
                 batch.append((caller, result.calls))
                 owners.append(result)
         outcomes = await self.gateway.act(batch)

@@ -6,9 +6,15 @@ this order (DESIGN §3):
 1. permission: the tool is on the caller's allowlist; a call to any other tool is denied,
    recorded as an event and returned to the caller as an error. It never runs;
 2. validation: the arguments against the tool's pydantic schema;
-3. approval: a hook (pass-through in this version; the approval policy fills it in);
-4. arbitration: a hook that sees every call of the step's act phase at once and decides
-   their order (pass-through in this version: they all run concurrently);
+3. approval: a call the approval policy holds (by default every irreversible one) becomes an
+   ``approval`` request bound to its exact tool and arguments; the act phase waits, as a
+   whole, until every held call is answered (Approve, Reject, Edit); an approval is used
+   once (the approved call is recorded as started before it runs);
+4. arbitration: every call of the step's act phase is seen at once; calls whose resources
+   overlap, one of them writing, conflict, and the policy decides which run and in what
+   order (:mod:`orchestra.safeguards.arbitration`); each decision is an event and is
+   recorded in the ledger, so a re-run of the step decides the same. A node's own calls
+   (``ctx.call_tool``) take resource locks instead (:mod:`orchestra.safeguards.locks`);
 5. ledger: a call with a recorded result is replayed, never re-executed; an irreversible
    call is recorded as started before it runs, and a started call without a result is in
    doubt: the run stops for an operator instead of running it again;
@@ -28,8 +34,16 @@ import anyio
 from pydantic import ValidationError
 
 from .checkpoint import compact_json
-from .errors import RunError, ToolArgumentsError, ToolCallError, ToolDeniedError
-from .events import Event, ModelCalled, ToolCalled
+from .errors import (
+    RequestExpiredError,
+    RunError,
+    ToolArgumentsError,
+    ToolCallError,
+    ToolConflictError,
+    ToolDeniedError,
+    ToolRejectedError,
+)
+from .events import ApprovalDecided, ConflictArbitrated, Event, ModelCalled, ToolCalled
 from .ledger import DONE, STARTED, Ledger, fingerprint
 from .models.base import (
     Message,
@@ -38,6 +52,7 @@ from .models.base import (
     ToolCall,
     estimate_request_tokens,
 )
+from .safeguards.arbitration import Arbitration, Conflict, ProposedCall, plan_calls
 from .safeguards.budgets import (
     DEFAULT_MAX_OUTPUT_TOKENS,
     Reservation,
@@ -46,16 +61,20 @@ from .safeguards.budgets import (
     worst_output,
 )
 from .safeguards.interrupts import Request, StepInterrupted, request_id
+from .safeguards.locks import Held, ResourceLocks
 from .tools import Effect, Tool, ToolContext, describe_validation_error
 
 if TYPE_CHECKING:
     from .models.base import Model
-    from .store.base import LedgerEntry
+    from .safeguards.approvals import Approvals
+    from .store.base import LedgerEntry, RequestRow
 
 __all__ = ("CallOutcome", "Caller", "Gateway", "Meter")
 
 # statuses of calls that never ran (not counted as tool calls)
-NOT_RUN = frozenset({"denied", "invalid_arguments", "in_doubt"})
+NOT_RUN = frozenset({"denied", "invalid_arguments", "in_doubt", "rejected", "conflict"})
+# the ledger's task for the act phase's arbitration decisions
+ARBITER = "@arbiter"
 # failures of a read or write tool that are not recorded: a node retry or a re-run of the
 # step calls it again (an irreversible tool's failure is recorded: it never runs twice)
 RETRYABLE = frozenset({"error", "timeout"})
@@ -70,6 +89,7 @@ class Caller:
     step: int
     tools: Mapping[str, Tool]
     seq: int = 0
+    priority: int = 0
 
     def next_seq(self) -> int:
         seq = self.seq
@@ -87,15 +107,21 @@ class CallOutcome:
     value: Any = None
     error: str | None = None
     replayed: bool = False
+    edited: dict[str, Any] | None = None  # the arguments an operator changed it to
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
     def to_json(self) -> str:
-        if self.ok:
-            return compact_json({"status": "ok", "result": self.value})
-        return compact_json({"status": self.status, "error": self.error})
+        data: dict[str, Any] = (
+            {"status": "ok", "result": self.value}
+            if self.ok
+            else {"status": self.status, "error": self.error}
+        )
+        if self.edited is not None:
+            data["edited_arguments"] = self.edited
+        return compact_json(data)
 
     @classmethod
     def from_json(cls, call_id: str, tool: str, text: str) -> CallOutcome:
@@ -107,14 +133,18 @@ class CallOutcome:
             value=data.get("result"),
             error=data.get("error"),
             replayed=True,
+            edited=data.get("edited_arguments"),
         )
 
     def to_message(self) -> Message:
         """The tool message an agent sees next turn: data, with the tool as its source."""
-        if self.ok:
-            content = compact_json({"result": self.value})
-        else:
-            content = compact_json({"error": self.error, "status": self.status})
+        data: dict[str, Any] = (
+            {"result": self.value} if self.ok else {"error": self.error, "status": self.status}
+        )
+        if self.edited is not None:
+            data["note"] = "an operator changed the arguments before approving the call"
+            data["arguments_used"] = self.edited
+        content = compact_json(data)
         return Message(role="tool", name=self.tool, tool_call_id=self.call_id, content=content)
 
     def raise_for_status(self) -> None:
@@ -122,6 +152,10 @@ class CallOutcome:
             raise ToolDeniedError(self.tool, self.error or "")
         if self.status == "invalid_arguments":
             raise ToolArgumentsError(self.tool, self.error or "")
+        if self.status == "rejected":
+            raise ToolRejectedError(self.tool, self.error or "")
+        if self.status == "conflict":
+            raise ToolConflictError(self.tool, self.error or "")
         if not self.ok:
             raise ToolCallError(self.tool, self.status, self.error or "")
 
@@ -215,14 +249,21 @@ class PlannedCall:
     request_hash: str = ""
     outcome: CallOutcome | None = None
     reservation: Reservation | None = None
+    approved: bool = False  # held by the approval policy and approved: recorded as started
+    edited: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.caller.label}#{self.seq}"
+
+    @property
+    def writes(self) -> bool:
+        return self.tool is not None and self.tool.effect is not Effect.READ
 
 
 Emit = Callable[[Event, str], None]
-ApproveHook = Callable[[Sequence[PlannedCall]], Awaitable[None]]
-"""Sees the calls about to run; sets ``outcome`` on those that may not (or interrupts)."""
-ArbitrateHook = Callable[[Sequence[PlannedCall]], Sequence[Sequence[PlannedCall]]]
-"""Orders the act phase's calls: groups run one after another, the calls of a group at once;
-sets ``outcome`` on calls that lose."""
+Expire = Callable[["RequestRow"], Awaitable[None]]
+"""Marks an open request expired in the store (fenced by the run's lease)."""
 
 
 class Gateway:
@@ -235,17 +276,23 @@ class Gateway:
         ledger: Ledger,
         meter: Meter,
         emit: Emit,
-        approve: ApproveHook | None = None,
-        arbitrate: ArbitrateHook | None = None,
+        approvals: Approvals | None = None,
+        arbitration: Arbitration | None = None,
         spend: Spend | None = None,
+        requests: Mapping[str, RequestRow] | None = None,
+        expire: Expire | None = None,
     ) -> None:
         self.run_id = run_id
         self.ledger = ledger
         self.meter = meter
         self.emit = emit
-        self.approve = approve
-        self.arbitrate = arbitrate
+        self.approvals = approvals
+        self.arbitration = arbitration
         self.spend = spend
+        # the run's requests a resume found (answered, expired or still open), by id
+        self.requests: dict[str, RequestRow] = dict(requests or {})
+        self.expire = expire
+        self.locks = ResourceLocks()
         self._metered: set[tuple[int, str, int]] = set()
 
     # -- model calls ----------------------------------------------------------------------
@@ -339,14 +386,26 @@ class Gateway:
     # -- tool calls -----------------------------------------------------------------------
 
     async def call(self, caller: Caller, call: ToolCall) -> CallOutcome:
-        """Make one call now (a node's ``ctx.call_tool``); an in-doubt call interrupts."""
+        """Make one call now (a node's ``ctx.call_tool``); an in-doubt call, or one waiting
+        for approval, interrupts."""
         prepared = self._prepare(caller, call, caller.next_seq())
-        if prepared.outcome is None and _status(self._entry(prepared)) != STARTED:
+        entry = self._entry(prepared) if prepared.outcome is None else None
+        if prepared.outcome is None and entry is None:
             await self._approve([prepared])
         if prepared.outcome is not None:
             self._report(prepared, prepared.outcome, 0.0)
             return prepared.outcome
-        outcome = await self._execute(prepared)
+        held = None
+        if entry is None and prepared.resources and self.arbitration is not None:
+            held = await self._lock(prepared)
+            if held is None:
+                assert prepared.outcome is not None
+                return prepared.outcome
+        try:
+            outcome = await self._execute(prepared)
+        finally:
+            if held is not None:
+                self.locks.release(held)
         if outcome.status == "in_doubt":
             raise StepInterrupted([self._in_doubt_request(prepared)])
         return outcome
@@ -371,37 +430,49 @@ class Gateway:
             raise StepInterrupted([self._in_doubt_request(p) for p in doubtful])
         await self._approve(runnable)
         runnable = self._report_refused(runnable)
-        groups = self._arbitrate(runnable)
+        chains = await self._arbitrate(runnable)
         runnable = self._report_refused(runnable)
         self._reserve_all(runnable)
-        for group in groups:
-            group = [item for item in group if item.outcome is None]
-            if len(group) == 1:
-                item = group[0]
-                item.outcome = await self._execute(item)
-                continue
+        if len(chains) == 1:
+            await self._run_chain(chains[0])
+        elif chains:
             failures: list[RunError] = []
             async with anyio.create_task_group() as tasks:
-                for item in group:
-                    tasks.start_soon(self._execute_into, item, failures, tasks.cancel_scope)
+                for chain in chains:
+                    tasks.start_soon(self._chain_into, chain, failures, tasks.cancel_scope)
             if failures:  # the store failed or the run was fenced: the run's own error
                 raise failures[0]
-        for item in runnable:
-            if item.outcome is None:
-                item.outcome = CallOutcome(
-                    item.call.id,
-                    item.call.name,
-                    "conflict",
-                    error="the arbiter did not schedule this call; it was not made",
-                )
-                self._release(item)
-                self._report(item, item.outcome, 0.0)
         timed_out = [
             p for p in runnable if p.outcome is not None and p.outcome.status == "in_doubt"
         ]
         if timed_out:
             raise StepInterrupted([self._in_doubt_request(p) for p in timed_out])
         return [[p.outcome for p in group if p.outcome is not None] for group in prepared]
+
+    async def _run_chain(self, waves: Sequence[Sequence[PlannedCall]]) -> None:
+        """Run waves one after another, the calls of a wave at once."""
+        for wave in waves:
+            if len(wave) == 1:
+                wave[0].outcome = await self._execute(wave[0])
+                continue
+            failures: list[RunError] = []
+            async with anyio.create_task_group() as tasks:
+                for item in wave:
+                    tasks.start_soon(self._execute_into, item, failures, tasks.cancel_scope)
+            if failures:
+                raise failures[0]
+
+    async def _chain_into(
+        self,
+        waves: Sequence[Sequence[PlannedCall]],
+        failures: list[RunError],
+        scope: anyio.CancelScope,
+    ) -> None:
+        try:
+            await self._run_chain(waves)
+        except RunError as exc:  # not an ExceptionGroup: the run stops with this error
+            failures.append(exc)
+            scope.cancel()
 
     # -- the steps of one call ------------------------------------------------------------
 
@@ -458,18 +529,330 @@ class Gateway:
             call.id, call.name, "invalid_arguments", error=f"{detail}; the call was not made"
         )
 
-    async def _approve(self, calls: Sequence[PlannedCall]) -> None:
-        """Step 3, approval: the hook's (without one every call passes)."""
-        if self.approve is not None and calls:
-            await self.approve(calls)
+    # -- approval -------------------------------------------------------------------------
 
-    def _arbitrate(self, calls: Sequence[PlannedCall]) -> Sequence[Sequence[PlannedCall]]:
-        """Step 4, arbitration: the hook's order (without one every call runs at once)."""
+    async def _approve(self, calls: Sequence[PlannedCall]) -> None:
+        """Step 3: hold the calls the approval policy names until a person answers; apply
+        the answers a resume brought (approve, edit, reject; an expired request rejects).
+        Every held call without an answer is asked at once; nothing runs meanwhile."""
+        policy = self.approvals
+        if policy is None or not calls:
+            return
+        asked = []
+        for item in calls:
+            assert item.tool is not None
+            if not self._needs_approval(policy, item) or self._entry(item) is not None:
+                continue  # (an entry: the approved call already started, or ran)
+            request = self._approval_request(item, policy)
+            row = self.requests.get(request.id)
+            if row is not None and row.status == "open" and _expired(row):
+                if self.expire is not None:
+                    await self.expire(row)
+                row = replace_row(row, status="expired")
+            if row is None or row.status == "open":
+                asked.append(request)
+            else:
+                self._apply_approval(item, row)
+        if asked:
+            raise StepInterrupted(asked)
+
+    @staticmethod
+    def _needs_approval(policy: Approvals, item: PlannedCall) -> bool:
+        assert item.tool is not None
+        try:
+            return policy.needs(item.caller.node, item.tool, item.json_arguments)
+        except Exception:  # the user's rule failed: the safe answer is to ask
+            return True
+
+    def _approval_request(self, item: PlannedCall, policy: Approvals) -> Request:
+        tool, caller = item.tool, item.caller
+        assert tool is not None
+        now = time.time()
+        expires = policy.for_caller(caller.node).expires_after
+        # bound to the exact call: its position and what it asks (tool and arguments)
+        return Request(
+            id=request_id(
+                self.run_id, caller.step, caller.label, item.seq, f"approval:{item.request_hash}"
+            ),
+            run_id=self.run_id,
+            kind="approval",
+            step=caller.step,
+            node=caller.label,
+            payload={
+                "tool": tool.name,
+                "arguments": item.json_arguments,
+                "effect": tool.effect.value,
+                "resources": sorted(item.resources),
+                "call_id": item.call.id,
+                "seq": item.seq,
+                "request_hash": item.request_hash,
+                "agent": caller.node,
+            },
+            schema=tool.arguments.model_json_schema(),
+            created_at=now,
+            expires_at=None if expires is None else now + expires,
+        )
+
+    def _apply_approval(self, item: PlannedCall, row: RequestRow) -> None:
+        """Carry out an answered (or expired) approval on the call it holds."""
+        tool, call = item.tool, item.call
+        assert tool is not None
+        answer = _answer(row)
+        kind = answer.get("answer")
+        reason = None
+        if row.status == "expired":
+            decision = "expired"
+            reason = "its approval request expired unanswered"
+        elif kind == "reject":
+            decision = "rejected"
+            reason = str(answer.get("reason") or "rejected by an operator")
+        elif kind == "edit":
+            decision = "edited"
+            try:
+                arguments = tool.validate(answer.get("arguments") or {})
+            except ValidationError as exc:  # the tool's schema changed since it was checked
+                decision = "rejected"
+                reason = (
+                    f"the edited arguments no longer fit the tool: "
+                    f"{describe_validation_error(exc, 'arguments')}"
+                )
+            else:
+                item.arguments = arguments
+                item.json_arguments = tool.arguments.model_validate(arguments).model_dump(
+                    mode="json"
+                )
+                item.resources = tool.resource_keys(item.json_arguments)
+                item.edited = item.json_arguments
+        else:
+            decision = "approved"
+        if reason is not None:
+            item.outcome = CallOutcome(
+                call.id,
+                tool.name,
+                "rejected",
+                error=f"{reason}; the call was not made",
+            )
+        else:
+            item.approved = True
+        self.emit(
+            ApprovalDecided(
+                run_id=self.run_id,
+                at=time.time(),
+                step=item.caller.step,
+                node=item.caller.label,
+                tool=tool.name,
+                call_id=call.id,
+                request_id=row.request_id,
+                decision=decision,
+                reason=reason,
+            ),
+            "info",
+        )
+
+    # -- arbitration ----------------------------------------------------------------------
+
+    async def _arbitrate(self, calls: Sequence[PlannedCall]) -> list[list[list[PlannedCall]]]:
+        """Step 4: settle conflicts between the act phase's calls; return chains of waves
+        (chains run concurrently, the waves of a chain one after another). Calls that lose
+        get their conflict result; a conflict escalated to a person interrupts."""
         if not calls:
             return []
-        if self.arbitrate is not None:
-            return self.arbitrate(calls)
-        return [calls]
+        if self.arbitration is None or len(calls) == 1 or not any(c.resources for c in calls):
+            return [[list(calls)]]
+        step = calls[0].caller.step
+        proposals = [
+            ProposedCall(
+                key=item.key,
+                caller=item.caller.label,
+                call_id=item.call.id,
+                tool=item.call.name,
+                arguments=item.json_arguments,
+                resources=item.resources,
+                writes=item.writes,
+                priority=item.caller.priority,
+                index=index,
+            )
+            for index, item in enumerate(calls)
+        ]
+        tools = {item.call.name: item.tool for item in calls}
+        settled = self._settled(step)
+        plan = plan_calls(
+            proposals,
+            self.arbitration,
+            lambda name: getattr(tools.get(name), "arbitration", None),
+            settled,
+            _conflict_digest,
+        )
+        by_key = {item.key: item for item in calls}
+        for decision in plan.decisions:
+            if not decision.replayed or decision.digest not in self._recorded(step):
+                await self.ledger.finish(
+                    step,
+                    ARBITER,
+                    _digest_seq(decision.digest),
+                    kind="arbitration",
+                    name=decision.policy,
+                    request_hash=decision.digest,
+                    result=compact_json(decision.to_json()),
+                )
+            for key, reason in decision.lost.items():
+                item = by_key[key]
+                item.outcome = CallOutcome(item.call.id, item.call.name, "conflict", error=reason)
+            self.emit(
+                ConflictArbitrated(
+                    run_id=self.run_id,
+                    at=time.time(),
+                    step=step,
+                    policy=decision.policy,
+                    resources=tuple(sorted(decision.resources)),
+                    calls=compact_json([c.to_dict() for c in decision.calls]),
+                    run=tuple(decision.run),
+                    lost=compact_json(decision.lost),
+                    replayed=decision.replayed,
+                ),
+                "info",
+            )
+        if plan.escalated:
+            raise StepInterrupted([self._conflict_request(step, c) for c in plan.escalated])
+        return [[[by_key[c.key] for c in wave] for wave in chain] for chain in plan.chains]
+
+    def _recorded(self, step: int) -> dict[str, dict[str, Any]]:
+        """The decisions an earlier run of this step recorded, by conflict digest."""
+        found = {}
+        for entry in self.ledger.entries(step, ARBITER):
+            if entry.status == DONE and entry.result is not None:
+                found[entry.request_hash] = json.loads(entry.result)
+        return found
+
+    def _settled(self, step: int) -> dict[str, dict[str, Any]]:
+        """Recorded decisions, and operators' choices for escalated conflicts."""
+        settled: dict[str, dict[str, Any]] = {}
+        for row in self.requests.values():
+            if row.kind == "conflict" and row.step == step and row.status == "answered":
+                payload = json.loads(row.payload)
+                settled[payload["digest"]] = {"run": list(_answer(row).get("run") or [])}
+        settled.update(self._recorded(step))
+        return settled
+
+    def _conflict_request(self, step: int, conflict: Conflict) -> Request:
+        digest = _conflict_digest(conflict)
+        keys = [c.key for c in conflict.calls]
+        return Request(
+            id=request_id(self.run_id, step, ARBITER, _digest_seq(digest), "conflict"),
+            run_id=self.run_id,
+            kind="conflict",
+            step=step,
+            node=", ".join(dict.fromkeys(c.caller for c in conflict.calls)),
+            payload={
+                "digest": digest,
+                "resources": sorted(conflict.resources),
+                "calls": [c.to_dict() for c in conflict.calls],
+            },
+            schema={
+                "type": "object",
+                "properties": {
+                    "run": {
+                        "type": "array",
+                        "items": {"enum": keys},
+                        "uniqueItems": True,
+                        "description": "the keys of the calls that run, in order",
+                    }
+                },
+                "required": ["run"],
+            },
+            created_at=time.time(),
+        )
+
+    # -- a node's own calls: resource locks ------------------------------------------------
+
+    async def _lock(self, item: PlannedCall) -> Held | None:
+        """Take the call's resource locks; None when it lost (its outcome is set, recorded
+        and reported)."""
+        assert item.tool is not None
+        assert self.arbitration is not None
+        own = item.tool.arbitration
+        policy = own if own is not None else self.arbitration.policy_for(item.resources)
+        name = policy if isinstance(policy, str) else "serialize"
+        got = await self.locks.acquire(
+            item.resources,
+            write=item.writes,
+            holder=item.key,
+            policy=name,
+            priority=item.caller.priority,
+        )
+        if isinstance(got, Held):
+            return got
+        holder, resource = got
+        outcome = CallOutcome(
+            item.call.id,
+            item.call.name,
+            "conflict",
+            error=f"resource {resource} is held by call {holder}; policy {name} let that "
+            f"call have it, and this one was not made",
+        )
+        # recorded: a re-run of the step decides the same
+        await self.ledger.finish(
+            item.caller.step,
+            item.caller.label,
+            item.seq,
+            kind="tool",
+            name=item.call.name,
+            request_hash=item.request_hash,
+            result=outcome.to_json(),
+        )
+        item.outcome = outcome
+        self._report(item, outcome, 0.0)
+        return None
+
+    # -- questions --------------------------------------------------------------------------
+
+    async def question(
+        self,
+        caller: Caller,
+        prompt: str,
+        schema: Any,
+        expires_in: float | None,
+    ) -> Any:
+        """A node's question for a person (``ctx.interrupt``): the validated answer a resume
+        brought, or an interrupt asking it."""
+        from .safeguards.questions import answer_schema, schema_ref, validate_answer
+
+        seq = caller.next_seq()
+        ref = schema_ref(schema)
+        identity = fingerprint({"prompt": prompt, "schema": ref})
+        rid = request_id(self.run_id, caller.step, caller.label, seq, f"question:{identity}")
+        row = self.requests.get(rid)
+        if row is not None and row.status == "open" and _expired(row):
+            if self.expire is not None:
+                await self.expire(row)
+            row = replace_row(row, status="expired")
+        if row is not None and row.status == "expired":
+            raise RequestExpiredError(self.run_id, rid, prompt)
+        problem = None
+        if row is not None and row.status == "answered":
+            try:
+                return validate_answer(schema, _answer(row).get("value"))
+            except ValueError as exc:  # the schema changed since the answer was checked
+                problem = f"the answer given no longer fits: {exc}"
+        now = time.time()
+        payload: dict[str, Any] = {"prompt": prompt, "schema_ref": ref, "seq": seq}
+        if problem is not None:
+            payload["problem"] = problem
+        raise StepInterrupted(
+            [
+                Request(
+                    id=rid,
+                    run_id=self.run_id,
+                    kind="question",
+                    step=caller.step,
+                    node=caller.label,
+                    payload=payload,
+                    schema=answer_schema(schema),
+                    created_at=now,
+                    expires_at=None if expires_in is None else now + expires_in,
+                )
+            ]
+        )
 
     def _report_refused(self, calls: Sequence[PlannedCall]) -> list[PlannedCall]:
         """Report the calls that will not run; return those that still may."""
@@ -537,7 +920,8 @@ class Gateway:
         assert tool is not None
         key = dict(kind="tool", name=tool.name, request_hash=item.request_hash)
         started = None
-        if tool.effect is Effect.IRREVERSIBLE:
+        if tool.effect is Effect.IRREVERSIBLE or item.approved:
+            # an approval is used once: the call is recorded before it runs
             started = await self.ledger.start(caller.step, caller.label, item.seq, **key)
         context = ToolContext(
             run_id=self.run_id,
@@ -569,6 +953,7 @@ class Gateway:
             outcome = CallOutcome(call.id, tool.name, "error", error=f"{type(exc).__name__}: {exc}")
         if outcome is None:
             outcome = self._checked(tool, call, value)
+        outcome.edited = item.edited
         if started is not None or outcome.status not in RETRYABLE:
             await self.ledger.finish(
                 caller.step,
@@ -703,3 +1088,35 @@ class Gateway:
 
 def _status(entry: LedgerEntry | None) -> str | None:
     return None if entry is None else entry.status
+
+
+def _expired(row: RequestRow) -> bool:
+    return row.expires_at is not None and row.expires_at <= time.time()
+
+
+def _answer(row: RequestRow) -> dict[str, Any]:
+    try:
+        data = json.loads(row.answer or "{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def replace_row(row: RequestRow, **changes: Any) -> RequestRow:
+    from dataclasses import replace
+
+    return replace(row, **changes)
+
+
+def _conflict_digest(conflict: Conflict) -> str:
+    return fingerprint(
+        {
+            "policy": conflict.policy,
+            "calls": [[c.key, c.tool, dict(c.arguments)] for c in conflict.calls],
+        }
+    )
+
+
+def _digest_seq(digest: str) -> int:
+    """A ledger position for a conflict's decision: from its digest (one per conflict)."""
+    return int(digest[:8], 16)

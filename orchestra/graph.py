@@ -227,6 +227,10 @@ class Graph(Generic[StateT]):
         max_concurrency: int | None = None,
         app_ref: str | None = None,
         loop_guard: Any = ...,
+        approvals: Any = ...,
+        arbitration: Any = ...,
+        interrupt_before: Iterable[str] = (),
+        interrupt_after: Iterable[str] = (),
     ) -> CompiledGraph[StateT]:
         """Validate the graph and return a frozen, runnable :class:`CompiledGraph`.
 
@@ -238,6 +242,12 @@ class Graph(Generic[StateT]):
         module-level attribute.
 
         ``loop_guard``: the loop detectors (default ``LoopGuard()``; ``None`` turns them off).
+
+        ``approvals``: which tool calls wait for a person (default ``Approvals()``: every
+        irreversible call; ``None``: none). ``arbitration``: how conflicting tool calls of
+        one step are settled (default ``Arbitration()``: serialize; ``None``: no
+        arbitration, every call runs at once). ``interrupt_before`` / ``interrupt_after``:
+        nodes the run stops before / after, for an operator to let it go on.
 
         Raises :class:`~orchestra.errors.GraphValidationError` listing every problem found.
         """
@@ -253,4 +263,8 @@ class Graph(Generic[StateT]):
             app_ref=app_ref,
             origin=origin,
             loop_guard=DEFAULT_GUARD if loop_guard is ... else loop_guard,
+            approvals=DEFAULT_GUARD if approvals is ... else approvals,
+            arbitration=DEFAULT_GUARD if arbitration is ... else arbitration,
+            interrupt_before=interrupt_before,
+            interrupt_after=interrupt_after,
         )

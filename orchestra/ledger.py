@@ -55,6 +55,11 @@ class Ledger:
     def _harmless(self, entry: LedgerEntry) -> bool:
         return entry.kind == "model" or (entry.kind == "tool" and self.read_only(entry.name))
 
+    def entries(self, step: int, task: str) -> list[LedgerEntry]:
+        """The entries of one task of a step, in position order."""
+        found = [e for (s, t, _), e in self._entries.items() if s == step and t == task]
+        return sorted(found, key=lambda e: e.seq)
+
     def preload(self, entries: Iterable[LedgerEntry]) -> None:
         """Take the stored entries of the step a resume re-runs."""
         for entry in entries:
@@ -150,6 +155,8 @@ class Ledger:
         effect (None: unknown)."""
         entries = [e for k, e in self._entries.items() if k[0] == step]
         keep = {e.task for e in entries if e.kind == "tool" and effect(e.name) != "read"}
+        if keep:  # calls with effects ran as arbitration decided: a re-run decides the same
+            keep.add("@arbiter")
         keep.update(finished)
         for entry in entries:
             key = (entry.step, entry.task, entry.seq)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
 
 from .checkpoint import (
     compact_json,
@@ -29,7 +31,18 @@ from .events import RequestAnswered
 from .gateway import NOT_RUN
 from .outcome import RunStatus
 from .safeguards.budgets import loaded_budget, price_of, stored_budget
-from .safeguards.interrupts import Abort, Continue, Done, Request, Retry
+from .safeguards.interrupts import (
+    Abort,
+    Approve,
+    Choose,
+    Continue,
+    Done,
+    Edit,
+    Reject,
+    Request,
+    Retry,
+)
+from .state import describe_validation_error
 from .store.base import (
     CheckpointRow,
     EventRow,
@@ -43,8 +56,9 @@ from .store.base import (
 if TYPE_CHECKING:
     from .compile import CompiledGraph
     from .executor import Execution
+    from .tools import Tool
 
-__all__ = ("fork_run", "prepare_resume")
+__all__ = ("answer_requests", "fork_run", "prepare_resume")
 
 
 async def prepare_resume(
@@ -69,6 +83,8 @@ async def prepare_resume(
     if record.structure_hash != app.structure_hash and not allow_graph_change:
         raise GraphChangedError(run_id, record.structure_hash, app.structure_hash)
     checked = await check_answers(app, store, run_id, answers or {})
+    if checked:  # all or none, before the lease: a refused answer changes nothing
+        await record_answers(store, run_id, checked)
     if record.budget is not None and record.status != "running":
         # the limits this resume runs under become the run's own (so `orchestra budget +N`
         # adds to what the run really has), recorded as a budget_raised event
@@ -79,23 +95,9 @@ async def prepare_resume(
                 run_id, effective, reason="raised to the limits of the app resuming it"
             )
     owner = new_owner_id()
-    # as close to taking the lease as possible: what a refused answer gives back
-    previous = await store.get_run(run_id) if checked else record
     record = await store.acquire(run_id, owner)
     try:
-        stop = await apply_answers(store, run_id, record.epoch, checked)
-    except AnswerError:
-        # another resume used an answer first: nothing was used; give the run back as it was
-        await store.finish_run(
-            run_id,
-            record.epoch,
-            status=previous.status,
-            reason=previous.reason,
-            error=previous.error,
-            usage=record.usage,
-            events=[],
-        )
-        raise
+        stop = await apply_answers(store, run_id, record.epoch)
     except Exception as exc:
         await store.finish_run(
             run_id,
@@ -127,6 +129,12 @@ async def prepare_resume(
             usage[key] = max(usage.get(key, 0), record.usage.get(key, 0))
         done = {write.task: load_result(write.result) for write in pending}
         entries = await store.ledger(run_id, step + 1)
+        # the requests of the step to run (approvals, questions, conflicts, a breakpoint)
+        requests = {
+            row.request_id: row
+            for row in await store.requests(run_id, statuses=())
+            if row.step == step + 1
+        }
     except Exception as exc:
         message = f"could not load the run to resume it: {type(exc).__name__}: {exc}"
         await store.finish_run(
@@ -159,34 +167,23 @@ async def prepare_resume(
         budget=budget,
         agent_budgets=agent_budgets,
         events=False,
+        requests=requests,
     )
     execution.ledger.preload(entries)
     _meter_restored(app, execution, tasks, done, entries)
-    # a suspected loop waits for its answer: a resume without one asks again, runs nothing
-    answered = {item.row.request_id for item in checked}
+    # a suspected loop or a breakpoint after a step waits for its answer: a resume
+    # without one asks again and runs nothing
     waiting = [
         Request.from_row(row)
         for row in await store.requests(run_id)
-        if row.kind == "loop" and row.request_id not in answered
+        if row.kind in ("loop", "after")
     ]
     if waiting and stop is None:
         execution.status, execution.pending = RunStatus.INTERRUPTED, waiting
         execution.reason = (
-            f"a suspected loop waits for an answer (Continue() or Abort()): {waiting[0].id}"
+            f"{waiting[0].describe()}: waiting for an answer (Continue() or Abort()) to "
+            f"request {waiting[0].id}"
         )
-    now = time.time()
-    execution._carried.extend(
-        RequestAnswered(
-            run_id=run_id,
-            at=now,
-            step=item.row.step,
-            node=item.row.task,
-            request_id=item.row.request_id,
-            request_kind=item.row.kind,
-            answer=item.text,
-        )
-        for item in checked
-    )
     if stop is not None:
         execution.status, execution.reason = RunStatus.ABORTED, stop
     return execution
@@ -232,9 +229,13 @@ class _Checked:
 
 
 async def check_answers(
-    app: CompiledGraph[Any], store: Store, run_id: str, answers: Mapping[str, Any]
+    app: CompiledGraph[Any] | None, store: Store, run_id: str, answers: Mapping[str, Any]
 ) -> list[_Checked]:
-    """Check every answer against the run's open requests; change nothing."""
+    """Check every answer against the run's open requests; change nothing.
+
+    Without ``app`` (an operator's CLI that could not load it) only answers that need no
+    schema can be checked: approve, reject, continue, abort, retry.
+    """
     if not answers:
         return []
     if not isinstance(answers, Mapping):
@@ -247,104 +248,233 @@ async def check_answers(
         if row is None:
             open_ids = ", ".join(r for r, v in rows.items() if v.status == "open") or "none"
             raise AnswerError(run_id, request_id, f"no such request (open: {open_ids})")
+        if row.status == "expired":
+            raise AnswerError(run_id, request_id, "expired; it can no longer be answered")
         if row.status != "open":
-            raise AnswerError(run_id, request_id, f"already {row.status}; an answer is used once")
-        if row.expires_at is not None and row.expires_at < now:
+            raise AnswerError(run_id, request_id, "already answered; an answer is used once")
+        if row.expires_at is not None and row.expires_at <= now:
             raise AnswerError(run_id, request_id, "expired; it can no longer be answered")
         checked.append(_check_one(app, run_id, row, answer))
     return checked
 
 
-def _check_one(app: CompiledGraph[Any], run_id: str, row: RequestRow, answer: Any) -> _Checked:
-    from pydantic import ValidationError
+_GO_ON = (Continue, Approve)
+_STOP = (Abort, Reject)
 
-    from .tools import describe_validation_error
 
-    if row.kind == "loop":
-        if not isinstance(answer, Continue | Abort):
-            raise AnswerError(
-                run_id,
-                row.request_id,
-                f"a suspected loop is answered with Continue() or Abort(), got {answer!r:.80}",
-            )
-        text = compact_json({"answer": type(answer).__name__.lower(), **_fields(answer)})
-        return _Checked(row, answer, text)
-    if row.kind != "in_doubt":
-        raise AnswerError(run_id, row.request_id, f"requests of kind {row.kind!r} are unknown")
+def _check_one(
+    app: CompiledGraph[Any] | None, run_id: str, row: RequestRow, answer: Any
+) -> _Checked:
+    kind = row.kind
+    payload = _payload(row)
+
+    def refuse(detail: str) -> AnswerError:
+        return AnswerError(run_id, row.request_id, detail)
+
+    if kind in ("loop", "before", "after"):
+        if isinstance(answer, _GO_ON):
+            return _Checked(row, answer, compact_json({"answer": "continue"}))
+        if isinstance(answer, _STOP):
+            return _Checked(row, answer, compact_json({"answer": "abort", "reason": answer.reason}))
+        what = "a suspected loop" if kind == "loop" else f"a breakpoint ({kind})"
+        raise refuse(
+            f"{what} is answered with Continue() (or Approve()) to go on, or Abort(reason) "
+            f"(or Reject(reason)) to stop the run, got {answer!r:.80}"
+        )
+    if kind == "approval":
+        return _check_approval(app, row, payload, answer, refuse)
+    if kind == "question":
+        return _check_question(row, payload, answer, refuse)
+    if kind == "conflict":
+        return _check_choice(row, payload, answer, refuse)
+    if kind != "in_doubt":
+        raise refuse(f"requests of kind {kind!r} are unknown")
     if not isinstance(answer, Done | Retry | Abort):
-        raise AnswerError(
-            run_id,
-            row.request_id,
+        raise refuse(
             f"an in-doubt call is resolved with Done(result=...), Retry() or Abort(), "
-            f"got {answer!r:.80}",
+            f"got {answer!r:.80}"
         )
     if not isinstance(answer, Done):
         text = compact_json({"answer": type(answer).__name__.lower(), **_fields(answer)})
         return _Checked(row, answer, text)
-    payload = json.loads(row.payload)
-    tool = app.tools.get(payload["tool"])
-    if tool is None:
-        raise AnswerError(
-            run_id, row.request_id, f"this graph has no tool {payload['tool']!r} any more"
-        )
+    tool = _tool(app, payload, refuse)
     try:
         result = tool.dump_result(answer.result)
     except ValidationError as exc:
-        raise AnswerError(
-            run_id,
-            row.request_id,
+        raise refuse(
             f"the result does not fit tool {tool.name!r}: "
-            f"{describe_validation_error(exc, 'result')}",
+            f"{describe_validation_error(exc, 'result')}"
         ) from exc
     except (TypeError, ValueError) as exc:
-        raise AnswerError(run_id, row.request_id, f"the result is not JSON data: {exc}") from exc
+        raise refuse(f"the result is not JSON data: {exc}") from exc
     return _Checked(row, answer, compact_json({"answer": "done", "result": result}), result)
+
+
+def _payload(row: RequestRow) -> dict[str, Any]:
+    try:
+        payload = json.loads(row.payload)
+    except ValueError:
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def _tool(app: CompiledGraph[Any] | None, payload: dict[str, Any], refuse: Any) -> Tool:
+    name = payload.get("tool")
+    if app is None:
+        raise refuse(f"checking this answer needs the run's app (tool {name!r}); load it")
+    tool = app.tools.get(str(name))
+    if tool is None:
+        raise refuse(f"this graph has no tool {name!r} any more")
+    return tool
+
+
+def _check_approval(
+    app: CompiledGraph[Any] | None,
+    row: RequestRow,
+    payload: dict[str, Any],
+    answer: Any,
+    refuse: Any,
+) -> _Checked:
+    if isinstance(answer, Approve):
+        return _Checked(row, answer, compact_json({"answer": "approve"}))
+    if isinstance(answer, Reject):
+        return _Checked(row, answer, compact_json({"answer": "reject", "reason": answer.reason}))
+    if not isinstance(answer, Edit):
+        raise refuse(
+            f"an approval is answered with Approve(), Reject(reason=...) or "
+            f"Edit(arguments={{...}}), got {answer!r:.80}"
+        )
+    if not isinstance(answer.arguments, Mapping):
+        raise refuse(
+            f"Edit(arguments=...) takes the whole set of arguments as a dict, got "
+            f"{type(answer.arguments).__name__}"
+        )
+    tool = _tool(app, payload, refuse)
+    try:
+        arguments = tool.validate(answer.arguments)
+        json_arguments = tool.arguments.model_validate(arguments).model_dump(mode="json")
+    except ValidationError as exc:
+        raise refuse(
+            f"the edited arguments do not fit tool {tool.name!r}: "
+            f"{describe_validation_error(exc, 'arguments')}"
+        ) from exc
+    try:
+        tool.resource_keys(json_arguments)
+    except Exception as exc:  # the user's resources function refuses them
+        raise refuse(
+            f"the tool's resources function fails on the edited arguments: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    return _Checked(row, answer, compact_json({"answer": "edit", "arguments": json_arguments}))
+
+
+def _check_question(row: RequestRow, payload: dict[str, Any], answer: Any, refuse: Any) -> _Checked:
+    from .safeguards.questions import check_answer
+
+    if isinstance(answer, Approve | Reject | Edit | Choose | Continue | Abort | Done | Retry):
+        raise refuse(
+            f"a question is answered with a value that fits its schema, not "
+            f"{type(answer).__name__}()"
+        )
+    try:
+        value = check_answer(payload.get("schema_ref"), answer)
+    except LookupError as exc:
+        raise refuse(f"cannot check the answer: its schema is not available here ({exc})") from exc
+    except ValueError as exc:
+        raise refuse(str(exc)) from exc
+    try:
+        text = json.dumps({"answer": "value", "value": value}, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise refuse(f"the answer is not JSON data: {exc}") from exc
+    return _Checked(row, answer, text)
+
+
+def _check_choice(row: RequestRow, payload: dict[str, Any], answer: Any, refuse: Any) -> _Checked:
+    if isinstance(answer, Choose):
+        keys = list(answer.keys)
+    elif isinstance(answer, Mapping) and isinstance(answer.get("run"), list):
+        keys = list(answer["run"])
+    else:
+        raise refuse(
+            f"a conflict is answered with Choose(key, ...) (or {{'run': [key, ...]}}), "
+            f"got {answer!r:.80}"
+        )
+    known = [str(call.get("key")) for call in payload.get("calls") or []]
+    unknown = [k for k in keys if k not in known]
+    if unknown or len(set(keys)) != len(keys):
+        raise refuse(
+            f"choose calls of the conflict, each once: got {keys}; its calls are {', '.join(known)}"
+        )
+    return _Checked(row, answer, compact_json({"answer": "choose", "run": keys}))
 
 
 def _fields(answer: Any) -> dict[str, Any]:
     return {"reason": answer.reason} if isinstance(answer, Abort) else {}
 
 
-async def apply_answers(
-    store: Store, run_id: str, epoch: int, checked: list[_Checked]
-) -> str | None:
-    """Record checked answers under the lease; return the reason if one aborts the run.
+async def record_answers(store: Store, run_id: str, checked: Sequence[_Checked]) -> None:
+    """Record checked answers, all or none, with a ``request_answered`` event each."""
+    from .recorder import event_row
 
-    All or none: under the lease (no other resume can use an answer meanwhile), every
-    request is checked to be still open (another resume may have used one before this one
-    got the lease: :class:`AnswerError`, nothing used); then each answer is marked used and
-    applied to the ledger. A crash in between leaves the call in doubt, and asking again
-    opens the request again.
-    """
-    if not checked:
-        return None
-    still_open = {row.request_id for row in await store.requests(run_id)}
-    for item in checked:
-        if item.row.request_id not in still_open:
-            raise AnswerError(run_id, item.row.request_id, "answered meanwhile by another resume")
+    now = time.time()
+    events = [
+        event_row(
+            RequestAnswered(
+                run_id=run_id,
+                at=now,
+                step=item.row.step,
+                node=item.row.task,
+                request_id=item.row.request_id,
+                request_kind=item.row.kind,
+                answer=item.text,
+            ),
+            item.row.step,
+        )
+        for item in checked
+    ]
+    await store.record_answers(run_id, [(c.row.request_id, c.text) for c in checked], events)
+
+
+async def answer_requests(
+    app: CompiledGraph[Any] | None, store: Store, run_id: str, answers: Mapping[str, Any]
+) -> list[RequestRow]:
+    """Check and record answers without resuming the run (the CLI's answer verbs, and
+    ``app.answer``); return the requests of the run still open."""
+    checked = await check_answers(app, store, run_id, answers)
+    if checked:
+        await record_answers(store, run_id, checked)
+    return await store.requests(run_id)
+
+
+async def apply_answers(store: Store, run_id: str, epoch: int) -> str | None:
+    """Apply, under the lease, the recorded answers a resume acts on before it runs:
+    in-doubt calls (to the ledger), breakpoints and suspected loops; mark them used and
+    return the reason if one stops the run. (Approvals, questions and conflicts are used
+    by the step itself when it gets to them.) Applying twice, after a crash in between,
+    changes nothing more."""
     stop = None
-    for item in checked:
-        row, answer = item.row, item.answer
-        payload = json.loads(row.payload)
-        try:
-            await store.answer_request(run_id, epoch, row.request_id, item.text)
-        except StoreError as exc:  # (a fenced write raises LeaseLostError, not this)
-            raise AnswerError(
-                run_id, row.request_id, "answered meanwhile by another resume"
-            ) from exc
-        if isinstance(answer, Done | Retry):
+    for row in await store.requests(run_id, statuses=("answered",)):
+        if row.kind not in ("in_doubt", "loop", "before", "after"):
+            continue
+        answer = json.loads(row.answer or "{}")
+        said = answer.get("answer")
+        if row.kind == "in_doubt" and said in ("done", "retry"):
+            payload = _payload(row)
             entries = await store.ledger(run_id, row.step)
             entry = next(
-                (e for e in entries if e.task == row.task and e.seq == payload["seq"]), None
+                (e for e in entries if e.task == row.task and e.seq == payload.get("seq")), None
             )
-            if entry is not None and isinstance(answer, Done):
-                outcome = compact_json({"status": "ok", "result": item.result})
+            if entry is not None and said == "done":
+                outcome = compact_json({"status": "ok", "result": answer.get("result")})
                 done = replace(entry, status="done", result=outcome, finished_at=time.time())
                 await store.put_ledger(run_id, epoch, done)
-            elif entry is not None:
-                await store.delete_ledger(run_id, epoch, row.step, row.task, payload["seq"])
-        elif isinstance(answer, Abort):
-            stop = answer.reason
+            elif entry is not None and entry.status == "started":
+                await store.delete_ledger(run_id, epoch, row.step, row.task, entry.seq)
+        elif said == "abort":
+            stop = str(answer.get("reason") or "aborted by an operator's answer")
+        await store.answer_request(
+            run_id, epoch, row.request_id, row.answer or "{}", status="used", expected="answered"
+        )
     return stop
 
 

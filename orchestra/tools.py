@@ -67,6 +67,7 @@ class Tool:
         resources: Callable[[dict[str, Any]], Iterable[str]] | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+        arbitration: Any = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"@tool needs a function, got {fn!r}")
@@ -75,6 +76,13 @@ class Tool:
         self.description = description or _first_paragraph(inspect.getdoc(fn))
         self.effect = Effect(effect)
         self.resources = resources
+        if arbitration is not None:
+            from .safeguards.arbitration import policy_problem
+
+            problem = policy_problem(arbitration)
+            if problem is not None:
+                raise ValueError(f"tool {self.name!r}: arbitration: {problem}")
+        self.arbitration = arbitration
         if timeout is not None and timeout <= 0:
             raise ValueError(f"tool {self.name!r}: timeout must be positive, got {timeout}")
         if max_result_bytes <= 0:
@@ -168,13 +176,16 @@ def tool(
     resources: Callable[[dict[str, Any]], Iterable[str]] | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+    arbitration: Any = None,
 ) -> Any:
     """Make a function (sync or async) a tool: ``@tool`` or ``@tool(effect=Effect.READ)``.
 
     ``effect`` defaults to ``WRITE`` (a tool not declared read-only is assumed to change
     something). ``resources(arguments)`` returns the resource keys a call touches, for
-    arbitration. ``timeout`` bounds each call in seconds (None: no bound); a result whose
-    JSON is larger than ``max_result_bytes`` is refused. The description shown to models is
+    arbitration; ``arbitration`` overrides the graph's policy for conflicts this tool's
+    calls are in (a policy name or an arbiter function). ``timeout`` bounds each call in
+    seconds (None: no bound); a result whose JSON is larger than ``max_result_bytes`` is
+    refused. The description shown to models is
     the docstring's first paragraph. Sync functions run in a worker thread; a thread cannot
     be interrupted, so a sync ``IRREVERSIBLE`` tool is waited for even past its timeout or
     an abort, and its real result recorded (an async one is cancelled, and is in doubt).
@@ -189,6 +200,7 @@ def tool(
             resources=resources,
             timeout=timeout,
             max_result_bytes=max_result_bytes,
+            arbitration=arbitration,
         )
 
     return make(fn) if fn is not None else make

@@ -220,7 +220,7 @@ def build(store: SQLiteStore | str | os.PathLike[str], graph_name: str) -> Compi
         graph.add_node(shipping)
         graph.add_edge(START, "shipping")
         graph.add_edge("shipping", END)
-    return graph.compile(store=store)
+    return graph.compile(approvals=None, store=store)
 
 
 def open_store(db: str) -> SQLiteStore:

@@ -599,7 +599,7 @@ def test_in_doubt_retry_runs_the_tool_once_and_completes(
     assert tool_runs(doubt.effects) == every_tool("single")
     assert tool_runs(doubt.effects, retry.pid) == Counter({"refund": 1})
     assert stored.entry("refund").status == "done"
-    assert [r.status for r in stored.requests] == ["answered"]
+    assert [r.status for r in stored.requests] == ["used"]
     assert stored.open_requests == ()
 
 
@@ -631,7 +631,7 @@ def test_in_doubt_done_completes_without_running_the_tool(
     assert entry.status == "done"
     assert json.loads(entry.result or "null") == {"status": "ok", "result": DONE_RESULT}
     (request,) = stored.requests
-    assert request.status == "answered"
+    assert request.status == "used"
     assert json.loads(request.answer or "null") == {"answer": "done", "result": DONE_RESULT}
 
 
@@ -649,7 +649,7 @@ def test_in_doubt_abort_ends_the_run_aborted(
     assert stored.run.status == "aborted"
     assert tool_runs(doubt.effects)["refund"] == 0
     assert [(r.status, json.loads(r.answer or "{}")["answer"]) for r in stored.requests] == [
-        ("answered", "abort")
+        ("used", "abort")
     ]
     assert stored.open_requests == ()
 
@@ -670,7 +670,7 @@ def test_in_doubt_retried_call_in_doubt_again_is_asked_anew(
     assert asked.summary["pending"] != first.summary["pending"]
     (old,), (new,) = first.summary["pending"], asked.summary["pending"]
     assert {r.request_id: r.status for r in doubt.stored[2].requests} == {
-        old: "answered",
+        old: "used",
         new: "open",
     }
     assert done.code == 0, done.stderr

@@ -1414,6 +1414,26 @@ async def test_with_store_rebinds_a_compiled_graph(store: Store) -> None:
         await first.get_run("r1")
 
 
+def test_with_store_keeps_approvals_arbitration_and_breakpoints() -> None:
+    """with_store keeps every safeguard setting: the rebound app (what `orchestra resume`
+    runs) holds the same calls for approval and arbitrates the same way."""
+    from orchestra import Approvals, Arbitration
+
+    approvals = Approvals(require="writes")
+    arbitration = Arbitration(policy="first_wins")
+    app = ticker(3).compile(
+        approvals=approvals,
+        arbitration=arbitration,
+        interrupt_before=["tick"],
+        interrupt_after=["tick"],
+    )
+    bound = app.with_store(MemoryStore())
+    assert bound.approvals is approvals
+    assert bound.arbitration is arbitration
+    assert bound.interrupt_before == bound.interrupt_after == frozenset({"tick"})
+    assert bound.loop_guard is app.loop_guard
+
+
 async def test_with_store_accepts_a_path(tmp_path: Path) -> None:
     """with_store("file.db") binds an SQLite store on that file."""
     bound = ticker(3).compile().with_store(tmp_path / "other.db")

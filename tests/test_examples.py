@@ -92,11 +92,17 @@ async def test_demo_graph_fails_when_retries_run_out() -> None:
 
 
 def test_support_desk_prints_outcome_usage_and_calls() -> None:
-    """The support desk prints its outcome, usage, each call (one denied) and one refund."""
+    """The support desk prints the refund waiting for approval, then its outcome, usage,
+    each call (one denied) and one refund."""
     result = run_example(EXAMPLES / "support_desk.py")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert re.fullmatch(r"run [0-9a-f]+: completed after 6 steps", lines[0])
+    assert re.fullmatch(
+        r"waiting for approval: refund\(\{'order_id': '42', 'amount': 30\.0\}\) \[req_\w+\]",
+        lines[0],
+    )
+    assert re.fullmatch(r"  \(an operator: orchestra approve [0-9a-f]+ req_\w+\)", lines[1])
+    assert re.fullmatch(r"run [0-9a-f]+: completed after 6 steps", lines[2])
     assert "  queue       billing" in lines
     assert "  notes       ['order 42 (kettle, $30) arrived broken']" in lines
     assert "  resolution  Refunded $30.00 for order 42; the customer keeps the kettle." in lines
@@ -121,7 +127,10 @@ def test_support_desk_prints_outcome_usage_and_calls() -> None:
         "\n".join(calls)
     )
     assert sum(call.startswith("billing  tool  refund -> ok") for call in calls) == 1
-    assert sum(" model scripted: " in call for call in calls) == 6
+    # the step held for approval ran again on resume: its model call replayed, not re-made
+    assert sum(" model scripted: " in call for call in calls) == 7
+    assert sum("(replayed from the ledger)" in call for call in calls) == 1
+    assert "billing  approval of refund: approved" in calls
     assert "payment system: 1 request, 1 refund" in lines
     (receipt,) = [line for line in lines if line.startswith("  rf_")]
     assert receipt.startswith("  rf_0001  order 42  $30.00  key ")

@@ -57,7 +57,7 @@ def single_agent(agent: Agent, **options: Any) -> Any:
     graph.add_node(agent)
     graph.add_edge(START, agent.name)
     graph.add_edge(agent.name, END)
-    return graph.compile(**options)
+    return graph.compile(approvals=None, **options)
 
 
 def one_node(fn: Any, tools: Sequence[Any] = (), **options: Any) -> Any:
@@ -66,7 +66,7 @@ def one_node(fn: Any, tools: Sequence[Any] = (), **options: Any) -> Any:
     graph.add_node("n", fn, tools=tools)
     graph.add_edge(START, "n")
     graph.add_edge("n", END)
-    return graph.compile(**options)
+    return graph.compile(approvals=None, **options)
 
 
 async def streamed(app: Any, state: BaseModel) -> tuple[list[Event], RunOutcome[Any]]:
@@ -107,7 +107,7 @@ async def test_gateway_denied_call_never_runs(store: Store) -> None:
     graph.add_edge(START, "admin")
     graph.add_edge("admin", "billing")
     graph.add_edge("billing", END)
-    outcome = await graph.compile(store=store).run(S(), run_id="r1")
+    outcome = await graph.compile(approvals=None, store=store).run(S(), run_id="r1")
     assert outcome.status is RunStatus.COMPLETED
     assert ran == []
     assert outcome.usage.tool_calls == 0
@@ -196,7 +196,7 @@ async def test_gateway_checks_permission_before_arguments() -> None:
     graph.add_edge(START, "other")
     graph.add_edge("other", "billing")
     graph.add_edge("billing", END)
-    events, _ = await streamed(graph.compile(), S())
+    events, _ = await streamed(graph.compile(approvals=None), S())
     (called,) = [e for e in events if isinstance(e, ToolCalled)]
     assert called.status == "denied"
 
@@ -340,7 +340,7 @@ async def test_gateway_node_call_to_a_tool_not_given_raises_tool_denied() -> Non
     graph.add_edge(START, "n")
     graph.add_edge("n", "other")
     graph.add_edge("other", END)
-    outcome = await graph.compile().run(S())
+    outcome = await graph.compile(approvals=None).run(S())
     assert outcome.status is RunStatus.COMPLETED
     assert ran == []
     (error,) = errors
@@ -463,7 +463,7 @@ async def test_gateway_retried_node_replays_its_recorded_call() -> None:
     graph.add_node("n", node, tools=[charge], retry=RetryPolicy(attempts=2, backoff=0))
     graph.add_edge(START, "n")
     graph.add_edge("n", END)
-    app = graph.compile()
+    app = graph.compile(approvals=None)
     events, outcome = await streamed(app, S())
     assert outcome.state.resolution == "charged 5"
     assert ran == [5]
@@ -522,7 +522,7 @@ async def test_gateway_retried_node_runs_a_failed_tool_call_again() -> None:
     graph.add_node("n", node, tools=[flaky], retry=RetryPolicy(attempts=2, backoff=0))
     graph.add_edge(START, "n")
     graph.add_edge("n", END)
-    outcome = await graph.compile().run(S())
+    outcome = await graph.compile(approvals=None).run(S())
     assert outcome.status is RunStatus.COMPLETED
     assert calls == [1, 1]
 
@@ -754,7 +754,7 @@ async def test_gateway_interrupted_step_keeps_the_calls_that_completed(store: St
     graph.add_edge(START, "payer")
     graph.add_edge("clerk", END)
     graph.add_edge("payer", END)
-    app = graph.compile(store=store)
+    app = graph.compile(approvals=None, store=store)
     with anyio.fail_after(5):
         first = await app.run(S(), run_id="r1")
         (request,) = first.pending
@@ -803,7 +803,7 @@ async def test_gateway_requests_can_be_answered_one_at_a_time(store: Store) -> N
     graph.add_edge(START, "b")
     graph.add_edge("a", END)
     graph.add_edge("b", END)
-    app = graph.compile(store=store)
+    app = graph.compile(approvals=None, store=store)
     with anyio.fail_after(5):
         first = await app.run(S(), run_id="r1")
         by_node = {r.node: r.id for r in first.pending}

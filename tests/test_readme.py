@@ -36,7 +36,8 @@ def test_readme_define_a_graph_example_runs(tmp_path: Path) -> None:
 
 def test_readme_agents_example_runs(tmp_path: Path) -> None:
     """The 'Agents, tools and models' example runs as a script: the agent looks the order
-    up, refunds it, and its answer lands in the state, with usage counted."""
+    up, its refund waits for approval, runs once approved, and its answer lands in the
+    state, with usage counted."""
     script = tmp_path / "agents.py"
     script.write_text(readme_block("Agents, tools and models"), encoding="utf-8")
     done = subprocess.run(
@@ -47,7 +48,11 @@ def test_readme_agents_example_runs(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    first, second = done.stdout.strip().splitlines()[-2:]
+    printed = [
+        line for line in done.stdout.splitlines() if not re.match(r"\d{4}-\d\d-\d\d ", line)
+    ]
+    held, first, second = printed[-3:]
+    assert held == "interrupted approval refund {'order_id': '42', 'amount': 30.0}"
     assert first == "completed Refunded 30.00 on order 42."
     input_tokens, output_tokens, tool_calls = map(int, second.split())
     assert input_tokens > 0

@@ -45,7 +45,7 @@ def one_node(fn: Any, tools: Any = (), **options: Any) -> Any:
     graph.add_node("n", fn, tools=list(tools))
     graph.add_edge(START, "n")
     graph.add_edge("n", END)
-    return graph.compile(**options)
+    return graph.compile(approvals=None, **options)
 
 
 async def test_recovery_failed_agent_answer_is_asked_again_on_resume(store: Store) -> None:
@@ -56,14 +56,14 @@ async def test_recovery_failed_agent_answer_is_asked_again_on_resume(store: Stor
     graph.add_node(Agent("a", model=bad, output="count", output_retries=0))
     graph.add_edge(START, "a")
     graph.add_edge("a", END)
-    first = await graph.compile(store=store).run(S(), run_id="r1")
+    first = await graph.compile(approvals=None, store=store).run(S(), run_id="r1")
     assert isinstance(first.error, AgentOutputError)
     good = ScriptedModel(lambda request: "7")
     fixed: Graph[S] = Graph(S)
     fixed.add_node(Agent("a", model=good, output="count", output_retries=0))
     fixed.add_edge(START, "a")
     fixed.add_edge("a", END)
-    second = await fixed.compile(store=store).resume("r1")
+    second = await fixed.compile(approvals=None, store=store).resume("r1")
     assert second.status is RunStatus.COMPLETED
     assert second.state.count == 7
     assert len(good.requests) == 1
@@ -224,7 +224,7 @@ async def test_recovery_node_retry_counts_a_replayed_tool_call_once() -> None:
     graph.add_node("n", node, tools=[book], retry=RetryPolicy(attempts=2, backoff=0))
     graph.add_edge(START, "n")
     graph.add_edge("n", END)
-    outcome = await graph.compile().run(S())
+    outcome = await graph.compile(approvals=None).run(S())
     assert outcome.status is RunStatus.COMPLETED
     assert ran == [1]
     assert outcome.usage.tool_calls == 1
@@ -266,7 +266,7 @@ def join_graph(store: Store, steps: int) -> Any:
     graph.add_edge(START, "b")
     graph.add_edge(["a", "b"], "merge")
     graph.add_edge("merge", END)
-    return graph.compile(store=store, budget=Budget(steps=steps))
+    return graph.compile(approvals=None, store=store, budget=Budget(steps=steps))
 
 
 async def test_recovery_join_waits_for_an_agent_that_takes_more_turns(store: Store) -> None:
@@ -310,7 +310,7 @@ async def test_recovery_errors_from_a_nodes_own_task_group_are_retried() -> None
     graph.add_node("n", node, retry=RetryPolicy(attempts=2, backoff=0))
     graph.add_edge(START, "n")
     graph.add_edge("n", END)
-    outcome = await graph.compile().run(S())
+    outcome = await graph.compile(approvals=None).run(S())
     assert outcome.status is RunStatus.COMPLETED
     assert outcome.state.count == 2
 
@@ -370,7 +370,7 @@ async def test_recovery_failed_step_keeps_the_calls_of_tasks_that_finished(
     graph.add_edge(START, "b")
     graph.add_edge("a", END)
     graph.add_edge("b", END)
-    app = graph.compile(store=store)
+    app = graph.compile(approvals=None, store=store)
     first = await app.run(S(), run_id="r1")
     assert first.status is RunStatus.FAILED
     fixed[0] = True
@@ -381,11 +381,12 @@ async def test_recovery_failed_step_keeps_the_calls_of_tasks_that_finished(
     assert second.usage.output_tokens == first.usage.output_tokens > 0
 
 
-async def test_recovery_answers_are_used_all_or_none(
+async def test_recovery_answers_are_recorded_all_or_none(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """When one of several answers is used by another resume while this one waits for the
-    lease, none of the others is used either: the refused resume changes nothing."""
+    """When one of several answers is given by another process between this resume's
+    checks and its recording, none of the others is recorded either: the refused resume
+    changes nothing."""
 
     @tool(effect=Effect.IRREVERSIBLE, timeout=0.05)
     async def charge(order_id: str) -> str:
@@ -405,24 +406,20 @@ async def test_recovery_answers_are_used_all_or_none(
     graph.add_edge(START, "two")
     graph.add_edge("one", END)
     graph.add_edge("two", END)
-    app = graph.compile(store=store)
+    app = graph.compile(approvals=None, store=store)
     with anyio.fail_after(5):
         outcome = await app.run(S(), run_id="r1")
     first, second = sorted(outcome.pending, key=lambda r: r.node)
-    acquire = store.acquire
+    record_answers = store.record_answers
     raced: list[bool] = []
 
-    async def racing(run_id: str, owner: str) -> Any:
-        if not raced:  # another resume takes the lease first and uses the second answer
+    async def racing(run_id: str, answers: Any, events: Any) -> None:
+        if not raced:  # another operator answers the second request first
             raced.append(True)
-            epoch = (await acquire(run_id, "other")).epoch
-            await store.answer_request(run_id, epoch, second.id, '{"answer":"retry"}')
-            await store.finish_run(
-                run_id, epoch, status="interrupted", reason=None, error=None, usage={}, events=[]
-            )
-        return await acquire(run_id, owner)
+            await record_answers(run_id, [(second.id, '{"answer":"retry"}')], [])
+        await record_answers(run_id, answers, events)
 
-    monkeypatch.setattr(store, "acquire", racing)
+    monkeypatch.setattr(store, "record_answers", racing)
     with pytest.raises(AnswerError, match="answered meanwhile"):
         await app.resume("r1", answers={first.id: Done("a"), second.id: Done("b")})
     assert [r.request_id for r in await store.requests("r1")] == [first.id]

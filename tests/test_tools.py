@@ -49,7 +49,7 @@ def one_node(fn: Any, tools: list[Any], **options: Any) -> Any:
     graph.add_node("n", fn, tools=tools)
     graph.add_edge(START, "n")
     graph.add_edge("n", END)
-    return graph.compile(**options)
+    return graph.compile(approvals=None, **options)
 
 
 async def call_once(target: Tool, **arguments: Any) -> tuple[str, Any]:
@@ -74,7 +74,7 @@ def single_agent(agent: Agent, **options: Any) -> Any:
     graph.add_node(agent)
     graph.add_edge(START, agent.name)
     graph.add_edge(agent.name, END)
-    return graph.compile(**options)
+    return graph.compile(approvals=None, **options)
 
 
 # -- schemas ----------------------------------------------------------------------------
@@ -614,7 +614,7 @@ async def test_tool_context_of_send_tasks_names_each_task() -> None:
     graph.add_node("work", work, tools=[charge])
     graph.add_route(START, lambda s: [Send("work", 1), Send("work", 2)], targets=["work"])
     graph.add_edge("work", END)
-    await graph.compile().run(S(), run_id="r1")
+    await graph.compile(approvals=None).run(S(), run_id="r1")
     assert sorted((c.caller, c.idempotency_key) for c in seen) == [
         ("work[0]", "r1/1/work[0]/0"),
         ("work[1]", "r1/1/work[1]/0"),

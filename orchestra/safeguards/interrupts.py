@@ -4,11 +4,23 @@ A run that needs a person stops with status ``interrupted`` and one :class:`Requ
 open question; ``app.resume(run_id, answers={request.id: answer})`` continues it. Requests
 are kept in the store, so an operator can answer from another process.
 
-This version raises one kind of request: ``in_doubt``, for an irreversible tool call that was
-recorded as started but has no result (the process died mid-call, or the call ran past its
-timeout): it may or may not have taken effect, so it is never silently run again. Answer it
-with :class:`Done` (it took effect; here is its result), :class:`Retry` (it did not; run it
-again) or :class:`Abort` (stop the run).
+Kinds of request, and their answers:
+
+- ``approval``: a tool call the approval policy holds (by default every irreversible call),
+  bound to the exact tool and arguments: :class:`Approve`, :class:`Reject` (the caller gets a
+  rejection it can act on) or :class:`Edit` (approve with changed arguments, checked against
+  the tool's schema);
+- ``question``: ``await ctx.interrupt(prompt, schema=...)`` in a node: a value that fits the
+  request's schema (the node gets it back, validated);
+- ``conflict``: calls the ``escalate`` arbitration policy leaves to a person:
+  :class:`Choose` (the calls that run, by key; the others get a conflict result);
+- ``before`` / ``after``: a breakpoint (``interrupt_before`` / ``interrupt_after``), and
+  ``loop``: a suspected loop: :class:`Continue` (or :class:`Approve`) goes on,
+  :class:`Abort` (or :class:`Reject`) stops the run;
+- ``in_doubt``: an irreversible tool call recorded as started but without a result (the
+  process died mid-call, or the call ran past its timeout): it may or may not have taken
+  effect, so it is never silently run again. :class:`Done` (it took effect; here is its
+  result), :class:`Retry` (it did not; run it again) or :class:`Abort` (stop the run).
 """
 
 from __future__ import annotations
@@ -24,8 +36,12 @@ if TYPE_CHECKING:
 __all__ = (
     "Abort",
     "Answer",
+    "Approve",
+    "Choose",
     "Continue",
     "Done",
+    "Edit",
+    "Reject",
     "Request",
     "Retry",
     "StepInterrupted",
@@ -51,6 +67,10 @@ class Request:
     schema: dict[str, Any] | None = None
     created_at: float = 0.0
     expires_at: float | None = None
+
+    def expired(self, now: float) -> bool:
+        """Tell whether the request can no longer be answered."""
+        return self.expires_at is not None and self.expires_at <= now
 
     def to_row(self) -> RequestRow:
         """The stored form of the request (open)."""
@@ -96,6 +116,22 @@ class Request:
             )
         if self.kind == "loop":
             return f"suspected loop after step {self.step}: {self.payload.get('message')}"
+        if self.kind == "approval":
+            return (
+                f"{self.payload.get('effect', 'a')} call {self.payload.get('tool')!r} by "
+                f"{self.node!r} at step {self.step} needs approval"
+            )
+        if self.kind == "question":
+            return f"{self.node!r} asks at step {self.step}: {self.payload.get('prompt')}"
+        if self.kind == "conflict":
+            calls = self.payload.get("calls") or []
+            return (
+                f"{len(calls)} calls at step {self.step} conflict over "
+                f"{', '.join(self.payload.get('resources') or [])}: choose which run"
+            )
+        if self.kind in ("before", "after"):
+            nodes = ", ".join(self.payload.get("nodes") or [self.node])
+            return f"breakpoint {self.kind} {nodes} at step {self.step}"
         return f"{self.kind} request from {self.node!r} at step {self.step}"
 
 
@@ -125,7 +161,40 @@ class Abort:
     reason: str = "aborted by an operator's answer"
 
 
-Answer = Done | Retry | Continue | Abort
+@dataclass(frozen=True, slots=True)
+class Approve:
+    """Let the held call run, once, with exactly the arguments in the request (for a
+    breakpoint or a suspected loop: go on, like :class:`Continue`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Refuse the held call: it never runs, and its caller gets a rejection with
+    ``reason`` (for a breakpoint or a suspected loop: stop the run, like :class:`Abort`)."""
+
+    reason: str = "rejected by an operator"
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    """Approve the held call with changed ``arguments`` (the whole set, checked against the
+    tool's schema); its caller is told the arguments were changed."""
+
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class Choose:
+    """Settle an escalated conflict: the calls (by the keys in the request's payload) that
+    run, one at a time in this order; every other call of the conflict loses."""
+
+    keys: tuple[str, ...]
+
+    def __init__(self, *keys: str) -> None:
+        object.__setattr__(self, "keys", tuple(keys))
+
+
+Answer = Done | Retry | Continue | Abort | Approve | Reject | Edit | Choose
 
 
 def _dumps(value: Any) -> str:

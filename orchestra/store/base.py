@@ -132,7 +132,9 @@ class RequestRow:
     """A request for a human: an in-doubt call, an approval, a question.
 
     ``payload`` and ``answer`` are JSON; ``schema`` the JSON schema of a valid answer.
-    ``status`` is ``open`` until answered.
+    ``status`` is ``open`` until answered, then ``answered``; ``used`` once a resume has
+    applied it (in-doubt calls, breakpoints, loops); ``expired`` if it was not answered in
+    time.
     """
 
     run_id: str
@@ -228,9 +230,24 @@ class Store(Protocol):
         ...
 
     async def answer_request(
-        self, run_id: str, epoch: int, request_id: str, answer: str, status: str = "answered"
+        self,
+        run_id: str,
+        epoch: int,
+        request_id: str,
+        answer: str,
+        status: str = "answered",
+        expected: str = "open",
     ) -> None:
-        """Record the answer of an open request, fenced; refuse one that is not open."""
+        """Move a request from status ``expected`` to ``status`` with ``answer``, fenced;
+        refuse one not in status ``expected``."""
+        ...
+
+    async def record_answers(
+        self, run_id: str, answers: Sequence[tuple[str, str]], events: Sequence[EventRow]
+    ) -> None:
+        """Record answers (request id, answer JSON) of open requests of a run at rest, all
+        or none, with ``events``, in one transaction: refused (AnswerError) if one is not
+        open, and (LeaseHeldError) while a live process owns the run."""
         ...
 
     async def acquire(self, run_id: str, owner: str) -> RunRecord:

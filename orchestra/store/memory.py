@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import (
+    AnswerError,
     LeaseHeldError,
     LeaseLostError,
     RunNotFoundError,
@@ -185,15 +186,41 @@ class MemoryStore:
         return sorted(rows, key=lambda r: (r.created_at, r.request_id))
 
     async def answer_request(
-        self, run_id: str, epoch: int, request_id: str, answer: str, status: str = "answered"
+        self,
+        run_id: str,
+        epoch: int,
+        request_id: str,
+        answer: str,
+        status: str = "answered",
+        expected: str = "open",
     ) -> None:
         self._fenced(run_id, epoch, None)
         row = self._requests[run_id].get(request_id)
-        if row is None or row.status != "open":
-            raise StoreError(f"run {run_id} has no open request {request_id}")
+        if row is None or row.status != expected:
+            raise StoreError(f"run {run_id} has no {expected} request {request_id}")
         self._requests[run_id][request_id] = replace(
             row, status=status, answer=answer, answered_at=time.time()
         )
+
+    async def record_answers(
+        self, run_id: str, answers: Sequence[tuple[str, str]], events: Sequence[EventRow]
+    ) -> None:
+        record = self._get(run_id)
+        now = time.time()
+        if record.lease_live(now):
+            assert record.owner is not None
+            assert record.lease_expires_at is not None
+            raise LeaseHeldError(run_id, record.owner, record.lease_expires_at - now)
+        kept = self._requests[run_id]
+        for request_id, _ in answers:
+            row = kept.get(request_id)
+            if row is None or row.status != "open":
+                raise AnswerError(run_id, request_id, "no longer open (answered meanwhile)")
+        for request_id, answer in answers:
+            kept[request_id] = replace(
+                kept[request_id], status="answered", answer=answer, answered_at=now
+            )
+        self._events[run_id].extend(events)
 
     async def acquire(self, run_id: str, owner: str) -> RunRecord:
         if self._stop_all is not None:

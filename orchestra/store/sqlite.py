@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import (
+    AnswerError,
     LeaseHeldError,
     LeaseLostError,
     RunNotFoundError,
@@ -461,17 +462,43 @@ class SQLiteStore:
         return [request_from_row(row) for row in rows]
 
     async def answer_request(
-        self, run_id: str, epoch: int, request_id: str, answer: str, status: str = "answered"
+        self,
+        run_id: str,
+        epoch: int,
+        request_id: str,
+        answer: str,
+        status: str = "answered",
+        expected: str = "open",
     ) -> None:
         with self._write() as conn:
             self._fence(conn, run_id, epoch, None)
             cursor = conn.execute(
                 "UPDATE requests SET status = ?, answer = ?, answered_at = ? "
-                "WHERE run_id = ? AND request_id = ? AND status = 'open'",
-                (status, answer, time.time(), run_id, request_id),
+                "WHERE run_id = ? AND request_id = ? AND status = ?",
+                (status, answer, time.time(), run_id, request_id, expected),
             )
             if cursor.rowcount != 1:
-                raise StoreError(f"run {run_id} has no open request {request_id}")
+                raise StoreError(f"run {run_id} has no {expected} request {request_id}")
+
+    async def record_answers(
+        self, run_id: str, answers: Sequence[tuple[str, str]], events: Sequence[EventRow]
+    ) -> None:
+        now = time.time()
+        with self._write() as conn:
+            record = self._get(conn, run_id)
+            if record.lease_live(now):
+                assert record.owner is not None
+                assert record.lease_expires_at is not None
+                raise LeaseHeldError(run_id, record.owner, record.lease_expires_at - now)
+            for request_id, answer in answers:
+                cursor = conn.execute(
+                    "UPDATE requests SET status = 'answered', answer = ?, answered_at = ? "
+                    "WHERE run_id = ? AND request_id = ? AND status = 'open'",
+                    (answer, now, run_id, request_id),
+                )
+                if cursor.rowcount != 1:  # the transaction rolls back: nothing recorded
+                    raise AnswerError(run_id, request_id, "no longer open (answered meanwhile)")
+            self._insert_events(conn, run_id, events)
 
     async def acquire(self, run_id: str, owner: str) -> RunRecord:
         now = time.time()
