@@ -25,6 +25,7 @@ Every error a user can catch derives from :class:`OrchestraError`::
     │   ├── AgentOutputError            an agent's final output stayed invalid after its retries
     │   ├── AgentTurnsError             an agent used up its max_turns without a final output
     │   ├── LedgerMismatchError         a replayed step asked for a different call than recorded
+    │   ├── ArbitrationError            a custom arbiter raised, or chose calls not in its conflict
     │   ├── LeaseLostError              another process took the run over; this one is fenced
     │   └── RunStoreError               the store failed while the run was recording a step
     └── StoreError                      the run store refused or failed
@@ -49,6 +50,7 @@ __all__ = (
     "AgentOutputError",
     "AgentTurnsError",
     "AnswerError",
+    "ArbitrationError",
     "DefinitionError",
     "GraphChangedError",
     "GraphValidationError",
@@ -301,6 +303,11 @@ class AgentOutputError(RunError):
 
 class AgentTurnsError(RunError):
     """An agent reached ``max_turns`` model turns in one visit without a final output."""
+
+
+class ArbitrationError(RunError):
+    """A conflict could not be settled: a custom arbiter raised, or chose calls that are not
+    in its conflict. Nothing of the step's act phase ran."""
 
 
 class LedgerMismatchError(RunError):

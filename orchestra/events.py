@@ -180,8 +180,10 @@ class ToolCalled(Event):
 
     ``status`` is ``ok``, ``denied`` (not on the caller's allowlist; it did not run),
     ``invalid_arguments`` (did not run), ``error`` (the tool raised), ``timeout``,
-    ``too_large``, ``invalid_result`` or ``in_doubt`` (an irreversible call with no recorded
-    result: the run waits for an operator). ``replayed``: the result came from the ledger.
+    ``too_large``, ``invalid_result``, ``in_doubt`` (an irreversible call with no recorded
+    result: the run waits for an operator), ``rejected`` (an operator refused it, or its
+    approval expired; it did not run) or ``conflict`` (arbitration gave its resources to
+    another call; it did not run). ``replayed``: the result came from the ledger.
     """
 
     kind: ClassVar[str] = "tool_called"

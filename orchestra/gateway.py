@@ -35,6 +35,7 @@ from pydantic import ValidationError
 
 from .checkpoint import compact_json
 from .errors import (
+    ArbitrationError,
     RequestExpiredError,
     RunError,
     ToolArgumentsError,
@@ -236,8 +237,8 @@ class Meter:
 
 @dataclass(slots=True)
 class PlannedCall:
-    """A call after permission and validation, as the approval and arbitration hooks see
-    it. ``outcome`` is set when it will not run (a hook may set it: rejected, conflict)."""
+    """A call after permission and validation, on its way through approval and
+    arbitration. ``outcome`` is set once it is known it will not run (rejected, conflict)."""
 
     caller: Caller
     call: ToolCall
@@ -450,17 +451,31 @@ class Gateway:
         return [[p.outcome for p in group if p.outcome is not None] for group in prepared]
 
     async def _run_chain(self, waves: Sequence[Sequence[PlannedCall]]) -> None:
-        """Run waves one after another, the calls of a wave at once."""
-        for wave in waves:
+        """Run waves one after another, the calls of a wave at once. A call left in doubt
+        stops the chain: the calls after it conflict with what it may have changed."""
+        for index, wave in enumerate(waves):
             if len(wave) == 1:
                 wave[0].outcome = await self._execute(wave[0])
-                continue
-            failures: list[RunError] = []
-            async with anyio.create_task_group() as tasks:
-                for item in wave:
-                    tasks.start_soon(self._execute_into, item, failures, tasks.cancel_scope)
-            if failures:
-                raise failures[0]
+            else:
+                failures: list[RunError] = []
+                async with anyio.create_task_group() as tasks:
+                    for item in wave:
+                        tasks.start_soon(self._execute_into, item, failures, tasks.cancel_scope)
+                if failures:
+                    raise failures[0]
+            doubt = next((i for i in wave if i.outcome and i.outcome.status == "in_doubt"), None)
+            if doubt is not None:
+                for later in (item for rest in waves[index + 1 :] for item in rest):
+                    later.outcome = CallOutcome(
+                        later.call.id,
+                        later.call.name,
+                        "conflict",
+                        error=f"a call it conflicts with ({doubt.key}) is in doubt; this call "
+                        f"was not made",
+                    )
+                    self._release(later)
+                    self._report(later, later.outcome, 0.0)
+                return
 
     async def _chain_into(
         self,
@@ -541,10 +556,13 @@ class Gateway:
         asked = []
         for item in calls:
             assert item.tool is not None
-            if not self._needs_approval(policy, item) or self._entry(item) is not None:
-                continue  # (an entry: the approved call already started, or ran)
+            if self._entry(item) is not None:
+                continue  # the approved call already started, or ran
+            row = self.requests.get(self._approval_id(item))
+            # once asked, a call waits for its answer even if the rule would now let it pass
+            if row is None and not self._needs_approval(policy, item):
+                continue
             request = self._approval_request(item, policy)
-            row = self.requests.get(request.id)
             if row is not None and row.status == "open" and _expired(row):
                 if self.expire is not None:
                     await self.expire(row)
@@ -569,11 +587,8 @@ class Gateway:
         assert tool is not None
         now = time.time()
         expires = policy.for_caller(caller.node).expires_after
-        # bound to the exact call: its position and what it asks (tool and arguments)
         return Request(
-            id=request_id(
-                self.run_id, caller.step, caller.label, item.seq, f"approval:{item.request_hash}"
-            ),
+            id=self._approval_id(item),
             run_id=self.run_id,
             kind="approval",
             step=caller.step,
@@ -591,6 +606,14 @@ class Gateway:
             schema=tool.arguments.model_json_schema(),
             created_at=now,
             expires_at=None if expires is None else now + expires,
+        )
+
+    def _approval_id(self, item: PlannedCall) -> str:
+        """The approval request of a call: bound to its position and what it asks (the
+        tool and the arguments as proposed)."""
+        caller = item.caller
+        return request_id(
+            self.run_id, caller.step, caller.label, item.seq, f"approval:{item.request_hash}"
         )
 
     def _apply_approval(self, item: PlannedCall, row: RequestRow) -> None:
@@ -676,16 +699,28 @@ class Gateway:
         ]
         tools = {item.call.name: item.tool for item in calls}
         settled = self._settled(step)
-        plan = plan_calls(
-            proposals,
-            self.arbitration,
-            lambda name: getattr(tools.get(name), "arbitration", None),
-            settled,
-            _conflict_digest,
-        )
+        try:
+            plan = plan_calls(
+                proposals,
+                self.arbitration,
+                lambda name: getattr(tools.get(name), "arbitration", None),
+                settled,
+                _conflict_digest,
+            )
+        except Exception as exc:  # the user's arbiter: the run stops, naming it
+            raise ArbitrationError(
+                f"arbitration failed: {type(exc).__name__}: {exc}; no call of the step's "
+                f"act phase was made",
+                run_id=self.run_id,
+                step=step,
+            ) from exc
         by_key = {item.key: item for item in calls}
+        recorded = self._recorded(step)
         for decision in plan.decisions:
-            if not decision.replayed or decision.digest not in self._recorded(step):
+            # replayed: reused from an earlier run of the step (an operator's choice applied
+            # for the first time is a new decision, recorded now)
+            decision.replayed = decision.digest in recorded
+            if not decision.replayed:
                 await self.ledger.finish(
                     step,
                     ARBITER,
@@ -789,6 +824,29 @@ class Gateway:
             "conflict",
             error=f"resource {resource} is held by call {holder}; policy {name} let that "
             f"call have it, and this one was not made",
+        )
+        self.emit(
+            ConflictArbitrated(
+                run_id=self.run_id,
+                at=time.time(),
+                step=item.caller.step,
+                policy=name,
+                resources=(resource,),
+                calls=compact_json(
+                    [
+                        {"key": holder, "holding": True},
+                        {
+                            "key": item.key,
+                            "caller": item.caller.label,
+                            "tool": item.call.name,
+                            "arguments": item.json_arguments,
+                        },
+                    ]
+                ),
+                run=(holder,),
+                lost=compact_json({item.key: outcome.error}),
+            ),
+            "info",
         )
         # recorded: a re-run of the step decides the same
         await self.ledger.finish(
@@ -920,8 +978,9 @@ class Gateway:
         assert tool is not None
         key = dict(kind="tool", name=tool.name, request_hash=item.request_hash)
         started = None
-        if tool.effect is Effect.IRREVERSIBLE or item.approved:
-            # an approval is used once: the call is recorded before it runs
+        if tool.effect is Effect.IRREVERSIBLE or (item.approved and item.writes):
+            # an approval is used once: the call is recorded before it runs (a read has no
+            # effect to repeat: like any read, it is made again if it failed)
             started = await self.ledger.start(caller.step, caller.label, item.seq, **key)
         context = ToolContext(
             run_id=self.run_id,
@@ -1069,19 +1128,29 @@ class Gateway:
         entry = self._entry(item)
         # a call retried by an operator and in doubt again is a new question: a new id
         started = entry.created_at if entry is not None else 0.0
+        arguments, edited = item.json_arguments, item.edited is not None
+        if not edited:  # what ran is what an operator's Edit said, if there was one
+            row = self.requests.get(self._approval_id(item))
+            if row is not None and row.status == "answered":
+                answer = _answer(row)
+                if answer.get("answer") == "edit":
+                    arguments, edited = answer.get("arguments"), True
+        payload = {
+            "tool": item.call.name,
+            "arguments": arguments,
+            "call_id": item.call.id,
+            "seq": item.seq,
+            "idempotency_key": self.idempotency_key(caller.step, caller.label, item.seq),
+        }
+        if edited:
+            payload["edited"] = True  # by an operator, before approving it
         return Request(
             id=request_id(self.run_id, caller.step, caller.label, item.seq, "in_doubt", started),
             run_id=self.run_id,
             kind="in_doubt",
             step=caller.step,
             node=caller.label,
-            payload={
-                "tool": item.call.name,
-                "arguments": item.json_arguments,
-                "call_id": item.call.id,
-                "seq": item.seq,
-                "idempotency_key": self.idempotency_key(caller.step, caller.label, item.seq),
-            },
+            payload=payload,
             created_at=time.time(),
         )
 

@@ -82,7 +82,7 @@ async def prepare_resume(
         raise RunStatusError(run_id, record.status, "resume it")
     if record.structure_hash != app.structure_hash and not allow_graph_change:
         raise GraphChangedError(run_id, record.structure_hash, app.structure_hash)
-    checked = await check_answers(app, store, run_id, answers or {})
+    checked = _new(await check_answers(app, store, run_id, answers or {}, same_again=True))
     if checked:  # all or none, before the lease: a refused answer changes nothing
         await record_answers(store, run_id, checked)
     if record.budget is not None and record.status != "running":
@@ -226,12 +226,23 @@ class _Checked:
     answer: Any
     text: str
     result: Any = None
+    recorded: bool = False  # the same answer is recorded already
 
 
 async def check_answers(
-    app: CompiledGraph[Any] | None, store: Store, run_id: str, answers: Mapping[str, Any]
+    app: CompiledGraph[Any] | None,
+    store: Store,
+    run_id: str,
+    answers: Mapping[str, Any],
+    *,
+    same_again: bool = False,
 ) -> list[_Checked]:
     """Check every answer against the run's open requests; change nothing.
+
+    ``same_again``: an answer identical to the one already recorded for a request not used
+    yet is let through (marked ``recorded``): a resume retried after its first try was
+    refused once the answers were recorded. Otherwise an answered request refuses any
+    answer.
 
     Without ``app`` (an operator's CLI that could not load it) only answers that need no
     schema can be checked: approve, reject, continue, abort, retry.
@@ -250,11 +261,18 @@ async def check_answers(
             raise AnswerError(run_id, request_id, f"no such request (open: {open_ids})")
         if row.status == "expired":
             raise AnswerError(run_id, request_id, "expired; it can no longer be answered")
-        if row.status != "open":
+        if row.status not in ("open", "answered") or (row.status == "answered" and not same_again):
             raise AnswerError(run_id, request_id, "already answered; an answer is used once")
-        if row.expires_at is not None and row.expires_at <= now:
+        if row.status == "open" and row.expires_at is not None and row.expires_at <= now:
             raise AnswerError(run_id, request_id, "expired; it can no longer be answered")
-        checked.append(_check_one(app, run_id, row, answer))
+        item = _check_one(app, run_id, row, answer)
+        if row.status == "answered":
+            # the same answer again (a retried resume whose first try was refused after
+            # recording it) is already there; another one is refused
+            if row.answer != item.text:
+                raise AnswerError(run_id, request_id, "already answered; an answer is used once")
+            item = replace(item, recorded=True)
+        checked.append(item)
     return checked
 
 
@@ -435,12 +453,16 @@ async def record_answers(store: Store, run_id: str, checked: Sequence[_Checked])
     await store.record_answers(run_id, [(c.row.request_id, c.text) for c in checked], events)
 
 
+def _new(checked: Sequence[_Checked]) -> list[_Checked]:
+    return [item for item in checked if not item.recorded]
+
+
 async def answer_requests(
     app: CompiledGraph[Any] | None, store: Store, run_id: str, answers: Mapping[str, Any]
 ) -> list[RequestRow]:
     """Check and record answers without resuming the run (the CLI's answer verbs, and
     ``app.answer``); return the requests of the run still open."""
-    checked = await check_answers(app, store, run_id, answers)
+    checked = _new(await check_answers(app, store, run_id, answers))
     if checked:
         await record_answers(store, run_id, checked)
     return await store.requests(run_id)
@@ -448,8 +470,9 @@ async def answer_requests(
 
 async def apply_answers(store: Store, run_id: str, epoch: int) -> str | None:
     """Apply, under the lease, the recorded answers a resume acts on before it runs:
-    in-doubt calls (to the ledger), breakpoints and suspected loops; mark them used and
-    return the reason if one stops the run. (Approvals, questions and conflicts are used
+    in-doubt calls (to the ledger), breakpoints and suspected loops; mark them used (a
+    breakpoint or loop answered with an abort is open again instead, for the next resume to
+    ask) and return the reason if one stops the run. (Approvals, questions and conflicts are used
     by the step itself when it gets to them.) Applying twice, after a crash in between,
     changes nothing more."""
     stop = None
@@ -472,6 +495,18 @@ async def apply_answers(store: Store, run_id: str, epoch: int) -> str | None:
                 await store.delete_ledger(run_id, epoch, row.step, row.task, entry.seq)
         elif said == "abort":
             stop = str(answer.get("reason") or "aborted by an operator's answer")
+            if row.kind != "in_doubt":
+                # the run stops here; what it stopped at is asked again by the next resume
+                # (open again, not used: a crash before the abort is recorded loses nothing)
+                await store.answer_request(
+                    run_id,
+                    epoch,
+                    row.request_id,
+                    row.answer or "{}",
+                    status="open",
+                    expected="answered",
+                )
+                continue
         await store.answer_request(
             run_id, epoch, row.request_id, row.answer or "{}", status="used", expected="answered"
         )

@@ -10,6 +10,7 @@ schema, for people and tools, and the schema's reference, for checking.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Any
 
@@ -39,7 +40,7 @@ def schema_ref(schema: Any) -> str | None:
     if module == "__main__":  # a script: known to other processes by its file
         path = getattr(sys.modules.get("__main__"), "__file__", None)
         if path:
-            return f"{path}:{qualname}"
+            return f"{os.path.realpath(path)}:{qualname}"
     return f"{module}:{qualname}"
 
 
@@ -53,8 +54,9 @@ def resolve_schema(ref: str | None) -> Any:
         return _BUILTINS[qualname]
     module: Any = None
     if module_name.endswith(".py"):
+        wanted = os.path.realpath(module_name)
         module = next(
-            (m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == module_name),
+            (m for m in list(sys.modules.values()) if _file_of(m) == wanted),
             None,
         )
     else:
@@ -74,6 +76,11 @@ def resolve_schema(ref: str | None) -> Any:
         if found is None:
             raise LookupError(f"{module_name} has no {qualname}")
     return found
+
+
+def _file_of(module: Any) -> str | None:
+    path = getattr(module, "__file__", None)
+    return os.path.realpath(path) if isinstance(path, str) else None
 
 
 @functools.lru_cache(maxsize=128)

@@ -247,7 +247,8 @@ class Store(Protocol):
     ) -> None:
         """Record answers (request id, answer JSON) of open requests of a run at rest, all
         or none, with ``events``, in one transaction: refused (AnswerError) if one is not
-        open, and (LeaseHeldError) while a live process owns the run."""
+        open, (LeaseHeldError) while a live process owns the run, and like ``acquire`` for a
+        completed run or while stop-all is in force."""
         ...
 
     async def acquire(self, run_id: str, owner: str) -> RunRecord:

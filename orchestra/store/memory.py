@@ -205,8 +205,12 @@ class MemoryStore:
     async def record_answers(
         self, run_id: str, answers: Sequence[tuple[str, str]], events: Sequence[EventRow]
     ) -> None:
+        if self._stop_all is not None:
+            raise StopAllActiveError(self._stop_all)
         record = self._get(run_id)
         now = time.time()
+        if record.status == "completed":
+            raise RunStatusError(run_id, record.status, "answer its requests")
         if record.lease_live(now):
             assert record.owner is not None
             assert record.lease_expires_at is not None

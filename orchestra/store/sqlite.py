@@ -485,7 +485,11 @@ class SQLiteStore:
     ) -> None:
         now = time.time()
         with self._write() as conn:
+            # what would refuse the resume refuses the answers too: nothing is half done
+            self._refuse_if_stopped(conn)
             record = self._get(conn, run_id)
+            if record.status == "completed":
+                raise RunStatusError(run_id, record.status, "answer its requests")
             if record.lease_live(now):
                 assert record.owner is not None
                 assert record.lease_expires_at is not None
