@@ -104,6 +104,7 @@ class Execution:
         agent_budgets: Mapping[str, Budget] | None = None,
         events: bool = True,
         requests: Mapping[str, RequestRow] | None = None,
+        loop_watch: Mapping[str, Any] | None = None,
     ) -> None:
         self.graph = graph
         self.state = state
@@ -176,6 +177,9 @@ class Execution:
         )
         guard = graph.loop_guard
         self.loops = LoopWatch(guard, state, step) if guard is not None else None
+        if self.loops is not None and loop_watch and loop_watch.get("step") == step:
+            # the watch of the run this one continues (an interrupt is not a fresh start)
+            self.loops.restore(loop_watch)
         self._loop_found: Detection | None = None
 
     # -- the run ----------------------------------------------------------------------------
@@ -324,12 +328,15 @@ class Execution:
             outcome=outcome,
         )
         if self.recorder is not None and not isinstance(error, LeaseLostError):
+            stored = self._stored_usage()
+            if self.loops is not None and self._keeps_watch(status):
+                stored["loop_watch"] = self.loops.snapshot(self.step)
             try:
                 await self.recorder.finish(
                     status=str(status),
                     reason=self.reason,
                     error=str(error) if error else None,
-                    usage=self._stored_usage(),
+                    usage=stored,
                     events=[*self._carried, event],
                     # after the events of a step that did not commit (failed, interrupted)
                     step=max((getattr(e, "step", 0) for e in self._carried), default=self.step),
@@ -348,6 +355,14 @@ class Execution:
             reason=self.reason,
         )
         return event
+
+    def _keeps_watch(self, status: RunStatus) -> bool:
+        """Whether the resume of this run goes on with its loop watch: yes after an
+        interrupt, an abort, a budget stop or a failure; not when the run completed, or
+        stopped on a loop (an operator who lets it go on has it watched afresh)."""
+        if status in (RunStatus.COMPLETED, RunStatus.LOOP_DETECTED):
+            return False
+        return not any(request.kind == "loop" for request in self.pending)
 
     async def watch(self, scope: anyio.CancelScope) -> None:
         """Poll the store for an abort request and renew the lease, inside the run's group.
@@ -477,6 +492,10 @@ class Execution:
         row = self.gateway.requests.get(rid)
         if row is not None and row.status != "open":
             return False  # answered: go on (an abort stopped the run at its resume)
+        if row is not None:  # asked again: as stored
+            self.status, self.pending = RunStatus.INTERRUPTED, [Request.from_row(row)]
+            self.reason = f"breakpoint {where} {row.task} at step {step}"
+            return True
         request = Request(
             id=rid,
             run_id=self.run_id,

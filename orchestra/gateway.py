@@ -567,8 +567,10 @@ class Gateway:
                 if self.expire is not None:
                     await self.expire(row)
                 row = replace_row(row, status="expired")
-            if row is None or row.status == "open":
+            if row is None:
                 asked.append(request)
+            elif row.status == "open":  # asked again: as stored (its time, its expiry)
+                asked.append(Request.from_row(row))
             else:
                 self._apply_approval(item, row)
         if asked:
@@ -896,6 +898,8 @@ class Gateway:
         payload: dict[str, Any] = {"prompt": prompt, "schema_ref": ref, "seq": seq}
         if problem is not None:
             payload["problem"] = problem
+        elif row is not None and row.status == "open":  # asked again: as stored
+            raise StepInterrupted([Request.from_row(row)])
         raise StepInterrupted(
             [
                 Request(

@@ -168,6 +168,7 @@ async def prepare_resume(
         agent_budgets=agent_budgets,
         events=False,
         requests=requests,
+        loop_watch=record.usage.get("loop_watch"),
     )
     execution.ledger.preload(entries)
     _meter_restored(app, execution, tasks, done, entries)

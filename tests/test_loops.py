@@ -474,3 +474,47 @@ async def test_loops_different_or_short_answers_are_not_a_loop() -> None:
     assert (await short.run(S())).status is RunStatus.COMPLETED
     off = answering_loop(["I am still looking into the refund for order 42."], similar_output=None)
     assert (await off.run(S())).status is RunStatus.COMPLETED
+
+
+async def test_loops_watch_goes_on_across_interrupts(store: Store) -> None:
+    """A resume continues the stopped run's loop watch: an agent repeating the same
+    irreversible call, approved by a person each turn, is still stopped at its third
+    call instead of looking new after every approval."""
+    from orchestra import Approve
+
+    runs: list[int] = []
+
+    @tool(effect=Effect.IRREVERSIBLE)
+    async def pay(to: str) -> str:
+        """Pay someone."""
+        runs.append(1)
+        return "paid"
+
+    model = ScriptedModel(
+        lambda request: ModelResponse(tool_calls=(ToolCall(name="pay", arguments={"to": "x"}),))
+    )
+    graph: Graph[S] = Graph(S)
+    graph.add_node(Agent("a", model=model, tools=[pay], output="answer", max_turns=50))
+    graph.add_edge(START, "a")
+    graph.add_edge("a", END)
+    app = graph.compile(store=store, loop_guard=LoopGuard(repeats=None))
+    outcome = await app.run(S(), run_id="r1")
+    asked = 0
+    while outcome.status is RunStatus.INTERRUPTED and asked < 10:
+        asked += 1
+        outcome = await app.resume("r1", answers={r.id: Approve() for r in outcome.pending})
+    assert outcome.status is RunStatus.LOOP_DETECTED
+    assert (asked, len(runs)) == (3, 3)
+
+
+async def test_loops_watch_of_another_state_is_not_taken_over() -> None:
+    """A kept watch is used only for the state it was kept with."""
+    from orchestra.safeguards.loops import LoopWatch
+
+    guard = LoopGuard()
+    watch = LoopWatch(guard, S(counter=1), 0)
+    watch.after_step(1, S(counter=1), {}, ("a",), False)
+    kept = watch.snapshot(1)
+    assert LoopWatch(guard, S(counter=1), 1).restore(kept)
+    assert not LoopWatch(guard, S(counter=2), 1).restore(kept)
+    assert not LoopWatch(guard, S(counter=1), 1).restore({**kept, "window": "garbage"})

@@ -31,6 +31,7 @@ import json
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from hashlib import blake2b
 from typing import Any
 
 from pydantic import BaseModel
@@ -121,11 +122,19 @@ _PLAIN = (int, str, bool, float, type(None))
 
 
 def _field_hash(name: str, value: Any) -> int:
-    """A field's hash within this process (the detectors' state is not stored): plain
-    values hash directly; others through their JSON form (dict keys sorted)."""
+    """A field's hash, the same in every process (a resumed run goes on with the watch of
+    the run it continues): plain values through their repr, others through their JSON form
+    (dict keys sorted)."""
     if type(value) in _PLAIN and value == value:  # (NaN is not equal to itself)
-        return hash((name, type(value), value))
-    return hash((name, _value_text(value)))
+        text = f"{name}\x00{type(value).__name__}\x00{value!r}"
+    else:
+        text = f"{name}\x00\x00{_value_text(value)}"
+    return int.from_bytes(blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def _append_hash(name: str, old: int, value: Any) -> int:
+    text = f"{name}\x00{old}\x00{_value_text(value)}"
+    return int.from_bytes(blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 def _value_text(value: Any) -> str:
@@ -162,6 +171,56 @@ class LoopWatch:
     def fingerprint(self) -> int:
         return self._print
 
+    def snapshot(self, step: int) -> dict[str, Any]:
+        """What the detectors remember, as JSON data (kept with a stopped run, so its
+        resume goes on watching instead of starting afresh). ``step``: the checkpoint it
+        belongs to."""
+        return {
+            "step": step,
+            "fingerprint": self._print,
+            "window": [[clock, fp, list(ready)] for clock, (fp, ready) in self._window],
+            "recent": [
+                [fp, list(ready), list(steps)] for (fp, ready), steps in self._recent.items()
+            ],
+            "clock": self._clock,
+            "calls": [[*key, list(steps)] for key, steps in self._calls.items()],
+            "nudged": [list(key) for key in self._nudged],
+            "outputs": {
+                label: [list(item) for item in run] for label, run in self._outputs.items()
+            },
+            "progressed": self._progressed,
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> bool:
+        """Take back what :meth:`snapshot` kept, if it belongs to this very state (its
+        fingerprint matches); return whether it did."""
+        if data.get("fingerprint") != self._print:
+            return False  # another state (an edited run, another graph): start afresh
+        try:
+            window = deque(
+                (int(clock), (int(fp), tuple(ready))) for clock, fp, ready in data["window"]
+            )
+            recent = {
+                (int(fp), tuple(ready)): deque(int(s) for s in steps)
+                for fp, ready, steps in data["recent"]
+            }
+            calls = {
+                (str(node), str(tool), str(text)): deque(int(s) for s in steps)
+                for node, tool, text, steps in data["calls"]
+            }
+            nudged = {(str(a), str(b), str(c)) for a, b, c in data["nudged"]}
+            outputs = {
+                str(label): [(int(s), str(t)) for s, t in run]
+                for label, run in data["outputs"].items()
+            }
+            clock, progressed = int(data["clock"]), int(data["progressed"])
+        except (KeyError, TypeError, ValueError):
+            return False  # written by another version: start afresh
+        self._window, self._recent, self._calls = window, recent, calls
+        self._nudged, self._outputs = nudged, outputs
+        self._clock, self._progressed = clock, progressed
+        return True
+
     def after_step(
         self,
         step: int,
@@ -180,7 +239,7 @@ class LoopWatch:
                 continue
             old = hashes.get(name, 0)
             if getattr(delta, "kind", None) == "append":
-                new = hash((name, old, _value_text(delta.value)))
+                new = _append_hash(name, old, delta.value)
             else:
                 new = _field_hash(name, getattr(state, name))
             if new == old:
