@@ -231,17 +231,22 @@ def test_show_lists_open_requests(stuck: tuple[Path, Request]) -> None:
 
 
 def test_show_says_how_to_answer_an_open_request(stuck: tuple[Path, Request]) -> None:
-    """The hint names the run's app and the Python call that answers, with each answer."""
+    """The hint gives the CLI command of each answer, then the Python call that answers,
+    with the run's app."""
     db, request = stuck
     lines = cli(db, "show", "stuck").stdout.splitlines()
-    start_at = next(i for i, line in enumerate(lines) if line.startswith("answer from Python"))
-    assert lines[start_at : start_at + 6] == [
-        "answer from Python, with the run's app (cli_agent_app:stuck) on this database:",
+    start_at = next(i for i, line in enumerate(lines) if line.startswith("answer with the CLI"))
+    resolve = f"orchestra resolve stuck {request.id}"
+    assert lines[start_at : start_at + 8] == [
+        "answer with the CLI, then `orchestra resume stuck` (or add --resume to the last answer):",
+        f"  {resolve} --done --result JSON   it took effect; pass what it returned",
+        f"  {resolve} --retry                it did not; run it again, with the same "
+        f"idempotency key",
+        f"  {resolve} --abort --reason TEXT  stop the run",
+        "or from Python, with the run's app (cli_agent_app:stuck) on this database:",
         "  from orchestra import Abort, Done, Retry",
         f'  await app.resume("stuck", answers={{"{request.id}": Done(result=...)}})',
-        "  Done(result=...):  it took effect; pass what it returned",
-        "  Retry():           it did not; run it again, with the same idempotency key",
-        "  Abort():           stop the run",
+        "  (answers: Done(result=...), Retry(), Abort())",
     ]
 
 
@@ -447,9 +452,9 @@ def test_request_details_name_the_call_and_its_key() -> None:
     assert request_details(stored_request(request_row())) == (
         'refund(order_id="42", amount=30.0), idempotency key r1/3/billing/1'
     )
-    question = stored_request(request_row(kind="question", payload='{"ask":"ok?"}'))
-    assert request_details(question) == '{"ask":"ok?"}'
-    assert question.describe() == "question request from 'billing' at step 3"
+    custom = stored_request(request_row(kind="custom", payload='{"ask":"ok?"}'))
+    assert request_details(custom) == '{"ask":"ok?"}'
+    assert custom.describe() == "custom request from 'billing' at step 3"
     assert format_call("ping", {}) == "ping()"
     assert format_call("odd", [1, 2]) == "odd([1,2])"
 
@@ -466,10 +471,11 @@ def test_requests_table_rows() -> None:
 
 def test_request_json_and_answer_hint_for_an_unknown_kind() -> None:
     """A kind this version cannot answer lists no answers and an open-ended hint."""
-    question = stored_request(request_row(kind="question", payload='{"ask":"ok?"}'))
-    data = request_json(question)
-    assert (data["kind"], data["answers"], data["payload"]) == ("question", [], {"ask": "ok?"})
-    assert answer_hint("r1", [question], None) == [
+    custom = stored_request(request_row(kind="custom", payload='{"ask":"ok?"}'))
+    data = request_json(custom)
+    assert (data["kind"], data["answers"], data["payload"]) == ("custom", [], {"ask": "ok?"})
+    assert data["commands"] == []
+    assert answer_hint("r1", [custom], None) == [
         "answer from Python, with the run's app on this database:",
         '  await app.resume("r1", answers={"req_1": ...})',
     ]

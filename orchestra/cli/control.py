@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import anyio
 import click
 
+from ..compile import CompiledGraph
 from ..errors import LeaseHeldError, RunStatusError, StopAllActiveError
 from ..outcome import RunOutcome
 from ..store.base import ACTIVE, RunRecord, Store
@@ -36,7 +38,16 @@ from .loading import load_app, resume_store
 from .output import _echo_json
 from .records import format_abort, owner_gone, run_status
 
-__all__ = ("abort", "budget", "resume", "stop_all", "wait_until_stopped")
+__all__ = (
+    "abort",
+    "budget",
+    "check_resumable",
+    "report_resumed",
+    "resume",
+    "resume_loaded",
+    "stop_all",
+    "wait_until_stopped",
+)
 
 
 @click.command()
@@ -68,11 +79,7 @@ def resume(settings: Settings, run_id: str, app_ref: str | None, allow_graph_cha
         async with open_store(settings) as store:
             record = await find_run(store, run_id)
             stopped = await store.stop_all_reason()
-        if record.status == "completed":
-            raise RunStatusError(record.run_id, record.status, "resume it")
-        if stopped is not None:
-            raise StopAllActiveError(stopped)
-        _refuse_live_owner(record, time.time())
+        check_resumable(record, stopped)
         ref = app_ref or record.app_ref
         if ref is None:
             raise click.ClickException(
@@ -80,19 +87,46 @@ def resume(settings: Settings, run_id: str, app_ref: str | None, allow_graph_cha
                 f"module-level attribute); pass --app module:attribute"
             )
         app = load_app(ref, stored=app_ref is None)
-        click.echo(
-            f"resuming run {record.run_id} (graph {record.graph}) at step {record.step} with {ref}"
-        )
-        store = resume_store(app, path)
-        try:
-            outcome = await app.with_store(store).resume(
-                record.run_id, allow_graph_change=allow_graph_change
-            )
-        finally:
-            await store.aclose()
+        outcome = await resume_loaded(app, ref, path, record, allow_graph_change=allow_graph_change)
         return outcome, record.step
 
     outcome, from_step = _run(work)
+    report_resumed(settings, outcome, from_step)
+
+
+def check_resumable(record: RunRecord, stopped: str | None) -> None:
+    """Refuse to resume a completed run, any run while stop-all is in force (``stopped``:
+    its reason), or a run whose owner holds its lease."""
+    if record.status == "completed":
+        raise RunStatusError(record.run_id, record.status, "resume it")
+    if stopped is not None:
+        raise StopAllActiveError(stopped)
+    _refuse_live_owner(record, time.time())
+
+
+async def resume_loaded(
+    app: CompiledGraph[Any],
+    ref: str,
+    path: Path,
+    record: RunRecord,
+    *,
+    allow_graph_change: bool,
+) -> RunOutcome[Any]:
+    """Resume ``record``'s run with its loaded ``app`` bound to the database at ``path``."""
+    click.echo(
+        f"resuming run {record.run_id} (graph {record.graph}) at step {record.step} with {ref}"
+    )
+    store = resume_store(app, path)
+    try:
+        return await app.with_store(store).resume(
+            record.run_id, allow_graph_change=allow_graph_change
+        )
+    finally:
+        await store.aclose()
+
+
+def report_resumed(settings: Settings, outcome: RunOutcome[Any], from_step: int) -> None:
+    """Print how a resumed run stopped; exit 1 (one line) unless it completed."""
     for line in format_resumed(outcome, from_step):
         click.echo(line)
     problem = format_outcome_error(outcome)

@@ -14,6 +14,7 @@ from rich.text import Text
 from ..store.base import CheckpointRow, EventRow
 from .budgets import format_budget_diff
 from .format import _STORED_STYLE, _plain_value, format_duration, format_nodes, format_timestamp
+from .requests import format_answer, format_call
 
 __all__ = (
     "CheckpointInfo",
@@ -76,11 +77,7 @@ def _run_event_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
             answer = json.loads(str(data.get("answer")))
         except ValueError:
             answer = {}
-        said = str(answer.get("answer", "?")) if isinstance(answer, dict) else "?"
-        if said == "done":
-            said += f", result {json.dumps(answer.get('result'))}"
-        elif said == "abort" and answer.get("reason"):
-            said += f": {answer['reason']}"
+        said = format_answer(answer) if isinstance(answer, dict) else "?"
         return TimelineEntry(
             at=row.at,
             step=step,
@@ -88,6 +85,10 @@ def _run_event_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
             notes=f"{data.get('request_id')} ({data.get('node')}): {said}",
             style="bold",
         )
+    if row.kind == "approval_decided":
+        return _approval_entry(row, data)
+    if row.kind == "conflict_arbitrated":
+        return _arbitration_entry(row, data)
     if row.kind == "budget_raised":
         after = data.get("after")
         changed = format_budget_diff(data.get("before"), after if isinstance(after, dict) else {})
@@ -110,9 +111,68 @@ def _run_event_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
     return TimelineEntry(at=row.at, step=step, what=row.kind, notes=notes)
 
 
+def _approval_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
+    """A held call met its approval: approved, edited (approved, changed), rejected or
+    expired; which request held it, and why a call did not run."""
+    decision = str(data.get("decision"))
+    what = f"{data.get('tool')} call {_DECISIONS.get(decision, decision)}"
+    notes = f"{data.get('request_id')} ({data.get('node')})"
+    if data.get("reason"):
+        notes += f": {data['reason']}"
+    return TimelineEntry(
+        at=row.at,
+        step=data.get("step", row.step),
+        what=what,
+        notes=notes,
+        style="bold" if decision in ("approved", "edited") else "yellow",
+    )
+
+
+_DECISIONS = {"edited": "approved with changed arguments", "expired": "not approved in time"}
+
+
+def _arbitration_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
+    """Calls conflicted over resources: the policy that settled it, the calls that ran (in
+    order) and those that lost."""
+    try:
+        calls = {str(c.get("key")): c for c in json.loads(str(data.get("calls")))}
+        lost = json.loads(str(data.get("lost")))
+    except (ValueError, AttributeError, TypeError):
+        calls, lost = {}, {}
+
+    def named(key: str) -> str:
+        call = calls.get(key)
+        if not isinstance(call, dict):
+            return key
+        return f"{key} {format_call(str(call.get('tool')), call.get('arguments'))}"
+
+    ran = [named(str(key)) for key in data.get("run") or ()]
+    notes = [f"ran {', '.join(ran)}" if ran else "no call ran"]
+    if isinstance(lost, dict) and lost:
+        notes.append(f"lost {', '.join(named(str(key)) for key in lost)}")
+    if data.get("policy") == "escalate":  # always settled by a choice recorded before
+        notes.insert(0, "an operator chose")
+    elif data.get("replayed"):
+        notes.append("decided before: replayed from the ledger")
+    resources = ", ".join(map(str, data.get("resources") or ()))
+    return TimelineEntry(
+        at=row.at,
+        step=data.get("step", row.step),
+        what=f"conflict over {resources} settled: {data.get('policy')}",
+        notes="; ".join(notes),
+        style="yellow" if lost else "",
+    )
+
+
 # how a tool call's status shows: a call that did not run is a warning, one that failed an
 # error, one in doubt needs an operator
-_TOOL_STATUS_STYLE = {"ok": "", "denied": "yellow", "invalid_arguments": "yellow"}
+_TOOL_STATUS_STYLE = {
+    "ok": "",
+    "denied": "yellow",
+    "invalid_arguments": "yellow",
+    "rejected": "yellow",
+    "conflict": "yellow",
+}
 _IN_DOUBT_STYLE = "bold red"
 
 
@@ -162,8 +222,8 @@ def timeline(events: Sequence[EventRow]) -> list[TimelineEntry]:
     The node and step events of a step become one entry: its nodes, duration, changed
     fields, and any retries and errors; each model and tool call is one entry (caller, model
     or tool, tokens or status, replayed); the run's own events (started, finished, abort
-    requested, budget changed, forked, or kinds this version does not know) are one entry
-    each.
+    requested, an operator's answer, an approval decided, a conflict arbitrated, budget
+    changed, forked, or kinds this version does not know) are one entry each.
     """
     entries: list[TimelineEntry] = []
     steps: dict[int, _StepEvents] = {}
