@@ -592,7 +592,20 @@ class Execution:
     async def _act(self, tasks: list[Task], results: list[TaskResult], step: int) -> None:
         """The act phase: run every tool call the step's agents proposed, through the
         gateway, all seen at once; each agent gets the results as tool messages."""
-        batch = []
+        batch, owners = self._batch(tasks, results, step)
+        outcomes = await self.gateway.act(batch)
+        for (caller, calls), result, done in zip(batch, owners, outcomes, strict=True):
+            messages = result.messages if result.messages is not None else []
+            messages.extend(outcome.to_message() for outcome in done)
+            if self.loops is not None:
+                messages.extend(self._watch_calls(step, caller.label, calls, done))
+            result.messages = messages
+
+    def _batch(
+        self, tasks: Sequence[Task], results: Sequence[TaskResult], step: int
+    ) -> tuple[list[tuple[Caller, Sequence[ToolCall]]], list[TaskResult]]:
+        """The act phase's calls, with their callers, and the results that proposed them."""
+        batch: list[tuple[Caller, Sequence[ToolCall]]] = []
         owners = []
         for task, result in zip(tasks, results, strict=True):
             if result.calls:
@@ -607,13 +620,7 @@ class Execution:
                 )
                 batch.append((caller, result.calls))
                 owners.append(result)
-        outcomes = await self.gateway.act(batch)
-        for (caller, calls), result, done in zip(batch, owners, outcomes, strict=True):
-            messages = result.messages if result.messages is not None else []
-            messages.extend(outcome.to_message() for outcome in done)
-            if self.loops is not None:
-                messages.extend(self._watch_calls(step, caller.label, calls, done))
-            result.messages = messages
+        return batch, owners
 
     def _watch_calls(
         self, step: int, node: str, calls: Sequence[ToolCall], done: Sequence[CallOutcome]
@@ -836,6 +843,10 @@ class Execution:
         if stopped:
             raise stopped[0]
         if asked:
+            if self._agents:  # the agents that did finish: their held calls are asked too
+                pairs = [(t, r) for t, r in zip(tasks, results, strict=True) if r is not None]
+                batch, _ = self._batch([t for t, _ in pairs], [r for _, r in pairs], step)
+                asked.extend(self.gateway.held(batch))
             raise StepInterrupted(asked)
         return [r if r is not None else TaskResult() for r in results]
 

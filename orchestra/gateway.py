@@ -546,6 +546,26 @@ class Gateway:
 
     # -- approval -------------------------------------------------------------------------
 
+    def held(self, batch: Sequence[tuple[Caller, Sequence[ToolCall]]]) -> list[Request]:
+        """The approval requests the act phase of ``batch`` would ask, without running or
+        reporting anything (the step stopped before its act phase for another request:
+        every request is asked at once)."""
+        policy = self.approvals
+        if policy is None:
+            return []
+        asked = []
+        for caller, calls in batch:
+            for call in calls:
+                item = self._prepare(caller, call, caller.next_seq())
+                if item.outcome is not None or self._entry(item) is not None:
+                    continue
+                row = self.requests.get(self._approval_id(item))
+                if row is None and self._needs_approval(policy, item):
+                    asked.append(self._approval_request(item, policy))
+                elif row is not None and row.status == "open":
+                    asked.append(Request.from_row(row))
+        return asked
+
     async def _approve(self, calls: Sequence[PlannedCall]) -> None:
         """Step 3: hold the calls the approval policy names until a person answers; apply
         the answers a resume brought (approve, edit, reject; an expired request rejects).

@@ -729,6 +729,34 @@ async def test_approvals_parallel_agents_are_asked_at_once(store: Store) -> None
     assert desk.ran == []
 
 
+async def test_approvals_held_call_is_asked_with_a_question_of_the_same_step(
+    store: Store,
+) -> None:
+    """An agent's held call and a node's question in one step are pending together (not
+    the approval only after the question is answered); answering both runs the call once."""
+    desk = Desk()
+    model = ScriptedModel({"billing": [turn(REFUND), "refunded"]})
+
+    async def ask(state: S, ctx: NodeContext) -> dict[str, Any]:
+        return {"note": await ctx.interrupt("Which note?", schema=str)}
+
+    graph: Graph[S] = Graph(S)
+    graph.add_node(Agent("billing", model=model, tools=desk.tools, output="resolution"))
+    graph.add_node("ask", ask)
+    for name in ("billing", "ask"):
+        graph.add_edge(START, name)
+        graph.add_edge(name, END)
+    app = graph.compile(store=store)
+    with anyio.fail_after(5):
+        outcome = await app.run(S(), run_id="r1")
+        assert sorted(r.kind for r in outcome.pending) == ["approval", "question"]
+        answers = {r.id: Approve() if r.kind == "approval" else "checked" for r in outcome.pending}
+        done = await app.resume("r1", answers=answers)
+    assert done.status is RunStatus.COMPLETED
+    assert (done.state.resolution, done.state.note) == ("refunded", "checked")
+    assert desk.names() == ["refund"]
+
+
 async def test_approvals_parallel_requests_are_answered_one_at_a_time(store: Store) -> None:
     """Answering one of two requests leaves the run waiting on the other only, with nothing
     run; answering the other runs both calls once."""
