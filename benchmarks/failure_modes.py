@@ -1,7 +1,8 @@
 """Benchmark the safeguards against multi-agent failure modes, one *storm* each.
 
-    .venv/bin/python benchmarks/failure_modes.py [--storm loop|budget|all] [--runs N]
-        [--backend asyncio|trio|both] [--agents 20] [--seed 1] [--json]
+    .venv/bin/python benchmarks/failure_modes.py [--storm loop|budget|conflict|approval|all]
+        [--runs N] [--backend asyncio|trio|both] [--agents N] [--accounts 4] [--turns 5]
+        [--dir DIR] [--seed 1] [--json]
 
 **Loop storm.** Runs of small graphs on ``ScriptedModel``, each case ``--runs`` times (40) per
 backend, seeded and interleaved, under the loop guard ``compile`` puts on by default (the
@@ -36,26 +37,62 @@ Every run's result is checked (status, the meter against the model's own count, 
 granted against calls made, the stop reason); a wrong result aborts with status 2. The
 invariants (no overshoot with reservations, the calls overlapped) are reported and also exit
 with status 2 when broken.
+
+**Conflict storm.** ``--agents`` (12) teller agents, all ready in every step, move money
+between ``--accounts`` (4) accounts with a WRITE tool ``transfer`` whose resources are both
+accounts and which has a real lost-update window (it reads both balances, yields to the
+scheduler, then writes what it read plus the change). Each teller, on a seeded
+``ScriptedModel``, proposes ``--turns`` (5) batches of 2-4 random transfers, one a turn
+(several calls a turn), proposes a transfer that lost once more at its next turn, then
+answers. Every seed (``--runs``, 20) runs once per policy, interleaved: no arbitration (the
+baseline), ``serialize``, ``first_wins``, ``priority_wins``, ``reject_all``, a custom
+arbiter (each agent's first call of a conflict runs) and ``escalate``, answered by a script
+through ``app.resume`` with ``Choose`` of the conflict's first call. No approvals, no loop
+guard, no store (escalate: a ``MemoryStore``, to resume). Every run is checked (completed,
+every teller answered, ok results = transfers the tool ran = tool calls metered); the books
+are checked against the transfers that ran: the total (money conserved), every account, and
+the writes that overwrote a newer write (lost updates, counted by the tool). Targets, status
+2 when missed: no broken books under any arbitration, and broken books without it (else the
+storm did not race).
+
+**Approval storm.** ``--runs`` (1,000; 200 with ``--storm all``) runs per mode, each a node
+calling an irreversible tool that the default approval policy holds, are started on one
+SQLite file (``compile(store=path)``, its default durability ``full``) and stop
+``interrupted``; the first 10 are resumed without an answer (they must stop again). Then
+another process, ``benchmarks/_approval_worker.py`` (which defines the app), lists the open
+requests and answers the runs one after another, alternating ``app.resume(run,
+answers={req: Approve()})`` and ``app.answer(run, {req: Approve()})`` then
+``app.resume(run)``. Reported per backend and mode: from just before the answer call to the
+tool running (median, p99, max), runs answered and resumed per second, and the checks: every
+tool ran exactly once (a log line per execution, from any process), in the answering
+process, never before its answer; every run completed, no request left open. A broken check
+is status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import itertools
 import json
 import logging
+import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
+import anyio.lowlevel
 from _common import BenchmarkError, configure_logging, expect, p90, revision, versions
 from pydantic import BaseModel
 
@@ -63,8 +100,11 @@ from orchestra import (
     END,
     START,
     Agent,
+    Arbitration,
     Budget,
+    Choose,
     CompiledGraph,
+    Conflict,
     Effect,
     Graph,
     NodeContext,
@@ -81,6 +121,7 @@ from orchestra.events import LoopDetected, RunFinished, StepCommitted
 from orchestra.models import ModelRequest, ModelResponse, ScriptedModel, ToolCall
 from orchestra.safeguards.budgets import BudgetStop, Price, Spend
 from orchestra.safeguards.loops import LoopGuard
+from orchestra.store import MemoryStore, SQLiteStore
 
 MODES = ("reserved", "check-then-call")
 
@@ -1089,11 +1130,655 @@ def print_loop_storm(result: dict[str, Any], args: argparse.Namespace) -> None:
     )
 
 
+# -- the conflict storm ----------------------------------------------------------------------
+
+OPENING = 1_000  # every account's opening balance
+
+
+@dataclass
+class Bank:
+    """One run's accounts, kept outside the state like a real database, and what the
+    ``transfer`` tool saw happen to them."""
+
+    balances: list[int]
+    versions: list[int]  # bumped by every write: a write over a newer version lost an update
+    lost_updates: int = 0  # writes that overwrote a write made after their read
+    applied: list[tuple[int, int, int]] = field(default_factory=list)  # transfers that ran
+
+
+BANKS: dict[str, Bank] = {}  # run id -> its bank
+
+
+def accounts(args: dict[str, Any]) -> set[str]:
+    return {f"acct:{args['src']}", f"acct:{args['dst']}"}
+
+
+@tool(effect=Effect.WRITE, resources=accounts)
+async def transfer(src: int, dst: int, amount: int, ctx: ToolContext) -> dict[str, int]:
+    """Move ``amount`` from account ``src`` to account ``dst``; return both new balances."""
+    bank = BANKS[ctx.run_id]
+    if src == dst or not (0 <= src < len(bank.balances) and 0 <= dst < len(bank.balances)):
+        raise ValueError(f"no transfer from account {src} to account {dst}")
+    # read, then write what was read plus the change: a read-modify-write with a window
+    # between the two (one pass of the scheduler; a database round trip is longer), the
+    # way a tool over a store without transactions is written
+    have = bank.balances[src], bank.balances[dst]
+    seen = bank.versions[src], bank.versions[dst]
+    await anyio.lowlevel.checkpoint()
+    bank.lost_updates += (bank.versions[src] != seen[0]) + (bank.versions[dst] != seen[1])
+    bank.balances[src], bank.balances[dst] = have[0] - amount, have[1] + amount
+    bank.versions[src] += 1
+    bank.versions[dst] += 1
+    bank.applied.append((src, dst, amount))
+    return {"src": have[0] - amount, "dst": have[1] + amount}
+
+
+@dataclass
+class Tally:
+    """What one teller agent's conversation says happened to its transfers."""
+
+    planned: int = 0
+    made: int = 0  # transfers with an ok result
+    ok: int = 0  # ok results (a transfer has at most one)
+    conflicts: int = 0  # conflict results (a transfer retried may lose twice)
+    other: int = 0  # any other status (none expected)
+    turns: int = 0
+
+
+class TellerModel(ScriptedModel):
+    """Teller agents on a script: each plans ``turns`` batches of 2-4 random transfers
+    between distinct accounts (amounts 1-100, all from the seed and its name) and proposes
+    one batch a turn. It re-plans once: a transfer of its last batch that lost (a
+    ``conflict`` result) is proposed again at its next turn, beside the next batch, and
+    dropped if it loses again. It answers when nothing is left to propose: after ``turns``
+    turns, or ``turns + 1`` when its last batch lost a transfer."""
+
+    def __init__(self, seed: int, agents: list[str], accounts: int, turns: int) -> None:
+        super().__init__(self.answer, name="teller-model")
+        self.turns = turns
+        self.plans: dict[str, list[list[dict[str, int]]]] = {}
+        for agent in agents:
+            rng = random.Random(f"{seed}/{agent}")
+            self.plans[agent] = [
+                [
+                    dict(zip(("src", "dst"), rng.sample(range(accounts), 2), strict=True))
+                    | {"amount": rng.randint(1, 100)}
+                    for _ in range(rng.randint(2, 4))
+                ]
+                for _ in range(turns)
+            ]
+        self.tallies: dict[str, Tally] = {}
+
+    def answer(self, request: ModelRequest) -> ModelResponse | str:
+        agent, turn = request.agent or "", request.turn
+        plan = self.plans[agent]
+        flat = [t for batch in plan for t in batch]
+        starts = list(itertools.accumulate(map(len, plan), initial=0))  # batch -> first index
+        tally = Tally(planned=len(flat), turns=turn + 1)
+        made: set[int] = set()
+        retry = []
+        for message in request.messages:
+            if message.role != "tool":
+                continue
+            _, index, asked = (message.tool_call_id or "").split(":")
+            status = json.loads(message.content).get("status", "ok")
+            if status == "ok":
+                tally.ok += 1
+                made.add(int(index))
+            elif status == "conflict":
+                tally.conflicts += 1
+                # lost at its first proposal (its batch's turn), in the last turn: retried
+                if int(asked) == turn - 1 and starts[turn - 1] <= int(index) < starts[turn]:
+                    retry.append(int(index))
+            else:
+                tally.other += 1
+        tally.made = len(made)
+        new = list(range(starts[turn], starts[turn + 1])) if turn < self.turns else []
+        if not (retry or new):
+            self.tallies[agent] = tally
+            return f"made {tally.made} of {tally.planned} transfers"
+        calls = tuple(
+            ToolCall(name="transfer", arguments=flat[n], id=f"{agent}:{n}:{turn}")
+            for n in retry + new
+        )
+        return ModelResponse(tool_calls=calls)
+
+
+def one_per_agent(conflict: Conflict) -> list[str]:
+    """A custom arbiter: each agent's first call in the conflict runs (the agents in
+    priority order, one at a time where they conflict); its other calls wait for its next
+    turn. No agent can crowd the others out."""
+    seen: set[str] = set()
+    chosen = []
+    for call in conflict.calls:
+        if call.caller not in seen:
+            seen.add(call.caller)
+            chosen.append(call.key)
+    return chosen
+
+
+# policy name -> the arbitration compiled (None: the baseline, no arbitration)
+ARBITRATIONS: dict[str, Arbitration | None] = {
+    "none": None,
+    "serialize": Arbitration(),
+    "first_wins": Arbitration(policy="first_wins"),
+    "priority_wins": Arbitration(policy="priority_wins"),
+    "reject_all": Arbitration(policy="reject_all"),
+    "custom": Arbitration(policy=one_per_agent),
+    "escalate": Arbitration(policy="escalate"),
+}
+
+
+def build_tellers(
+    model: TellerModel, agents: list[str], policy: str, turns: int
+) -> CompiledGraph[Desk]:
+    """The tellers as agents all started at once (``START -> tellerNN -> END``), with
+    priorities 0-2 (``tellerNN``: NN % 3), so every step's calls meet in one act phase."""
+    graph: Graph[Desk] = Graph(Desk, name="conflict_storm")
+    for i, name in enumerate(agents):
+        graph.add_node(
+            Agent(
+                name,
+                model=model,
+                tools=[transfer],
+                output="findings",
+                priority=i % 3,
+                max_turns=turns + 2,
+            )
+        )
+        graph.add_edge(START, name)
+        graph.add_edge(name, END)
+    # escalate needs a store to resume from; every other policy runs without one. The
+    # default loop guard watches (a teller proposing a lost transfer once more is not a
+    # repetition: a conflict's result depends on the other calls)
+    store = MemoryStore() if policy == "escalate" else None
+    return graph.compile(store=store, approvals=None, arbitration=ARBITRATIONS[policy])
+
+
+@dataclass
+class ConflictRun:
+    """One run of the conflict storm, checked."""
+
+    seed: int
+    policy: str
+    steps: int
+    interrupts: int  # escalate: conflict requests answered
+    planned: int
+    made: int  # transfers made (distinct)
+    calls: int  # tool calls proposed (retries included)
+    ran: int  # calls that ran
+    lost: int  # calls that lost (conflict results)
+    lost_updates: int  # writes that overwrote another's write made after their read
+    drift: int  # total balance minus the total opening balance
+    wrong_accounts: int  # accounts whose balance is not what the transfers that ran make it
+    wall_ms: float
+
+    @property
+    def violated(self) -> bool:
+        return bool(self.drift or self.lost_updates or self.wrong_accounts)
+
+
+async def conflict_run(
+    seed: int, policy: str, agents: int, accounts: int, turns: int
+) -> ConflictRun:
+    names = [f"teller{i:02d}" for i in range(agents)]
+    model = TellerModel(seed, names, accounts, turns)
+    app = build_tellers(model, names, policy, turns)
+    run_id = f"conflict-storm-{seed}-{policy}"
+    bank = BANKS[run_id] = Bank([OPENING] * accounts, [0] * accounts)
+    interrupts = resumes = 0
+    began = time.perf_counter()
+    try:
+        outcome = await app.run(Desk(), run_id=run_id)
+        while outcome.status is RunStatus.INTERRUPTED and resumes <= turns + 2:
+            # escalate: a person who always lets the first call (highest priority) run
+            answers = {}
+            for request in outcome.pending:
+                if request.kind != "conflict":
+                    raise BenchmarkError(f"seed {seed}, {policy}: a {request.kind} request")
+                answers[request.id] = Choose(request.payload["calls"][0]["key"])
+            interrupts += len(answers)
+            resumes += 1
+            outcome = await app.resume(run_id, answers=answers)
+        wall = time.perf_counter() - began
+    finally:
+        BANKS.pop(run_id, None)
+    return check_conflict_run(outcome, seed, policy, names, model, bank, interrupts, wall)
+
+
+def check_conflict_run(
+    outcome: RunOutcome[Desk],
+    seed: int,
+    policy: str,
+    names: list[str],
+    model: TellerModel,
+    bank: Bank,
+    interrupts: int,
+    wall: float,
+) -> ConflictRun:
+    """Check one run's result against what its tellers and its bank saw."""
+    where = f"seed {seed}, {policy}"
+    expect(f"{where}: error", outcome.error, None)
+    expect(f"{where}: status", outcome.status, RunStatus.COMPLETED)
+    expect(f"{where}: tellers that answered", sorted(model.tallies), names)
+    expect(f"{where}: answers in the state", len(outcome.state.findings), len(names))
+    tallies = list(model.tallies.values())
+    ok = sum(t.ok for t in tallies)
+    lost = sum(t.conflicts for t in tallies)
+    expect(f"{where}: results neither ok nor conflict", sum(t.other for t in tallies), 0)
+    expect(f"{where}: ok results vs transfers the tool ran", ok, len(bank.applied))
+    expect(f"{where}: tool calls metered vs run", outcome.usage.tool_calls, ok)
+    if policy in ("none", "serialize"):
+        expect(f"{where}: calls that lost", lost, 0)
+        expect(f"{where}: transfers unmade", sum(t.planned - t.made for t in tallies), 0)
+    expect(f"{where}: interrupts", interrupts > 0, policy == "escalate")
+    expected = [OPENING] * len(bank.balances)
+    for src, dst, amount in bank.applied:
+        expected[src] -= amount
+        expected[dst] += amount
+    return ConflictRun(
+        seed=seed,
+        policy=policy,
+        steps=outcome.steps,
+        interrupts=interrupts,
+        planned=sum(t.planned for t in tallies),
+        made=sum(t.made for t in tallies),
+        calls=ok + lost,
+        ran=ok,
+        lost=lost,
+        lost_updates=bank.lost_updates,
+        drift=sum(bank.balances) - OPENING * len(bank.balances),
+        wrong_accounts=sum(a != b for a, b in zip(bank.balances, expected, strict=True)),
+        wall_ms=wall * 1e3,
+    )
+
+
+async def conflict_storm_runs(
+    runs: int, seed: int, agents: int, accounts: int, turns: int
+) -> list[ConflictRun]:
+    """Run every policy on every seed, interleaved (policy 1, policy 2, ... then the next
+    seed), after a warm-up run of each."""
+    for policy in ARBITRATIONS:
+        await conflict_run(seed - 1, policy, agents, accounts, turns)
+    return [
+        await conflict_run(seed + n, policy, agents, accounts, turns)
+        for n in range(runs)
+        for policy in ARBITRATIONS
+    ]
+
+
+def summarize_conflicts(runs: list[ConflictRun]) -> dict[str, Any]:
+    med = statistics.median
+    return {
+        "runs": len(runs),
+        "median_calls_per_second": med(r.ran / (r.wall_ms / 1e3) for r in runs),
+        "median_decided_per_second": med(r.calls / (r.wall_ms / 1e3) for r in runs),
+        "median_calls": med(r.calls for r in runs),
+        "median_ran": med(r.ran for r in runs),
+        "median_lost": med(r.lost for r in runs),
+        "median_planned": med(r.planned for r in runs),
+        "median_made": med(r.made for r in runs),
+        "runs_violated": sum(r.violated for r in runs),
+        "runs_not_conserved": sum(r.drift != 0 for r in runs),
+        "max_abs_drift": max(abs(r.drift) for r in runs),
+        "lost_updates": sum(r.lost_updates for r in runs),
+        "median_lost_updates": med(r.lost_updates for r in runs),
+        "wrong_accounts": sum(r.wrong_accounts for r in runs),
+        "median_steps": med(r.steps for r in runs),
+        "max_steps": max(r.steps for r in runs),
+        "median_interrupts": med(r.interrupts for r in runs),
+        "median_wall_ms": med(r.wall_ms for r in runs),
+        "p90_wall_ms": p90([r.wall_ms for r in runs]),
+    }
+
+
+def conflict_storm(args: argparse.Namespace, backends: list[str]) -> dict[str, Any]:
+    """Run the conflict storm on each backend; return its summaries and broken invariants:
+    a violation under any arbitration, or none at all without (the storm did not race)."""
+    summaries: dict[str, dict[str, Any]] = {}
+    every: list[dict[str, Any]] = []
+    failures: list[str] = []
+    for backend in backends:
+        runs = anyio.run(
+            conflict_storm_runs,
+            args.runs,
+            args.seed,
+            args.agents,
+            args.accounts,
+            args.turns,
+            backend=backend,
+        )
+        every.extend({"backend": backend, **asdict(r)} for r in runs)
+        for policy in ARBITRATIONS:
+            summary = summarize_conflicts([r for r in runs if r.policy == policy])
+            summaries[f"{backend}/{policy}"] = summary
+            if policy == "none" and not summary["runs_violated"]:
+                failures.append(f"{backend}, no arbitration: no run lost money (no race)")
+            elif policy != "none" and summary["runs_violated"]:
+                failures.append(
+                    f"{backend}, {policy}: {summary['runs_violated']} of {summary['runs']} "
+                    f"runs broke the books ({summary['lost_updates']} lost updates, max "
+                    f"drift {summary['max_abs_drift']})"
+                )
+    return {"summaries": summaries, "runs": every, "failures": failures}
+
+
+CONFLICT_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
+    ("ran/s", lambda s: f"{s['median_calls_per_second']:,.0f}"),
+    ("calls/s", lambda s: f"{s['median_decided_per_second']:,.0f}"),
+    ("calls", lambda s: f"{s['median_calls']:g}"),
+    ("ran", lambda s: f"{s['median_ran']:g}"),
+    ("lost", lambda s: f"{s['median_lost']:g}"),
+    ("made/planned", lambda s: f"{s['median_made']:g}/{s['median_planned']:g}"),
+    ("steps", lambda s: f"{s['median_steps']:g}"),
+    ("interrupts", lambda s: f"{s['median_interrupts']:g}"),
+    ("broken runs", lambda s: f"{s['runs_violated']}/{s['runs']}"),
+    ("lost updates", lambda s: f"{s['lost_updates']} ({s['median_lost_updates']:g})"),
+    ("max drift", lambda s: f"{s['max_abs_drift']}"),
+    ("wrong accts", lambda s: f"{s['wrong_accounts']}"),
+    ("wall ms", lambda s: f"{s['median_wall_ms']:.0f}"),
+)
+
+
+def print_conflict_storm(result: dict[str, Any], args: argparse.Namespace) -> None:
+    print(
+        f"conflict storm: {args.agents} teller agents, {args.accounts} accounts, "
+        f"{args.turns} batches of 2-4 transfers each, one a turn (a lost transfer is "
+        f"proposed once more); {args.runs} runs per backend and policy (seeds "
+        f"{args.seed}..{args.seed + args.runs - 1}); escalate: every conflict answered "
+        f"Choose(its first call) through app.resume"
+    )
+    print(
+        "median per run, except: broken runs (lost money, lost an update or a wrong account) "
+        "and wrong accts: total; lost updates: total (median); max drift: max |total - opening|"
+        "; ran/s, calls/s: calls that ran, calls proposed (ran or lost), per second of wall time"
+    )
+    for backend in dict.fromkeys(key.split("/")[0] for key in result["summaries"]):
+        rows = [
+            [key.split("/")[1]] + [render(s) for _, render in CONFLICT_COLUMNS]
+            for key, s in result["summaries"].items()
+            if key.split("/")[0] == backend
+        ]
+        heads = ["policy"] + [head for head, _ in CONFLICT_COLUMNS]
+        sizes = [max(len(head), *(len(row[i]) for row in rows)) for i, head in enumerate(heads)]
+        print(f"\n{backend}")
+        for cells in (heads, ["-" * n for n in sizes], *rows):
+            print(
+                "  ".join(
+                    f"{cell:<{n}}" if i == 0 else f"{cell:>{n}}"
+                    for i, (cell, n) in enumerate(zip(cells, sizes, strict=True))
+                )
+            )
+    verdict = "FAIL" if result["failures"] else "PASS"
+    print(f"targets: 0 broken runs with arbitration, and some without (the storm races): {verdict}")
+
+
+# -- the approval storm ----------------------------------------------------------------------
+
+WORKER = Path(__file__).resolve().parent / "_approval_worker.py"
+ALL_APPROVAL_RUNS = 200  # runs a mode when --storm all runs every storm (1,000 alone)
+UNANSWERED = 10  # held runs first resumed without an answer (they must stop again)
+
+
+@dataclass
+class ApprovalRun:
+    """One run of the approval storm: answered in the other process, checked."""
+
+    order: int
+    mode: str  # "resume": resume(answers=...); "answer": answer(), then resume()
+    to_ran_ms: float  # from just before the answer call to the tool running
+    resume_to_ran_ms: float | None  # "answer": from the answer recorded to the tool running
+    to_return_ms: float  # from just before the answer call to the outcome returned
+    executions: int  # lines the tool wrote for this run (every process)
+
+
+async def start_held_runs(db: str, runs: int) -> float:
+    """Start ``runs`` runs, each stopped for approval; return the seconds it took."""
+    import _approval_worker as worker
+
+    app = worker.compiled(db)
+    began = time.perf_counter()
+    for order in range(runs):
+        outcome = await app.run(worker.Payment(order=order), run_id=f"pay-{order:05d}")
+        where = f"run pay-{order:05d}"
+        expect(f"{where}: status", outcome.status, RunStatus.INTERRUPTED)
+        expect(f"{where}: requests", [r.kind for r in outcome.pending], ["approval"])
+        expect(f"{where}: held tool", outcome.pending[0].payload["tool"], "pay")
+    return time.perf_counter() - began
+
+
+async def resume_unanswered(db: str, runs: int) -> None:
+    """Resume the first ``runs`` held runs without an answer: each must stop again, asking
+    the same request, its tool not run."""
+    import _approval_worker as worker
+
+    app = worker.compiled(db)
+    for order in range(runs):
+        run_id = f"pay-{order:05d}"
+        asked = [r.id for r in await app.pending(run_id)]
+        outcome = await app.resume(run_id)
+        expect(f"{run_id}: resumed without an answer", outcome.status, RunStatus.INTERRUPTED)
+        expect(f"{run_id}: asked again", [r.id for r in outcome.pending], asked)
+        expect(f"{run_id}: paid without an answer", outcome.state.paid_at, None)
+
+
+async def stored_statuses(db: str) -> tuple[collections.Counter[str], int]:
+    """The runs' statuses in the database, and the requests still open."""
+    import _approval_worker as worker
+
+    app = worker.compiled(db)
+    assert app.store is not None
+    statuses = collections.Counter(r.status for r in await app.store.list_runs())
+    return statuses, len(await app.pending())
+
+
+def approval_storm_backend(
+    backend: str, runs: int, folder: Path
+) -> tuple[dict[str, Any], list[ApprovalRun]]:
+    """One backend: ``runs`` runs a mode held, answered by the worker process, checked."""
+    import _approval_worker as worker
+
+    db, log, out = folder / f"{backend}.db", folder / f"{backend}.log", folder / f"{backend}.json"
+    for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), log, out):
+        stale.unlink(missing_ok=True)
+    log.touch()
+    previous = os.environ.get(worker.LOG)
+    os.environ[worker.LOG] = str(log)
+    try:
+        held = anyio.run(start_held_runs, str(db), 2 * runs, backend=backend)
+        anyio.run(resume_unanswered, str(db), min(UNANSWERED, 2 * runs), backend=backend)
+        expect(f"{backend}: tool executions before any answer", log.read_text(), "")
+        began = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, str(WORKER), "--db", str(db), "--out", str(out), "--backend", backend],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+            check=False,
+        )
+        worker_seconds = time.perf_counter() - began
+    finally:
+        if previous is None:
+            os.environ.pop(worker.LOG, None)
+        else:
+            os.environ[worker.LOG] = previous
+    if done.returncode:
+        raise BenchmarkError(f"{backend}: the answering process failed:\n{done.stderr[-2000:]}")
+    answered = json.loads(out.read_text())
+    executions: dict[int, list[float]] = collections.defaultdict(list)
+    pids = set()
+    for line in log.read_text().splitlines():
+        number, at, pid = line.split()
+        executions[int(number)].append(float(at))
+        pids.add(int(pid))
+    expect(f"{backend}: runs listed by the worker", answered["listed"], 2 * runs)
+    expect(f"{backend}: processes that ran the tool", pids, {answered["pid"]})
+    statuses, still_open = anyio.run(stored_statuses, str(db), backend=backend)
+    expect(f"{backend}: stored statuses", dict(statuses), {"completed": 2 * runs})
+    expect(f"{backend}: requests still open", still_open, 0)
+    checked = []
+    for row in answered["runs"]:
+        order = int(row["run_id"].removeprefix("pay-"))
+        where = f"{backend}, run {row['run_id']}"
+        expect(f"{where}: request", (row["kind"], row["tool"]), ("approval", "pay"))
+        expect(f"{where}: status", row["status"], str(RunStatus.COMPLETED))
+        expect(f"{where}: error", row["error"], None)
+        expect(f"{where}: the tool's time in the state", [row["paid_at"]], executions[order])
+        recorded = row["recorded_at"]
+        checked.append(
+            ApprovalRun(
+                order=order,
+                mode=row["mode"],
+                to_ran_ms=(row["paid_at"] - row["answered_at"]) * 1e3,
+                resume_to_ran_ms=None if recorded is None else (row["paid_at"] - recorded) * 1e3,
+                to_return_ms=(row["returned_at"] - row["answered_at"]) * 1e3,
+                executions=len(executions[order]),
+            )
+        )
+    expect(f"{backend}: runs answered", sorted(r.order for r in checked), list(range(2 * runs)))
+    context = {
+        "database": str(db),
+        "durability": SQLiteStore(db).durability,  # what compile(store=path) makes
+        "held_runs_per_second": 2 * runs / held,
+        "worker_seconds": worker_seconds,
+        # the worker's loop, without the floor's commits interleaved in it
+        "answering_seconds": answered["last_returned_at"]
+        - answered["first_answer_at"]
+        - answered["floor_total_seconds"],
+        "list_ms": answered["list_seconds"] * 1e3,
+        "floor_commit_ms": answered["floor_commit_seconds"] * 1e3,
+        "floor_commit_p99_ms": answered["floor_commit_p99_seconds"] * 1e3,
+    }
+    return context, checked
+
+
+def p99(values: list[float]) -> float:
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[-1]
+
+
+def summarize_approvals(runs: list[ApprovalRun], context: dict[str, Any]) -> dict[str, Any]:
+    to_ran = [r.to_ran_ms for r in runs]
+    resumed = [r.resume_to_ran_ms for r in runs if r.resume_to_ran_ms is not None]
+    to_return = [r.to_return_ms for r in runs]
+    return {
+        "runs": len(runs),
+        "executions": sum(r.executions for r in runs),
+        "ran_once": sum(r.executions == 1 for r in runs),
+        "ran_before_answer": sum(r.to_ran_ms < 0 for r in runs),
+        "median_to_ran_ms": statistics.median(to_ran),
+        "p99_to_ran_ms": p99(to_ran),
+        "max_to_ran_ms": max(to_ran),
+        "median_resume_to_ran_ms": statistics.median(resumed) if resumed else None,
+        "p99_resume_to_ran_ms": p99(resumed) if resumed else None,
+        "median_to_return_ms": statistics.median(to_return),
+        "runs_per_second": len(runs) / (sum(to_return) / 1e3),
+        **context,
+    }
+
+
+def approval_storm(args: argparse.Namespace, backends: list[str]) -> dict[str, Any]:
+    """Run the approval storm on each backend; return its summaries and broken invariants
+    (a tool that ran twice, or not at all, or before its answer)."""
+    summaries: dict[str, dict[str, Any]] = {}
+    every: list[dict[str, Any]] = []
+    failures: list[str] = []
+    with contextlib.ExitStack() as stack:
+        if args.dir is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="approval-")))
+        else:
+            folder = Path(args.dir)
+            folder.mkdir(parents=True, exist_ok=True)
+        for backend in backends:
+            context, runs = approval_storm_backend(backend, args.runs, folder)
+            every.extend({"backend": backend, **asdict(r)} for r in runs)
+            for mode in _approval_modes():
+                summary = summarize_approvals([r for r in runs if r.mode == mode], context)
+                summaries[f"{backend}/{mode}"] = summary
+                where = f"{backend}, {mode}"
+                if summary["ran_once"] != summary["runs"]:
+                    failures.append(
+                        f"{where}: {summary['runs'] - summary['ran_once']} of "
+                        f"{summary['runs']} tools did not run exactly once"
+                    )
+                if summary["ran_before_answer"]:
+                    failures.append(
+                        f"{where}: {summary['ran_before_answer']} tools ran before their answer"
+                    )
+    return {"summaries": summaries, "runs": every, "failures": failures}
+
+
+def _approval_modes() -> tuple[str, ...]:
+    import _approval_worker as worker
+
+    return worker.MODES
+
+
+APPROVAL_MODES = {
+    "resume": "resume(run, answers={req: Approve()})",
+    "answer": "answer(run, {req: Approve()}); resume(run)",
+}
+APPROVAL_ROWS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
+    ("runs (tool ran exactly once)", lambda s: f"{s['runs']} ({s['ran_once']})"),
+    ("tools run before their answer", lambda s: f"{s['ran_before_answer']}"),
+    ("answer -> tool ran: median / p99 / max",
+     lambda s: f"{s['median_to_ran_ms']:.2f} / {s['p99_to_ran_ms']:.2f} / "
+     f"{s['max_to_ran_ms']:.1f} ms"),
+    ("  answer recorded -> tool ran: median / p99",
+     lambda s: "-" if s["median_resume_to_ran_ms"] is None
+     else f"{s['median_resume_to_ran_ms']:.2f} / {s['p99_resume_to_ran_ms']:.2f} ms"),
+    ("answer -> outcome returned: median", lambda s: f"{s['median_to_return_ms']:.2f} ms"),
+    ("runs answered and resumed per second", lambda s: f"{s['runs_per_second']:,.0f}"),
+)  # fmt: skip
+
+
+def print_approval_storm(result: dict[str, Any], args: argparse.Namespace) -> None:
+    first = next(iter(result["summaries"].values()))
+    print(
+        f"approval storm: {args.runs} runs a mode and backend, each held for approval of an "
+        f"irreversible tool (default Approvals()), on one SQLite file (durability "
+        f"{first['durability']!r}, the store's default), answered one run after another by "
+        f"another process, the two modes alternating"
+    )
+    if args.storm == "all" and args.runs == ALL_APPROVAL_RUNS:
+        print(
+            f"(--storm all runs {ALL_APPROVAL_RUNS} a mode; --storm approval runs "
+            f"{DEFAULT_RUNS['approval']:,})"
+        )
+    for mode, call in APPROVAL_MODES.items():
+        print(f"  {mode}: {call}")
+    columns = list(result["summaries"])
+    width = max(len(label) for label, _ in APPROVAL_ROWS)
+    cells = [[render(result["summaries"][c]) for _, render in APPROVAL_ROWS] for c in columns]
+    sizes = [max(len(c), *(len(x) for x in col)) for c, col in zip(columns, cells, strict=True)]
+    print(f"{'':<{width}}  " + "  ".join(f"{c:>{n}}" for c, n in zip(columns, sizes, strict=True)))
+    print(f"{'-' * width}  " + "  ".join("-" * n for n in sizes))
+    for i, (label, _) in enumerate(APPROVAL_ROWS):
+        row = "  ".join(f"{col[i]:>{n}}" for col, n in zip(cells, sizes, strict=True))
+        print(f"{label:<{width}}  {row}")
+    for backend in dict.fromkeys(key.split("/")[0] for key in result["summaries"]):
+        s = result["summaries"][f"{backend}/resume"]
+        print(
+            f"{backend}: {2 * args.runs} runs held at {s['held_runs_per_second']:,.0f}/s; the "
+            f"worker took {s['worker_seconds']:.1f} s (start-up, {s['list_ms']:.0f} ms to list "
+            f"the open requests, {s['answering_seconds']:.1f} s answering: "
+            f"{2 * args.runs / s['answering_seconds']:,.0f} runs/s); floor, interleaved: one "
+            f"SQLite commit at synchronous=FULL {s['floor_commit_ms']:.2f} ms median, "
+            f"{s['floor_commit_p99_ms']:.2f} ms p99"
+        )
+    verdict = "FAIL" if result["failures"] else "PASS"
+    print(f"targets: every tool ran exactly once, none before its answer: {verdict}")
+
+
 STORMS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[..., None]]] = {
     "loop": (loop_storm, print_loop_storm),
     "budget": (budget_storm, print_budget_storm),
+    "conflict": (conflict_storm, print_conflict_storm),
+    "approval": (approval_storm, print_approval_storm),
 }
-DEFAULT_RUNS = {"loop": 40, "budget": 50}
+DEFAULT_RUNS = {"loop": 40, "budget": 50, "conflict": 20, "approval": 1_000}
+DEFAULT_AGENTS = {"budget": 20, "conflict": 12}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1102,22 +1787,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--runs",
         type=int,
-        help="runs per backend and case (loop storm, default 40) or mode (budget, 50)",
+        help="runs per backend and case (loop storm, default 40), mode (budget, 50), policy "
+        "(conflict, 20) or mode (approval, 1,000; 200 with --storm all)",
     )
     parser.add_argument("--backend", choices=("asyncio", "trio", "both"), default="both")
-    parser.add_argument("--agents", type=int, default=20, help="concurrent agents per run")
+    parser.add_argument(
+        "--agents", type=int, help="concurrent agents per run (budget storm 20, conflict 12)"
+    )
+    parser.add_argument("--accounts", type=int, default=4, help="conflict storm: accounts")
+    parser.add_argument(
+        "--turns", type=int, default=5, help="conflict storm: batches of transfers per agent"
+    )
+    parser.add_argument(
+        "--dir", help="approval storm: folder for its database (default: a temporary one)"
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the first run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if (args.runs is not None and args.runs < 1) or args.agents < 2:
+    if (args.runs is not None and args.runs < 1) or (args.agents is not None and args.agents < 2):
         parser.error("--runs must be at least 1 and --agents at least 2")
+    if args.accounts < 2 or args.turns < 1:
+        parser.error("--accounts must be at least 2 and --turns at least 1")
     # errors only: every run of a storm crosses its soft thresholds (budget_warned warnings)
     configure_logging(logging.ERROR)
     backends = ["asyncio", "trio"] if args.backend == "both" else [args.backend]
     storms = list(STORMS) if args.storm == "all" else [args.storm]
-    # each storm's own default number of runs, unless --runs says
+
+    def runs_of(name: str) -> int:
+        if args.runs is not None:
+            return args.runs
+        if name == "approval" and args.storm == "all":
+            return ALL_APPROVAL_RUNS  # a shorter approval storm when every storm runs
+        return DEFAULT_RUNS[name]
+
+    # each storm's own default number of runs and agents, unless --runs / --agents say
     options = {
-        name: argparse.Namespace(**{**vars(args), "runs": args.runs or DEFAULT_RUNS[name]})
+        name: argparse.Namespace(
+            **{
+                **vars(args),
+                "runs": runs_of(name),
+                "agents": args.agents or DEFAULT_AGENTS.get(name),
+            }
+        )
         for name in storms
     }
     results: dict[str, dict[str, Any]] = {}
@@ -1135,7 +1846,7 @@ def main(argv: list[str] | None = None) -> int:
             **versions("anyio", "pydantic", "trio"),
             "backends": backends,
             "runs": {name: options[name].runs for name in storms},
-            "agents": args.agents,
+            "agents": {name: options[name].agents for name in storms if options[name].agents},
             "seed": args.seed,
         }
         print(json.dumps({"environment": env, "storms": results, "failures": failures}, indent=2))

@@ -630,8 +630,10 @@ class Execution:
         assert self.loops is not None
         nudges = []
         for call, outcome in zip(calls, done, strict=True):
-            if outcome.status == "in_doubt":
-                continue  # (denied and invalid calls repeated are a loop too)
+            if outcome.status in ("in_doubt", "conflict"):
+                # (a conflict's result depends on the other calls: trying again is not a
+                # repetition; denied and invalid calls repeated are a loop too)
+                continue
             tool = self.graph.tools.get(call.name)
             if outcome.ok and tool is not None and tool.effect is not Effect.READ:
                 self.loops.changed_world(node, call.name, call.arguments)

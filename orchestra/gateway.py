@@ -625,7 +625,7 @@ class Gateway:
                 "request_hash": item.request_hash,
                 "agent": caller.node,
             },
-            schema=tool.arguments.model_json_schema(),
+            schema=dict(tool.spec().parameters),
             created_at=now,
             expires_at=None if expires is None else now + expires,
         )

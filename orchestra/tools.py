@@ -185,10 +185,10 @@ def tool(
     arbitration; ``arbitration`` overrides the graph's policy for conflicts this tool's
     calls are in (a policy name or an arbiter function). ``timeout`` bounds each call in
     seconds (None: no bound); a result whose JSON is larger than ``max_result_bytes`` is
-    refused. The description shown to models is
-    the docstring's first paragraph. Sync functions run in a worker thread; a thread cannot
-    be interrupted, so a sync ``IRREVERSIBLE`` tool is waited for even past its timeout or
-    an abort, and its real result recorded (an async one is cancelled, and is in doubt).
+    refused. The description shown to models is the docstring's first paragraph. Sync
+    functions run in a worker thread; a thread cannot be interrupted, so a sync
+    ``IRREVERSIBLE`` tool is waited for even past its timeout or an abort, and its real
+    result recorded (an async one is cancelled, and is in doubt).
     """
 
     def make(function: Callable[..., Any]) -> Tool:

@@ -207,19 +207,17 @@ def find_conflicts(
     contested: dict[int, set[str]] = {}
     linked: set[int] = set()
     for resource, users in by_resource.items():
-        if len(users) < 2 or not any(calls[i].writes for i in users):
+        writer = next((i for i in users if calls[i].writes), None)
+        if len(users) < 2 or writer is None:
             continue
-        writers = [i for i in users if calls[i].writes]
+        # with a writer among them, every user of the resource conflicts with someone (a
+        # reader with the writer, a writer with anyone): all are linked, in O(users)
         for i in users:
-            # a reader conflicts with the writers; a writer with everyone
-            others = users if calls[i].writes else writers
-            for j in others:
-                if j != i:
-                    linked.update((i, j))
-                    contested.setdefault(i, set()).add(resource)
-                    a, b = find(i), find(j)
-                    if a != b:
-                        parent[max(a, b)] = min(a, b)
+            linked.add(i)
+            contested.setdefault(i, set()).add(resource)
+            a, b = find(i), find(writer)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
     free = [calls[i] for i in range(len(calls)) if i not in linked]
     groups: dict[int, list[int]] = {}
     for i in sorted(linked):
@@ -236,18 +234,24 @@ def find_conflicts(
 
 def _waves(calls: Sequence[ProposedCall]) -> list[list[ProposedCall]]:
     """Greedy layering in the given order: a call goes in the wave after the last one
-    holding a call it conflicts with (calls that do not conflict share a wave)."""
+    holding a call it conflicts with (calls that do not conflict share a wave). Per
+    resource, the last wave with any user and the last with a writer are enough: a writer
+    follows every user, a reader every writer (O(calls x resources))."""
     waves: list[list[ProposedCall]] = []
-    placed: list[tuple[ProposedCall, int]] = []
+    used: dict[str, int] = {}
+    written: dict[str, int] = {}
     for call in calls:
         level = 0
-        for other, at in placed:
-            if at >= level and _conflict(call, other):
-                level = at + 1
+        for resource in call.resources:
+            before = used.get(resource, -1) if call.writes else written.get(resource, -1)
+            level = max(level, before + 1)
         if level == len(waves):
             waves.append([])
         waves[level].append(call)
-        placed.append((call, level))
+        for resource in call.resources:
+            used[resource] = max(used.get(resource, -1), level)
+            if call.writes:
+                written[resource] = max(written.get(resource, -1), level)
     return waves
 
 
@@ -257,10 +261,17 @@ def _winners(
     """Greedy: each call runs unless it conflicts with a call already chosen."""
     chosen: list[ProposedCall] = []
     lost: dict[str, str] = {}
+    user: dict[str, ProposedCall] = {}  # per resource: the first chosen call using it
+    writer: dict[str, ProposedCall] = {}  # ... and the first chosen call writing it
     for call in calls:
-        rival = next((c for c in chosen if _conflict(call, c)), None)
+        holders = user if call.writes else writer
+        rival = next((holders[r] for r in sorted(call.resources) if r in holders), None)
         if rival is None:
             chosen.append(call)
+            for resource in call.resources:
+                user.setdefault(resource, call)
+                if call.writes:
+                    writer.setdefault(resource, call)
         else:
             shared = ", ".join(sorted(call.resources & rival.resources))
             lost[call.key] = (

@@ -455,7 +455,10 @@ class SQLiteStore:
             sql += " AND run_id = ?"
             params.append(run_id)
         if statuses:
-            sql += f" AND status IN ({', '.join('?' for _ in statuses)})"
+            # one run's requests by its key, whatever the other runs hold open (`+status`
+            # keeps SQLite from walking the status index over every run)
+            column = "+status" if run_id is not None else "status"
+            sql += f" AND {column} IN ({', '.join('?' for _ in statuses)})"
             params.extend(statuses)
         with self._read() as conn:
             rows = conn.execute(sql + " ORDER BY created_at, request_id", params).fetchall()
