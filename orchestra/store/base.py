@@ -378,3 +378,16 @@ def merge_events(own: Sequence[EventRow], steps: Sequence[tuple[int, str, str]])
     # by step first: clocks of different processes (a resume elsewhere) may disagree
     rows.sort(key=lambda r: (r.step if r.step is not None else -1, r.at))
     return rows
+
+
+def refuse_unless_at_rest(record: RunRecord, now: float, doing: str) -> None:
+    """Refuse to ``doing`` a run that completed or that a live process owns (what both a
+    resume and an answer are refused for)."""
+    from ..errors import LeaseHeldError, RunStatusError
+
+    if record.status == "completed":
+        raise RunStatusError(record.run_id, record.status, doing)
+    if record.lease_live(now):
+        assert record.owner is not None
+        assert record.lease_expires_at is not None
+        raise LeaseHeldError(record.run_id, record.owner, record.lease_expires_at - now)

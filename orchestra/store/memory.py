@@ -15,7 +15,6 @@ from typing import Any
 
 from ..errors import (
     AnswerError,
-    LeaseHeldError,
     LeaseLostError,
     RunNotFoundError,
     RunStatusError,
@@ -33,6 +32,7 @@ from .base import (
     StepCommit,
     budget_event,
     merge_events,
+    refuse_unless_at_rest,
 )
 
 __all__ = ("MemoryStore",)
@@ -209,12 +209,7 @@ class MemoryStore:
             raise StopAllActiveError(self._stop_all)
         record = self._get(run_id)
         now = time.time()
-        if record.status == "completed":
-            raise RunStatusError(run_id, record.status, "answer its requests")
-        if record.lease_live(now):
-            assert record.owner is not None
-            assert record.lease_expires_at is not None
-            raise LeaseHeldError(run_id, record.owner, record.lease_expires_at - now)
+        refuse_unless_at_rest(record, now, "answer its requests")
         kept = self._requests[run_id]
         for request_id, _ in answers:
             row = kept.get(request_id)
@@ -231,12 +226,7 @@ class MemoryStore:
             raise StopAllActiveError(self._stop_all)
         record = self._get(run_id)
         now = time.time()
-        if record.status == "completed":
-            raise RunStatusError(run_id, record.status, "resume it")
-        if record.lease_live(now):
-            assert record.owner is not None
-            assert record.lease_expires_at is not None
-            raise LeaseHeldError(run_id, record.owner, record.lease_expires_at - now)
+        refuse_unless_at_rest(record, now, "resume it")
         record = replace(
             record,
             owner=owner,

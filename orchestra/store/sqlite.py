@@ -32,7 +32,6 @@ from typing import Any, Literal
 
 from ..errors import (
     AnswerError,
-    LeaseHeldError,
     LeaseLostError,
     RunNotFoundError,
     RunStatusError,
@@ -51,6 +50,7 @@ from .base import (
     StepCommit,
     budget_event,
     merge_events,
+    refuse_unless_at_rest,
 )
 from .schema import (
     CHECKPOINT_COLUMNS,
@@ -491,12 +491,7 @@ class SQLiteStore:
             # what would refuse the resume refuses the answers too: nothing is half done
             self._refuse_if_stopped(conn)
             record = self._get(conn, run_id)
-            if record.status == "completed":
-                raise RunStatusError(run_id, record.status, "answer its requests")
-            if record.lease_live(now):
-                assert record.owner is not None
-                assert record.lease_expires_at is not None
-                raise LeaseHeldError(run_id, record.owner, record.lease_expires_at - now)
+            refuse_unless_at_rest(record, now, "answer its requests")
             for request_id, answer in answers:
                 cursor = conn.execute(
                     "UPDATE requests SET status = 'answered', answer = ?, answered_at = ? "
@@ -512,12 +507,7 @@ class SQLiteStore:
         with self._write() as conn:
             self._refuse_if_stopped(conn)
             record = self._get(conn, run_id)
-            if record.status == "completed":
-                raise RunStatusError(run_id, record.status, "resume it")
-            if record.lease_live(now):
-                assert record.owner is not None
-                assert record.lease_expires_at is not None
-                raise LeaseHeldError(run_id, record.owner, record.lease_expires_at - now)
+            refuse_unless_at_rest(record, now, "resume it")
             conn.execute(
                 "UPDATE runs SET owner = ?, epoch = epoch + 1, lease_expires_at = ?, "
                 "status = ?, abort_requested = NULL, updated_at = ? WHERE run_id = ?",
