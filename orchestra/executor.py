@@ -63,7 +63,7 @@ from .outcome import RunOutcome, RunStatus, Usage
 from .routing import initial_tasks, next_tasks, normalize
 from .safeguards.budgets import Budget, BudgetStop, Spend, StateSize
 from .safeguards.caps import field_caps
-from .safeguards.interrupts import Request, StepInterrupted, request_id
+from .safeguards.interrupts import Request, StepInterrupted, aborted, request_id
 from .safeguards.loops import Detection, LoopWatch
 from .state import FieldDelta
 from .tools import Effect
@@ -330,7 +330,7 @@ class Execution:
         if self.recorder is not None and not isinstance(error, LeaseLostError):
             stored = self._stored_usage()
             if self.loops is not None and self._keeps_watch(status):
-                stored["loop_watch"] = self.loops.snapshot(self.step)
+                stored["loop_watch"] = self.loops.snapshot(self.step, self.state)
             try:
                 await self.recorder.finish(
                     status=str(status),
@@ -479,20 +479,24 @@ class Execution:
         if self.loops is not None:
             self._guard_loops(step, state, deltas, following, results, tasks)
         if self.graph.interrupt_after and following and self.status is RunStatus.RUNNING:
-            self._breakpoint("after", step, tasks)
+            # an agent between turns has not finished its visit: it is stopped after its answer
+            done = [t for t, r in zip(tasks, results, strict=True) if not r.again]
+            self._breakpoint("after", step, done)
 
     def _breakpoint(self, where: str, step: int, tasks: list[Task]) -> bool:
         """Stop at an ``interrupt_before`` / ``interrupt_after`` node unless an operator
         already let this step pass; return whether the run stopped."""
         marked = self.graph.interrupt_before if where == "before" else self.graph.interrupt_after
+        if where == "before":  # an agent is stopped before a visit, not before each turn
+            tasks = [t for t in tasks if not self._mid_visit(t)]
         nodes = sorted({t.node for t in tasks if t.node in marked})
         if not nodes:
             return False
         rid = request_id(self.run_id, step, where, 0, f"{where}:{','.join(nodes)}")
         row = self.gateway.requests.get(rid)
-        if row is not None and row.status != "open":
-            return False  # answered: go on (an abort stopped the run at its resume)
-        if row is not None:  # asked again: as stored
+        if row is not None and row.status != "open" and not aborted(row):
+            return False  # answered: go on
+        if row is not None and row.status == "open":  # asked again: as stored
             self.status, self.pending = RunStatus.INTERRUPTED, [Request.from_row(row)]
             self.reason = f"breakpoint {where} {row.task} at step {step}"
             return True
@@ -511,6 +515,16 @@ class Execution:
         self.status, self.pending = RunStatus.INTERRUPTED, [request]
         self.reason = f"breakpoint {where} {', '.join(nodes)} at step {step}"
         return True
+
+    def _mid_visit(self, task: Task) -> bool:
+        """Tell whether an agent's task is between turns (its tool results wait for it)."""
+        if self.graph.nodes[task.node].kind != "agent":
+            return False
+        history = self.memory.get(conversation_key(task.node, task.label, task.payload))
+        if not history:
+            return False
+        last = history[-1]
+        return not (last.role == "assistant" and not last.tool_calls)
 
     async def _expire_request(self, row: RequestRow) -> None:
         """Mark an unanswered request expired (a held call is then rejected)."""

@@ -53,7 +53,13 @@ from .models.base import (
     ToolCall,
     estimate_request_tokens,
 )
-from .safeguards.arbitration import Arbitration, Conflict, ProposedCall, plan_calls
+from .safeguards.arbitration import (
+    Arbitration,
+    Conflict,
+    ProposedCall,
+    plan_calls,
+    strictest,
+)
 from .safeguards.budgets import (
     DEFAULT_MAX_OUTPUT_TOKENS,
     Reservation,
@@ -74,6 +80,7 @@ __all__ = ("CallOutcome", "Caller", "Gateway", "Meter")
 
 # statuses of calls that never ran (not counted as tool calls)
 NOT_RUN = frozenset({"denied", "invalid_arguments", "in_doubt", "rejected", "conflict"})
+_DECIDED = frozenset({"rejected", "conflict"})
 # the ledger's task for the act phase's arbitration decisions
 ARBITER = "@arbiter"
 # failures of a read or write tool that are not recorded: a node retry or a re-run of the
@@ -828,7 +835,12 @@ class Gateway:
         assert item.tool is not None
         assert self.arbitration is not None
         own = item.tool.arbitration
-        policy = own if own is not None else self.arbitration.policy_for(item.resources)
+        arbitration = self.arbitration
+        policy = (
+            own
+            if own is not None
+            else strictest(arbitration.policy_for((r,)) for r in item.resources)
+        )
         name = policy if isinstance(policy, str) else "serialize"
         got = await self.locks.acquire(
             item.resources,
@@ -1130,7 +1142,8 @@ class Gateway:
     def _report(self, item: PlannedCall, outcome: CallOutcome, duration: float) -> None:
         if outcome.status == "denied":
             self.meter.denied(item.caller.node)
-        level = "debug" if outcome.ok else "warning"
+        # a rejection or a lost conflict is a decision, not a failure
+        level = "debug" if outcome.ok else "info" if outcome.status in _DECIDED else "warning"
         self.emit(
             ToolCalled(
                 run_id=self.run_id,

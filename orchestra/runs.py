@@ -41,6 +41,7 @@ from .safeguards.interrupts import (
     Reject,
     Request,
     Retry,
+    aborted,
 )
 from .state import describe_validation_error
 from .store.base import (
@@ -176,8 +177,9 @@ async def prepare_resume(
     # without one asks again and runs nothing
     waiting = [
         Request.from_row(row)
-        for row in await store.requests(run_id)
+        for row in await store.requests(run_id, statuses=("open", "used"))
         if row.kind in ("loop", "after")
+        and (row.status == "open" or (row.step == step and aborted(row)))
     ]
     if waiting and stop is None:
         execution.status, execution.pending = RunStatus.INTERRUPTED, waiting
@@ -472,8 +474,8 @@ async def answer_requests(
 async def apply_answers(store: Store, run_id: str, epoch: int) -> str | None:
     """Apply, under the lease, the recorded answers a resume acts on before it runs:
     in-doubt calls (to the ledger), breakpoints and suspected loops; mark them used (a
-    breakpoint or loop answered with an abort is open again instead, for the next resume to
-    ask) and return the reason if one stops the run. (Approvals, questions and conflicts are used
+    breakpoint or loop answered with an abort is asked again by the next resume) and
+    return the reason if one stops the run. (Approvals, questions and conflicts are used
     by the step itself when it gets to them.) Applying twice, after a crash in between,
     changes nothing more."""
     stop = None
@@ -495,19 +497,10 @@ async def apply_answers(store: Store, run_id: str, epoch: int) -> str | None:
             elif entry is not None and entry.status == "started":
                 await store.delete_ledger(run_id, epoch, row.step, row.task, entry.seq)
         elif said == "abort":
+            # the run stops here; what it stopped at is asked again by the next resume
+            # (a used abort is asked again: a crash before the abort is recorded loses
+            # nothing)
             stop = str(answer.get("reason") or "aborted by an operator's answer")
-            if row.kind != "in_doubt":
-                # the run stops here; what it stopped at is asked again by the next resume
-                # (open again, not used: a crash before the abort is recorded loses nothing)
-                await store.answer_request(
-                    run_id,
-                    epoch,
-                    row.request_id,
-                    row.answer or "{}",
-                    status="open",
-                    expected="answered",
-                )
-                continue
         await store.answer_request(
             run_id, epoch, row.request_id, row.answer or "{}", status="used", expected="answered"
         )

@@ -343,6 +343,25 @@ def test_planner_first_matching_per_resource_pattern_wins() -> None:
     assert arbitration.policy_for({"slot:2"}) == "serialize"
 
 
+@pytest.mark.parametrize(
+    "patterns",
+    [
+        {"slot:*": "reject_all", "acct:*": "first_wins"},
+        {"acct:*": "first_wins", "slot:*": "reject_all"},
+    ],
+)
+def test_planner_conflict_over_resources_of_different_policies_takes_the_strictest(
+    patterns: dict[str, str],
+) -> None:
+    """One conflict over resources whose patterns name different policies follows the
+    strictest of them, whatever the patterns' order or the resources' names."""
+    result = plan(
+        [call("a#1", {"acct:1"}), call("b#1", {"acct:1", "slot:1"}), call("c#1", {"slot:1"})],
+        per_resource=patterns,
+    )
+    assert [(d.policy, d.run) for d in result.decisions] == [("reject_all", [])]
+
+
 def test_planner_tool_policy_overrides_the_graph_and_per_resource() -> None:
     """A tool's own arbitration beats the per-resource and default policies."""
     result = plan(

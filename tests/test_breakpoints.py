@@ -155,16 +155,18 @@ async def test_breakpoints_stop_answer_aborts_the_run(
 
 @pytest.mark.parametrize("where", ["before", "after"])
 async def test_breakpoints_resume_after_an_abort_asks_again(store: Store, where: str) -> None:
-    """A run aborted at a breakpoint stops at it again when resumed: the request is open
-    again, a plain resume runs nothing, and Continue() then goes on."""
+    """A run aborted at a breakpoint stops at it again when resumed: the aborted run lists
+    no open request, a plain resume runs nothing and asks it again, and Continue() then
+    goes on."""
     runs: list[str] = []
     app = chain(runs, store=store, **{f"interrupt_{where}": ["b"]})
     with anyio.fail_after(5):
         first = await app.run(S(), run_id="r1")
         ran = list(runs)
         (request,) = first.pending
-        await app.resume("r1", answers={request.id: Abort("not today")})
-        assert [r.request_id for r in await store.requests("r1")] == [request.id]
+        aborted = await app.resume("r1", answers={request.id: Abort("not today")})
+        assert aborted.status is RunStatus.ABORTED
+        assert await store.requests("r1") == []
         again = await app.resume("r1")
         assert again.status is RunStatus.INTERRUPTED
         assert [r.id for r in again.pending] == [request.id]
@@ -253,3 +255,43 @@ def test_breakpoints_compile_rejects_a_string() -> None:
     """interrupt_before takes a list of names, not one string (which would be letters)."""
     with pytest.raises(GraphValidationError, match="list of node names"):
         chain([], interrupt_before="b")
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+async def test_breakpoints_stop_an_agent_once_per_visit(store: Store, where: str) -> None:
+    """An agent taking three turns (two rounds of tool calls, then its answer) is stopped
+    once: before its first turn, or after its answer; not at every turn."""
+    from orchestra import Agent, Effect, tool
+    from orchestra.models import ModelResponse, ScriptedModel, ToolCall
+
+    @tool(effect=Effect.READ)
+    async def peek(q: str) -> str:
+        """Look."""
+        return "seen"
+
+    def look(q: str) -> ModelResponse:
+        return ModelResponse(tool_calls=(ToolCall(name="peek", arguments={"q": q}),))
+
+    model = ScriptedModel({"agent": [look("1"), look("2"), "done"]})
+    runs: list[str] = []
+
+    async def after(state: S, ctx: NodeContext) -> dict[str, Any]:
+        runs.append("after")
+        return {"visits": "after"}
+
+    graph: Graph[S] = Graph(S)
+    graph.add_node(Agent("agent", model=model, tools=[peek]))
+    graph.add_node("next", after)
+    graph.add_edge(START, "agent")
+    graph.add_edge("agent", "next")
+    graph.add_edge("next", END)
+    app = graph.compile(store=store, **{f"interrupt_{where}": ["agent"]})
+    stops = []
+    with anyio.fail_after(5):
+        outcome = await app.run(S(), run_id="r1")
+        while outcome.status is RunStatus.INTERRUPTED and len(stops) < 5:
+            stops.append([(r.kind, r.node, r.step) for r in outcome.pending])
+            outcome = await app.resume("r1", answers={r.id: Continue() for r in outcome.pending})
+    assert outcome.status is RunStatus.COMPLETED
+    assert stops == [[(where, "agent", 1 if where == "before" else 3)]]
+    assert runs == ["after"]

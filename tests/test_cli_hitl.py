@@ -242,8 +242,12 @@ def test_pending_shows_when_a_request_expires(db: Path) -> None:
     assert lines[1] == "run request id kind node step asked expires asks"
     assert " 1 just now in 59m " in lines[3]
     expire(db, request.id)
-    assert " 1 just now expired " in squeezed(cli(db, "pending").stdout)[3]
+    lines = squeezed(cli(db, "pending").stdout)
+    assert " 1 just now expired " in lines[3]
     assert json.loads(cli(db, "pending", "--json").stdout)[0]["expired"] is True
+    # no verbs that would fail: only what settles it
+    assert not any(line.startswith("answer with") for line in lines)
+    assert any(line.startswith("expired requests can no longer be answered") for line in lines)
 
 
 # -- approve ----------------------------------------------------------------------------------
@@ -950,3 +954,13 @@ def test_timeline_request_answered_entry(answer: dict[str, Any], said: str) -> N
     )  # fmt: skip
     assert entry.what == "operator answered approval request"
     assert entry.notes == f"req_1 (billing): {said}"
+
+
+def test_resume_that_stops_again_names_what_it_waits_for(db: Path, approval: Request) -> None:
+    """A resume that stops at a request (here the same approval, unanswered) lists it and
+    where to answer it, then exits 1."""
+    result = cli(db, "resume", "desk")
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert f"waits   {approval.id} (approval): {approval.describe()}" in lines
+    assert lines[-1] == "answer  see `orchestra pending --run desk`"

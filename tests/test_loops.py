@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from pydantic import BaseModel
@@ -25,6 +25,7 @@ from orchestra import (
     NodeContext,
     RunStatus,
     Send,
+    append,
     tool,
 )
 from orchestra.errors import AnswerError
@@ -514,7 +515,82 @@ async def test_loops_watch_of_another_state_is_not_taken_over() -> None:
     guard = LoopGuard()
     watch = LoopWatch(guard, S(counter=1), 0)
     watch.after_step(1, S(counter=1), {}, ("a",), False)
-    kept = watch.snapshot(1)
+    kept = watch.snapshot(1, S(counter=1))
     assert LoopWatch(guard, S(counter=1), 1).restore(kept)
     assert not LoopWatch(guard, S(counter=2), 1).restore(kept)
     assert not LoopWatch(guard, S(counter=1), 1).restore({**kept, "window": "garbage"})
+
+
+class Noted(BaseModel):
+    notes: Annotated[list[str], append] = []
+    answer: str | None = None
+
+
+async def test_loops_watch_goes_on_across_interrupts_after_appends(store: Store) -> None:
+    """The kept watch is taken back when the state has list fields that grew by appends
+    (the running fingerprint folds appends in; a resumed one starts from the whole list)."""
+    from orchestra import Approve
+
+    runs: list[int] = []
+
+    @tool(effect=Effect.IRREVERSIBLE)
+    async def pay(to: str) -> str:
+        """Pay someone."""
+        runs.append(1)
+        return "paid"
+
+    async def intake(state: Noted, ctx: NodeContext) -> dict[str, Any]:
+        return {"notes": "ticket opened"}
+
+    model = ScriptedModel(
+        lambda request: ModelResponse(tool_calls=(ToolCall(name="pay", arguments={"to": "x"}),))
+    )
+    graph: Graph[Noted] = Graph(Noted)
+    graph.add_node("intake", intake)
+    graph.add_node(Agent("a", model=model, tools=[pay], output="answer", max_turns=50))
+    graph.add_edge(START, "intake")
+    graph.add_edge("intake", "a")
+    graph.add_edge("a", END)
+    app = graph.compile(store=store, loop_guard=LoopGuard(repeats=None))
+    outcome = await app.run(Noted(), run_id="r1")
+    asked = 0
+    while outcome.status is RunStatus.INTERRUPTED and asked < 10:
+        asked += 1
+        outcome = await app.resume("r1", answers={r.id: Approve() for r in outcome.pending})
+    assert outcome.status is RunStatus.LOOP_DETECTED
+    assert (asked, len(runs)) == (3, 3)
+
+
+async def test_loops_kept_watch_leaves_out_the_step_that_did_not_commit(store: Store) -> None:
+    """A step stopped after its act phase (here by the state-size budget) is not counted
+    twice when it runs again: one call made once is never a repetition."""
+
+    @tool(effect=Effect.READ)
+    async def lookup(q: str) -> str:
+        """Look something up."""
+        return "found"
+
+    async def grow(state: Noted, ctx: NodeContext) -> dict[str, Any]:
+        return {"notes": "x" * 400}
+
+    model = ScriptedModel(
+        {
+            "a": [
+                ModelResponse(tool_calls=(ToolCall(name="lookup", arguments={"q": "1"}),)),
+                "done",
+            ]
+        }
+    )
+    graph: Graph[Noted] = Graph(Noted)
+    graph.add_node(Agent("a", model=model, tools=[lookup], output="answer"))
+    graph.add_node("grow", grow)
+    for name in ("a", "grow"):
+        graph.add_edge(START, name)
+        graph.add_edge(name, END)
+    app = graph.compile(store=store, budget=Budget(state_bytes=200))
+    outcome = await app.run(Noted(), run_id="r1")
+    assert outcome.status is RunStatus.BUDGET_EXCEEDED
+    for limit in (300, 100_000):  # still too small, then enough
+        await app.set_budget("r1", Budget(state_bytes=limit))
+        outcome = await app.resume("r1")
+    assert outcome.status is RunStatus.COMPLETED, outcome.stop_reason

@@ -48,9 +48,7 @@ def test_readme_agents_example_runs(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    printed = [
-        line for line in done.stdout.splitlines() if not re.match(r"\d{4}-\d\d-\d\d ", line)
-    ]
+    printed = [line for line in done.stdout.splitlines() if not re.match(r"\d{4}-\d\d-\d\d ", line)]
     held, first, second = printed[-3:]
     assert held == "interrupted approval refund {'order_id': '42', 'amount': 30.0}"
     assert first == "completed Refunded 30.00 on order 42."

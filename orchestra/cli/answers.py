@@ -86,13 +86,20 @@ def pending(settings: Settings, run_id: str | None, as_json: bool) -> None:
     count = len(requests)
     title = f"{count} open request{'' if count == 1 else 's'} in {where}"
     _print(requests_table(requests, now, title=title, runs=record is None))
-    click.echo("answer with:")
-    for line in verbs_hint([request.kind for request in requests]):
-        click.echo(line)
-    click.echo(
-        "then `orchestra resume RUN` (or add --resume); `orchestra show RUN` spells out the "
-        "answers of each request"
-    )
+    live = [request for request in requests if not request.expired(now)]
+    if len(live) < len(requests):
+        click.echo(
+            "expired requests can no longer be answered: `orchestra resume RUN` settles them "
+            "(a held call is rejected; a question raises RequestExpiredError in its node)"
+        )
+    if live:
+        click.echo("answer with:")
+        for line in verbs_hint([request.kind for request in live]):
+            click.echo(line)
+        click.echo(
+            "then `orchestra resume RUN` (or add --resume); `orchestra show RUN` spells out "
+            "the answers of each request"
+        )
 
 
 # -- the answer verbs -------------------------------------------------------------------------

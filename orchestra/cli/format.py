@@ -343,4 +343,8 @@ def format_resumed(outcome: RunOutcome[Any], from_step: int) -> list[str]:
         lines.append(f"error   {format_error(outcome.error)}")
     if outcome.next:
         lines.append(f"next    {', '.join(outcome.next)}")
+    for request in outcome.pending:  # what it waits for, and where to answer it
+        lines.append(f"waits   {request.id} ({request.kind}): {request.describe()}")
+    if outcome.pending:
+        lines.append(f"answer  see `orchestra pending --run {outcome.run_id}`")
     return lines

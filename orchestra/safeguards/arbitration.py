@@ -121,7 +121,8 @@ class Arbitration:
         return found
 
     def policy_for(self, resources: Iterable[str]) -> str | Arbiter:
-        """The policy for a call contesting ``resources`` (without a tool override)."""
+        """The policy the first pattern matching one of ``resources`` names (the default
+        without one); :func:`plan_calls` asks it one resource at a time."""
         if self.per_resource:
             for resource in sorted(resources):
                 for pattern, policy in self.per_resource.items():
@@ -139,6 +140,17 @@ def policy_problem(policy: object) -> str | None:
     if not callable(policy):
         return f"a policy is a name ({', '.join(POLICIES)}) or a function, got {policy!r}"
     return None
+
+
+def strictest(policies: Iterable[str | Arbiter]) -> str | Arbiter:
+    """The strictest of several policies (see the module doc); ties by name."""
+    return min(
+        policies,
+        key=lambda p: (
+            _STRICTNESS.get(p, _CUSTOM) if isinstance(p, str) else _CUSTOM,
+            policy_name(p),
+        ),
+    )
 
 
 def policy_name(policy: str | Arbiter) -> str:
@@ -344,17 +356,14 @@ def plan_calls(
     if free:
         plan.chains.append([list(free)])
     for members, resources in groups:
-        policies = []
+        policies: list[str | Arbiter] = []
         for call in members:
             own = tool_policy(call.tool)
-            policies.append(own if own is not None else arbitration.policy_for(resources))
-        policy = min(
-            policies,
-            key=lambda p: (
-                _STRICTNESS.get(p, _CUSTOM) if isinstance(p, str) else _CUSTOM,
-                policy_name(p),
-            ),
-        )
+            if own is not None:
+                policies.append(own)
+            else:  # each contested resource it touches names its own
+                policies.extend(arbitration.policy_for((r,)) for r in call.resources & resources)
+        policy = strictest(policies)
         conflict = Conflict(tuple(members), resources, policy_name(policy))
         key = digest(conflict)
         recorded = (settled or {}).get(key)

@@ -45,6 +45,7 @@ __all__ = (
     "Request",
     "Retry",
     "StepInterrupted",
+    "aborted",
     "request_id",
 )
 
@@ -186,7 +187,8 @@ class Edit:
 @dataclass(frozen=True, slots=True, init=False)
 class Choose:
     """Settle an escalated conflict: the calls (by the keys in the request's payload) that
-    run, one at a time in this order; every other call of the conflict loses."""
+    run, in this order (calls that conflict with each other one at a time); every other
+    call of the conflict loses."""
 
     keys: tuple[str, ...]
 
@@ -208,6 +210,18 @@ def _loads(text: str | None) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def aborted(row: RequestRow) -> bool:
+    """Tell whether a stored request was answered with an abort (the run stopped there: a
+    later resume asks it again)."""
+    if row.answer is None:
+        return False
+    try:
+        answer = json.loads(row.answer)
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and answer.get("answer") == "abort"
 
 
 def request_id(run_id: str, step: int, task: str, seq: int, kind: str, started: float = 0.0) -> str:

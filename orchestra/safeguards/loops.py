@@ -164,39 +164,60 @@ class LoopWatch:
         self._recent: dict[tuple[int, tuple[str, ...]], deque[int]] = {}
         self._clock = 0  # steps checked by the state detector
         self._calls: dict[tuple[str, str, str], deque[int]] = {}
-        self._nudged: set[tuple[str, str, str]] = set()
+        self._nudged: dict[tuple[str, str, str], int] = {}  # told once: at which step
         self._outputs: dict[str, list[tuple[int, str]]] = {}
         self._progressed = step
 
     def fingerprint(self) -> int:
         return self._print
 
-    def snapshot(self, step: int) -> dict[str, Any]:
-        """What the detectors remember, as JSON data (kept with a stopped run, so its
-        resume goes on watching instead of starting afresh). ``step``: the checkpoint it
-        belongs to."""
+    def _full_print(self, state: BaseModel) -> int:
+        """The fingerprint of ``state`` computed from scratch (what a new watch starts
+        from; the running one folds appends in, so it differs once a list grew)."""
+        found = 0
+        for name in type(state).model_fields:
+            if name not in self._skip:
+                found ^= _field_hash(name, getattr(state, name))
+        return found
+
+    def snapshot(self, step: int, state: BaseModel) -> dict[str, Any]:
+        """What the detectors remember of the committed steps up to ``step``, as JSON data
+        (kept with a stopped run, so its resume goes on watching instead of starting
+        afresh). Calls of a step that did not commit are left out (its re-run makes them
+        again), and so is what has left the window."""
+        horizon = step - self.guard.window
+        calls = []
+        for key, steps in self._calls.items():
+            kept = [s for s in steps if horizon < s <= step]
+            if kept:
+                calls.append([*key, kept])
         return {
             "step": step,
+            "state": self._full_print(state),
             "fingerprint": self._print,
+            "hashes": dict(self._hashes),
             "window": [[clock, fp, list(ready)] for clock, (fp, ready) in self._window],
             "recent": [
                 [fp, list(ready), list(steps)] for (fp, ready), steps in self._recent.items()
             ],
             "clock": self._clock,
-            "calls": [[*key, list(steps)] for key, steps in self._calls.items()],
-            "nudged": [list(key) for key in self._nudged],
+            "calls": calls,
+            "nudged": [[*key, at] for key, at in self._nudged.items() if at <= step],
             "outputs": {
-                label: [list(item) for item in run] for label, run in self._outputs.items()
+                label: [list(item) for item in run if item[0] <= step]
+                for label, run in self._outputs.items()
             },
-            "progressed": self._progressed,
+            "progressed": min(self._progressed, step),
         }
 
     def restore(self, data: Mapping[str, Any]) -> bool:
-        """Take back what :meth:`snapshot` kept, if it belongs to this very state (its
-        fingerprint matches); return whether it did."""
-        if data.get("fingerprint") != self._print:
+        """Take back what :meth:`snapshot` kept, if it was kept with this very state;
+        return whether it did."""
+        if data.get("state") != self._print:
             return False  # another state (an edited run, another graph): start afresh
         try:
+            hashes = {str(k): int(v) for k, v in data["hashes"].items()}
+            fingerprint = int(data["fingerprint"])
             window = deque(
                 (int(clock), (int(fp), tuple(ready))) for clock, fp, ready in data["window"]
             )
@@ -208,14 +229,16 @@ class LoopWatch:
                 (str(node), str(tool), str(text)): deque(int(s) for s in steps)
                 for node, tool, text, steps in data["calls"]
             }
-            nudged = {(str(a), str(b), str(c)) for a, b, c in data["nudged"]}
+            nudged = {(str(a), str(b), str(c)): int(at) for a, b, c, at in data["nudged"]}
             outputs = {
                 str(label): [(int(s), str(t)) for s, t in run]
                 for label, run in data["outputs"].items()
             }
             clock, progressed = int(data["clock"]), int(data["progressed"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             return False  # written by another version: start afresh
+        # the running fingerprint (appends folded in), so the window's keys still match
+        self._hashes, self._print = hashes, fingerprint
         self._window, self._recent, self._calls = window, recent, calls
         self._nudged, self._outputs = nudged, outputs
         self._clock, self._progressed = clock, progressed
@@ -331,7 +354,9 @@ class LoopWatch:
         args = json.dumps(arguments, sort_keys=True, separators=(",", ":"), default=str)
         # with the state as it is: the same lookup once per round of a progressing run is
         # not a repetition
-        key = (node, tool, f"{args}\x00{result}\x00{self._print}")
+        # (the result by its digest: a large result need not be kept to be compared)
+        digest = blake2b(result.encode(), digest_size=8).hexdigest()
+        key = (node, tool, f"{args}\x00{digest}\x00{self._print}")
         steps = self._calls.setdefault(key, deque())
         steps.append(step)
         while steps and steps[0] <= step - guard.window:
@@ -345,7 +370,7 @@ class LoopWatch:
             {"node": node, "tool": tool, "arguments": arguments, "steps": list(steps)},
         )
         if guard.policy_for("same_call") == "nudge" and key not in self._nudged:
-            self._nudged.add(key)  # told once; the next repetition stops the run
+            self._nudged[key] = step  # told once; the next repetition stops the run
             return detection, True
         return detection, False
 
