@@ -908,3 +908,31 @@ async def test_approvals_expiry_is_an_approval_decision(store: Store) -> None:
         await app.resume("r1")
     rows = [json.loads(e.data) for e in await store.events("r1") if e.kind == "approval_decided"]
     assert [(r["request_id"], r["decision"]) for r in rows] == [(request.id, "expired")]
+
+
+async def test_approvals_request_left_behind_is_closed_when_the_run_completes(
+    store: Store,
+) -> None:
+    """A held call the re-run step no longer makes (its node took another path) leaves no
+    open request once the run completes: nothing lists it or can answer it."""
+    desk = Desk()
+    pay = {"now": True}
+
+    async def payer(state: S, ctx: NodeContext) -> dict[str, Any]:
+        if pay["now"]:
+            await ctx.call_tool(desk.refund, order_id="7", amount=250)
+        return {"note": "done"}
+
+    app = paying(desk, payer, store=store)
+    with anyio.fail_after(5):
+        first = await app.run(S(), run_id="r1")
+        (request,) = first.pending
+        pay["now"] = False
+        done = await app.resume("r1")
+    assert done.status is RunStatus.COMPLETED
+    assert await app.pending() == ()
+    (row,) = await store.requests("r1", statuses=())
+    assert (row.request_id, row.status) == (request.id, "closed")
+    with pytest.raises((AnswerError, RunStatusError)):
+        await app.answer("r1", {request.id: Approve()})
+    assert desk.ran == []

@@ -134,7 +134,8 @@ class RequestRow:
     ``payload`` and ``answer`` are JSON; ``schema`` the JSON schema of a valid answer.
     ``status`` is ``open`` until answered, then ``answered``; ``used`` once a resume has
     applied it (in-doubt calls, breakpoints, loops); ``expired`` if it was not answered in
-    time.
+    time; ``closed`` if the run completed without asking it again (a step that took
+    another path).
     """
 
     run_id: str
@@ -208,7 +209,7 @@ class Store(Protocol):
     ) -> None:
         """Record the run's final status for now and release its lease; store ``requests``
         in the same transaction (one still open stays as it is; one already answered is
-        open again, since it is asked again)."""
+        open again, since it is asked again). A completed run's open requests are closed."""
         ...
 
     async def put_ledger(self, run_id: str, epoch: int, entry: LedgerEntry) -> None:

@@ -148,6 +148,10 @@ class MemoryStore:
             known = kept.get(request.request_id)
             if known is None or known.status != "open":
                 kept[request.request_id] = request
+        if status == "completed":  # nothing is left to ask: what is still open is moot
+            for request_id, row in list(kept.items()):
+                if row.status == "open":
+                    kept[request_id] = replace(row, status="closed")
         self._runs[run_id] = replace(
             record,
             status=status,

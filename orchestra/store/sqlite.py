@@ -393,6 +393,11 @@ class SQLiteStore:
                 f"expires_at = excluded.expires_at WHERE requests.status != 'open'",
                 [_request_values(r) for r in requests],
             )
+            if status == "completed":  # nothing is left to ask: what is still open is moot
+                conn.execute(
+                    "UPDATE requests SET status = 'closed' WHERE run_id = ? AND status = 'open'",
+                    (run_id,),
+                )
 
     # -- ledger, requests -----------------------------------------------------------------
 
