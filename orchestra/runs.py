@@ -491,7 +491,10 @@ async def apply_answers(store: Store, run_id: str, epoch: int) -> str | None:
                 (e for e in entries if e.task == row.task and e.seq == payload.get("seq")), None
             )
             if entry is not None and said == "done":
-                outcome = compact_json({"status": "ok", "result": answer.get("result")})
+                done_outcome: dict[str, Any] = {"status": "ok", "result": answer.get("result")}
+                if payload.get("edited"):  # its caller is told the arguments were changed
+                    done_outcome["edited_arguments"] = payload.get("arguments")
+                outcome = compact_json(done_outcome)
                 done = replace(entry, status="done", result=outcome, finished_at=time.time())
                 await store.put_ledger(run_id, epoch, done)
             elif entry is not None and entry.status == "started":
