@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -566,11 +566,9 @@ class Gateway:
                 item = self._prepare(caller, call, caller.next_seq())
                 if item.outcome is not None or self._entry(item) is not None:
                     continue
-                row = self.requests.get(self._approval_id(item))
-                if row is None and self._needs_approval(policy, item):
-                    asked.append(self._approval_request(item, policy))
-                elif row is not None and row.status == "open":
-                    asked.append(Request.from_row(row))
+                request = self._ask(item, policy, self.requests.get(self._approval_id(item)))
+                if request is not None:
+                    asked.append(request)
         return asked
 
     async def _approve(self, calls: Sequence[PlannedCall]) -> None:
@@ -582,26 +580,30 @@ class Gateway:
             return
         asked = []
         for item in calls:
-            assert item.tool is not None
             if self._entry(item) is not None:
                 continue  # the approved call already started, or ran
             row = self.requests.get(self._approval_id(item))
-            # once asked, a call waits for its answer even if the rule would now let it pass
-            if row is None and not self._needs_approval(policy, item):
-                continue
-            request = self._approval_request(item, policy)
             if row is not None and row.status == "open" and _expired(row):
                 if self.expire is not None:
                     await self.expire(row)
-                row = replace_row(row, status="expired")
-            if row is None:
+                row = replace(row, status="expired")
+            request = self._ask(item, policy, row)
+            if request is not None:
                 asked.append(request)
-            elif row.status == "open":  # asked again: as stored (its time, its expiry)
-                asked.append(Request.from_row(row))
-            else:
+            elif row is not None:
                 self._apply_approval(item, row)
         if asked:
             raise StepInterrupted(asked)
+
+    def _ask(self, item: PlannedCall, policy: Approvals, row: RequestRow | None) -> Request | None:
+        """The request a call waits for, if it waits: a new one when the policy holds it,
+        the stored one while it is open (once asked, a call waits for its answer even if
+        the rule would now let it pass); None once answered, or when it is not held."""
+        if row is None:
+            return (
+                self._approval_request(item, policy) if self._needs_approval(policy, item) else None
+            )
+        return Request.from_row(row) if row.status == "open" else None
 
     @staticmethod
     def _needs_approval(policy: Approvals, item: PlannedCall) -> bool:
@@ -917,7 +919,7 @@ class Gateway:
         if row is not None and row.status == "open" and _expired(row):
             if self.expire is not None:
                 await self.expire(row)
-            row = replace_row(row, status="expired")
+            row = replace(row, status="expired")
         if row is not None and row.status == "expired":
             raise RequestExpiredError(self.run_id, rid, prompt)
         problem = None
@@ -1206,12 +1208,6 @@ def _answer(row: RequestRow) -> dict[str, Any]:
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def replace_row(row: RequestRow, **changes: Any) -> RequestRow:
-    from dataclasses import replace
-
-    return replace(row, **changes)
 
 
 def _conflict_digest(conflict: Conflict) -> str:
