@@ -373,10 +373,13 @@ class CompiledGraph(Generic[StateT]):
 
     async def pending(self, run_id: str | None = None) -> tuple[Request, ...]:
         """Return the open requests of one run, or of every run in the store, oldest
-        first."""
+        first. Raises :class:`~orchestra.errors.RunNotFoundError` for an unknown run."""
         from .safeguards.interrupts import Request
 
-        rows = await self._require_store().requests(run_id)
+        store = self._require_store()
+        if run_id is not None:
+            await store.get_run(run_id)  # an unknown run is said so (RunNotFoundError)
+        rows = await store.requests(run_id)
         return tuple(Request.from_row(row) for row in rows)
 
     async def abort(self, run_id: str, reason: str = "aborted by operator") -> RunRecord:

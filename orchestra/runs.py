@@ -130,12 +130,9 @@ async def prepare_resume(
             usage[key] = max(usage.get(key, 0), record.usage.get(key, 0))
         done = {write.task: load_result(write.result) for write in pending}
         entries = await store.ledger(run_id, step + 1)
+        rows = await store.requests(run_id, statuses=())
         # the requests of the step to run (approvals, questions, conflicts, a breakpoint)
-        requests = {
-            row.request_id: row
-            for row in await store.requests(run_id, statuses=())
-            if row.step == step + 1
-        }
+        requests = {row.request_id: row for row in rows if row.step == step + 1}
     except Exception as exc:
         message = f"could not load the run to resume it: {type(exc).__name__}: {exc}"
         await store.finish_run(
@@ -177,9 +174,9 @@ async def prepare_resume(
     # without one asks again and runs nothing
     waiting = [
         Request.from_row(row)
-        for row in await store.requests(run_id, statuses=("open", "used"))
+        for row in rows
         if row.kind in ("loop", "after")
-        and (row.status == "open" or (row.step == step and aborted(row)))
+        and (row.status == "open" or (row.status == "used" and row.step == step and aborted(row)))
     ]
     if waiting and stop is None:
         execution.status, execution.pending = RunStatus.INTERRUPTED, waiting
@@ -465,6 +462,7 @@ async def answer_requests(
 ) -> list[RequestRow]:
     """Check and record answers without resuming the run (the CLI's answer verbs, and
     ``app.answer``); return the requests of the run still open."""
+    await store.get_run(run_id)  # an unknown run is said so (RunNotFoundError)
     checked = _new(await check_answers(app, store, run_id, answers))
     if checked:
         await record_answers(store, run_id, checked)

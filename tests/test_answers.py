@@ -392,3 +392,15 @@ async def test_answers_without_the_app_cannot_check_an_edit(store: Store) -> Non
     with pytest.raises(AnswerError, match="needs the run's app"):
         await answer_requests(None, store, "r1", answer)
     await desk.unchanged(requests)
+
+
+async def test_answers_for_an_unknown_run_say_so(store: Store) -> None:
+    """app.answer and app.pending name an unknown run (not "no such request")."""
+    from orchestra.errors import RunNotFoundError
+
+    desk = Desk(store)
+    await desk.start()
+    with pytest.raises(RunNotFoundError):
+        await desk.app.answer("nope", {"req_x": Approve()})
+    with pytest.raises(RunNotFoundError):
+        await desk.app.pending("nope")
