@@ -41,14 +41,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import anyio
+from crash_child import configure_logging, resume_waiting, summary
 from pydantic import BaseModel
 
 from orchestra import (
@@ -65,7 +64,6 @@ from orchestra import (
     ToolContext,
     tool,
 )
-from orchestra.errors import LeaseHeldError
 from orchestra.models import ModelRequest, ModelResponse, ScriptedModel, ToolCall
 from orchestra.store import SQLiteStore
 from orchestra.store.base import LedgerEntry
@@ -250,22 +248,12 @@ async def execute(
             if answer is not None:
                 answers = {r.request_id: ANSWERS[answer]() for r in await store.requests(run_id)}
                 answered = sorted(answers)
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    outcome = await app.resume(run_id, answers=answers)
-                    break
-                except LeaseHeldError as exc:
-                    if not wait or time.monotonic() > deadline:
-                        raise
-                    await anyio.sleep(max(exc.expires_in, 0.0) + 0.01)
+            outcome = await resume_waiting(app, run_id, wait=wait, answers=answers)
     finally:
         await store.aclose()
     usage = outcome.usage
     return {
-        "status": str(outcome.status),
-        "steps": outcome.steps,
-        "state": outcome.state.model_dump(mode="json"),
+        **summary(outcome),
         "usage": {
             "input_tokens": usage.input_tokens,
             "output_tokens": usage.output_tokens,
@@ -276,19 +264,7 @@ async def execute(
         "pending": [request.id for request in outcome.pending],
         "answered": answered,
         "stop_reason": outcome.stop_reason,
-        "error_type": type(outcome.error).__name__ if outcome.error else None,
-        "error": str(outcome.error) if outcome.error else None,
     }
-
-
-def configure_logging() -> None:
-    import structlog
-
-    # stdout carries only the JSON summary
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -38,10 +37,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
+from crash_child import configure_logging, resume_waiting, summary
 from pydantic import BaseModel
 
 from orchestra import END, START, CompiledGraph, Graph, NodeContext, OrchestraError, Send, append
-from orchestra.errors import LeaseHeldError
 from orchestra.store import SQLiteStore, Store
 
 FAN_AT = 5  # the count step whose route fans out (its counter value)
@@ -138,34 +137,10 @@ async def execute(
         if command == "run":
             outcome = await app.run(CrashState(), run_id=run_id)
         else:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    outcome = await app.resume(run_id)
-                    break
-                except LeaseHeldError as exc:
-                    if not wait or time.monotonic() > deadline:
-                        raise
-                    await anyio.sleep(max(exc.expires_in, 0.0) + 0.01)
+            outcome = await resume_waiting(app, run_id, wait=wait)
     finally:
         await store.aclose()
-    return {
-        "status": str(outcome.status),
-        "steps": outcome.steps,
-        "state": outcome.state.model_dump(mode="json"),
-        "error_type": type(outcome.error).__name__ if outcome.error else None,
-        "error": str(outcome.error) if outcome.error else None,
-    }
-
-
-def configure_logging() -> None:
-    import structlog
-
-    # stdout carries only the JSON summary
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
+    return summary(outcome)
 
 
 def main(argv: list[str] | None = None) -> int:
