@@ -8,19 +8,14 @@ supersteps. Everything public is importable from here or from a named subpackage
 import typing as _typing
 
 from ._version import __version__ as __version__
-from .compile import CompiledGraph as CompiledGraph
+from .app import CompiledGraph as CompiledGraph
 from .context import NodeContext as NodeContext
 from .errors import GraphValidationError as GraphValidationError
 from .errors import NodeError as NodeError
 from .errors import OrchestraError as OrchestraError
 from .errors import RunError as RunError
 from .errors import StateConflictError as StateConflictError
-from .graph import END as END
-from .graph import START as START
-from .graph import Command as Command
 from .graph import Graph as Graph
-from .graph import RetryPolicy as RetryPolicy
-from .graph import Send as Send
 from .outcome import RunOutcome as RunOutcome
 from .outcome import RunStatus as RunStatus
 from .outcome import Usage as Usage
@@ -45,6 +40,11 @@ from .safeguards.interrupts import Edit as Edit
 from .safeguards.interrupts import Reject as Reject
 from .safeguards.interrupts import Request as Request
 from .safeguards.interrupts import Retry as Retry
+from .specs import END as END
+from .specs import START as START
+from .specs import Command as Command
+from .specs import RetryPolicy as RetryPolicy
+from .specs import Send as Send
 
 if _typing.TYPE_CHECKING:
     from .agents import Agent as Agent

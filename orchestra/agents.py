@@ -18,26 +18,46 @@ instructions.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from ._tasks import NO_PAYLOAD
-from .checkpoint import compact_json
+from ._json import compact_json
 from .errors import AgentOutputError, AgentTurnsError, InvalidUpdateError
-from .models.base import Message, ModelRequest, ToolCall, ToolSpec
+from .models.base import Message, ModelRequest, ModelResponse, ToolCall, ToolSpec
 from .safeguards.budgets import Budget
 from .safeguards.caps import Cap
+from .specs import NO_PAYLOAD
 from .tools import Tool, describe_validation_error
 
 if TYPE_CHECKING:
-    from .context import NodeContext
     from .models.base import Model
     from .state import StateSchema
 
-__all__ = ("Agent", "AgentTurn")
+__all__ = ("Agent", "AgentTurn", "TurnContext")
+
+
+class TurnContext(Protocol):
+    """What one agent turn needs from the run (a :class:`~orchestra.NodeContext` is one)."""
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def node(self) -> str: ...
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def state(self) -> Any: ...
+
+    async def call_model(self, model: Model, request: ModelRequest) -> ModelResponse: ...
 
 
 @dataclass(slots=True)
@@ -177,7 +197,7 @@ class Agent:
 
     # -- one turn -------------------------------------------------------------------------
 
-    async def turn(self, arg: Any, ctx: NodeContext, conversation: Sequence[Message]) -> AgentTurn:
+    async def turn(self, arg: Any, ctx: TurnContext, conversation: Sequence[Message]) -> AgentTurn:
         """Take one turn: call the model once on the conversation, then either propose tool
         calls or give the final output."""
         new: list[Message] = []
@@ -196,9 +216,9 @@ class Agent:
             stop=self.stop,
             agent=self.name,
         )
-        response = await ctx._call_model(self.model, request)
+        response = await ctx.call_model(self.model, request)
         calls = tuple(
-            call if call.id else call.model_copy(update={"id": f"{ctx._label}-{ctx.step}-{i}"})
+            call if call.id else call.model_copy(update={"id": f"{ctx.label}-{ctx.step}-{i}"})
             for i, call in enumerate(response.tool_calls)
         )
         new.append(
@@ -315,10 +335,6 @@ def conversation_key(node: str, label: str, payload: Any) -> str:
     """Where a task's conversation is kept: one per agent for visits started by edges or
     routes; one per task for agents started by ``Send`` (dropped when it finishes)."""
     return node if payload is NO_PAYLOAD else f"send:{label}"
-
-
-def tool_map(tools: Iterable[Any]) -> Mapping[str, Tool]:
-    return {t.name: t for t in tools if isinstance(t, Tool)}
 
 
 def hold_conversation(messages: list[Message], cap: Cap, run_id: str, label: str) -> list[Message]:

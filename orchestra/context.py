@@ -3,17 +3,57 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._logging import get_logger
 from .outcome import Usage
 
 if TYPE_CHECKING:
-    from .gateway import Caller, Gateway
-    from .models.base import Model, ModelRequest, ModelResponse
+    from .models.base import Model, ModelRequest, ModelResponse, ToolCall
     from .tools import Tool
 
-__all__ = ("NodeContext",)
+__all__ = ("Caller", "GatewayPort", "NodeContext")
+
+
+@dataclass(slots=True)
+class Caller:
+    """Who is calling: one task of a step, with its allowlist and its call counter."""
+
+    node: str
+    label: str
+    step: int
+    tools: Mapping[str, Tool]
+    seq: int = 0
+    priority: int = 0
+
+    def next_seq(self) -> int:
+        """Return the position of the caller's next call (model, tool or question)."""
+        seq = self.seq
+        self.seq += 1
+        return seq
+
+
+class CallResult(Protocol):
+    """What the gateway returns for one tool call."""
+
+    value: Any
+
+    def raise_for_status(self) -> None: ...
+
+
+class GatewayPort(Protocol):
+    """The runtime's side of a context: the one door to tools, models and people."""
+
+    async def call(self, caller: Caller, call: ToolCall) -> CallResult: ...
+
+    async def model_call(
+        self, caller: Caller, model: Model, request: ModelRequest
+    ) -> ModelResponse: ...
+
+    async def question(
+        self, caller: Caller, prompt: str, schema: Any, expires_in: float | None
+    ) -> Any: ...
 
 
 class NodeContext:
@@ -47,7 +87,7 @@ class NodeContext:
         task: int,
         state: Any,
         usage: Callable[[], Usage],
-        gateway: Gateway | None = None,
+        gateway: GatewayPort | None = None,
         label: str | None = None,
         tools: tuple[Tool, ...] = (),
     ) -> None:
@@ -131,16 +171,22 @@ class NodeContext:
             raise ValueError(f"expires_in must be a positive number of seconds, got {expires_in!r}")
         return await self._gateway.question(self._get_caller(), prompt, schema, expires_in)
 
-    async def _call_model(self, model: Model, request: ModelRequest) -> ModelResponse:
-        """Call a model through the ledger (agents use this)."""
-        assert self._gateway is not None
+    @property
+    def label(self) -> str:
+        """The task's name in events and checkpoints (``worker[2]`` for a Send task)."""
+        return self._label
+
+    async def call_model(self, model: Model, request: ModelRequest) -> ModelResponse:
+        """Call a model through the ledger: a re-run of this step replays its answer, and
+        the call is metered and held to the run's budgets (what an Agent's turn uses)."""
+        if self._gateway is None:
+            raise RuntimeError("ctx.call_model works only inside a running node")
         return await self._gateway.model_call(self._get_caller(), model, request)
 
     def _get_caller(self) -> Caller:
         caller = self._caller
         if caller is None:
-            from .agents import tool_map
-            from .gateway import Caller
+            from .tools import tool_map  # tools bring pydantic models: loaded when used
 
             caller = self._caller = Caller(self.node, self._label, self.step, tool_map(self._tools))
         return caller

@@ -12,34 +12,21 @@ import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, get_type_hints
 
 import anyio
 from pydantic import BaseModel, ConfigDict, TypeAdapter, create_model
 from pydantic_core import to_jsonable_python
 
-from .checkpoint import compact_json
+from ._json import compact_json
 from .models.base import ToolSpec
+from .specs import Effect as Effect
 from .state import describe_validation_error as describe_validation_error
 
 __all__ = ("Effect", "Tool", "ToolContext", "tool")
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_RESULT_BYTES = 64 * 1024
-
-
-class Effect(StrEnum):
-    """What a tool does to the world.
-
-    ``READ`` changes nothing; ``WRITE`` changes something that can be changed back;
-    ``IRREVERSIBLE`` cannot be undone (a payment, an email): it is recorded as started before
-    it runs, and a crash mid-call makes it *in doubt* for an operator, never a silent re-run.
-    """
-
-    READ = "read"
-    WRITE = "write"
-    IRREVERSIBLE = "irreversible"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,6 +152,11 @@ class Tool:
 
     def __repr__(self) -> str:
         return f"<Tool {self.name!r} effect={self.effect.value}>"
+
+
+def tool_map(tools: Iterable[Any]) -> Mapping[str, Tool]:
+    """Index tools by name (anything that is not a Tool is left out)."""
+    return {t.name: t for t in tools if isinstance(t, Tool)}
 
 
 def tool(

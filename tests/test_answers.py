@@ -29,7 +29,7 @@ from orchestra import (
     tool,
 )
 from orchestra.errors import AnswerError, LeaseHeldError
-from orchestra.runs import answer_requests
+from orchestra.runs.answers import answer_requests
 from orchestra.store import Store
 
 pytestmark = pytest.mark.anyio

@@ -16,6 +16,7 @@ from click.testing import CliRunner, Result
 from rich.console import Console
 
 from orchestra import Done, Request, RunOutcome, RunStatus
+from orchestra.app import CompiledGraph
 from orchestra.cli import main
 from orchestra.cli.history import timeline, timeline_table
 from orchestra.cli.records import format_usage, runs_table, usage_by_node
@@ -27,7 +28,6 @@ from orchestra.cli.requests import (
     requests_table,
     stored_request,
 )
-from orchestra.compile import CompiledGraph
 from orchestra.store import EventRow, RunRecord, SQLiteStore
 from orchestra.store.base import RequestRow
 

@@ -18,6 +18,7 @@ from click.testing import CliRunner, Result
 from rich.console import Console
 
 from orchestra import Request, RunOutcome, RunStatus
+from orchestra.app import CompiledGraph
 from orchestra.cli import main
 from orchestra.cli.history import timeline
 from orchestra.cli.requests import (
@@ -27,7 +28,6 @@ from orchestra.cli.requests import (
     request_json,
     requests_table,
 )
-from orchestra.compile import CompiledGraph
 from orchestra.store import EventRow, SQLiteStore
 
 NOW = 1_700_000_000.0

@@ -47,9 +47,9 @@ from orchestra.errors import (
     StoreError,
 )
 from orchestra.events import NodeFinished, RunFinished, StepCommitted
-from orchestra.executor import Execution
-from orchestra.recorder import Recorder
-from orchestra.runs import fork_run
+from orchestra.runs.fork import fork_run
+from orchestra.runtime.executor import Execution
+from orchestra.runtime.recorder import Recorder
 from orchestra.store import MemoryStore, SQLiteStore, Store
 from orchestra.store.base import RunRecord, new_owner_id
 

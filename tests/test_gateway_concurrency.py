@@ -7,11 +7,12 @@ import anyio
 import pytest
 
 from orchestra import Arbitration, Effect, tool
+from orchestra.context import Caller
 from orchestra.errors import RunStoreError, StoreError
 from orchestra.events import ConflictArbitrated, Event
-from orchestra.gateway import Caller, Gateway, Meter
-from orchestra.ledger import Ledger
 from orchestra.models import ToolCall
+from orchestra.runtime.gateway import Gateway, Meter
+from orchestra.runtime.ledger import Ledger
 
 pytestmark = pytest.mark.anyio
 

@@ -13,8 +13,8 @@ from pydantic import BaseModel
 
 from orchestra import END, START, Graph, NodeContext, Send
 from orchestra.cli import main
-from orchestra.graph import EdgeSpec, NodeSpec, RouteSpec
-from orchestra.validation import Cycle, Link, cycles
+from orchestra.compile.validation import Cycle, Link, cycles
+from orchestra.specs import EdgeSpec, NodeSpec, RouteSpec
 
 
 class State(BaseModel):

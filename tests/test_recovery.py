@@ -25,8 +25,8 @@ from orchestra import (
     tool,
 )
 from orchestra.errors import AgentOutputError, AnswerError
-from orchestra.executor import Execution
 from orchestra.models import ModelResponse, ScriptedModel, ToolCall
+from orchestra.runtime.executor import Execution
 from orchestra.store import Store
 
 pytestmark = pytest.mark.anyio

@@ -14,10 +14,10 @@ from typing import Any
 
 import click
 
-from ..compile import CompiledGraph
+from ..app import CompiledGraph
 from ..errors import GraphChangedError
 from ..outcome import RunOutcome
-from ..runs import answer_requests, check_answers
+from ..runs.answers import answer_requests, check_answers
 from ..safeguards.interrupts import Abort, Approve, Done, Edit, Reject, Request, Retry
 from ..store.base import RequestRow, RunRecord
 from .control import check_resumable, report_resumed, resume_loaded

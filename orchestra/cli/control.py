@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import click
 
-from ..compile import CompiledGraph
+from ..app import CompiledGraph
 from ..errors import LeaseHeldError, RunStatusError, StopAllActiveError
 from ..outcome import RunOutcome
 from ..store.base import ACTIVE, RunRecord, Store

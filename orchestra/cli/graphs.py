@@ -7,10 +7,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..compile import CompiledGraph
-from ..graph import END
+from ..app import CompiledGraph
+from ..compile.validation import Cycle, Link, cycles
 from ..safeguards.loops import LoopGuard
-from ..validation import Cycle, Link, cycles
+from ..specs import END
 
 __all__ = (
     "GraphReport",

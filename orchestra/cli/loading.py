@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from ..compile import CompiledGraph
+from ..app import CompiledGraph
 from ..graph import Graph
 from ..store.sqlite import SQLiteStore
 from .format import format_error

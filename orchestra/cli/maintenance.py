@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from ..compile import new_run_id as _new_run_id
-from ..runs import fork_run
+from ..runs.fork import fork_run
 from ..store.base import ACTIVE, RunRecord
+from ..store.base import new_run_id as _new_run_id
 from ..store.sqlite import SQLiteStore
 from .database import Settings, _run, _run_id_argument, find_run, open_store
 from .format import format_age, format_bytes, parse_duration

@@ -14,7 +14,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from ..checkpoint import compact_json
+from .._json import compact_json
 from ..safeguards.interrupts import Request
 from ..store.base import RequestRow
 from .format import format_age, format_ago

@@ -13,14 +13,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from ..tools import Tool
+from ..specs import Effect
 
 __all__ = ("Approvals",)
 
 LEVELS = ("irreversible", "writes", "all", "none")
+
+
+class Gated(Protocol):
+    """What the policy reads of a tool: its name and its effect."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def effect(self) -> Effect: ...
+
 
 Rule = bool | Callable[[dict[str, Any]], bool]
 """Per tool: always (True), never (False), or a function of the call's arguments (JSON)."""
@@ -46,19 +56,19 @@ class Approvals:
     def for_caller(self, node: str) -> Approvals:
         return self.agents.get(node, self)
 
-    def needs(self, node: str, tool: Tool, arguments: Mapping[str, Any]) -> bool:
+    def needs(self, node: str, tool: Gated, arguments: Mapping[str, Any]) -> bool:
         """Tell whether a call by ``node`` to ``tool`` with ``arguments`` needs approval."""
         policy = self.agents.get(node, self)
         rule = policy.tools.get(tool.name)
         if rule is not None:
             return bool(rule(dict(arguments))) if callable(rule) else bool(rule)
-        effect = tool.effect.value
+        effect = tool.effect
         if policy.require == "all":
             return True
         if policy.require == "writes":
-            return effect != "read"
+            return effect is not Effect.READ
         if policy.require == "irreversible":
-            return effect == "irreversible"
+            return effect is Effect.IRREVERSIBLE
         return False
 
     def problems(self, nodes: Iterable[str], tools: Iterable[str], where: str = "") -> list[str]:

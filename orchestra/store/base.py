@@ -35,10 +35,16 @@ __all__ = (
     "budget_event",
     "merge_events",
     "new_owner_id",
+    "new_run_id",
 )
 
 ACTIVE = "running"
 """The only status with an owner; every other status is at rest."""
+
+
+def new_run_id() -> str:
+    """Return a new random run id (16 hex digits)."""
+    return secrets.token_hex(8)
 
 
 def new_owner_id() -> str:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from orchestra.errors import LeaseHeldError, RunNotFoundError, RunStatusError
-from orchestra.runs import fork_run
+from orchestra.runs.fork import fork_run
 from orchestra.store import SQLiteStore, Store
 from orchestra.store.base import CheckpointRow, RunRecord, StepCommit
 from orchestra.store.schema import MIGRATION_SET, migrations

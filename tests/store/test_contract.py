@@ -12,7 +12,6 @@ import anyio
 import pytest
 from stores import LEASE, POLL
 
-from orchestra.checkpoint import replay_json
 from orchestra.errors import (
     LeaseHeldError,
     LeaseLostError,
@@ -21,7 +20,8 @@ from orchestra.errors import (
     StopAllActiveError,
     StoreError,
 )
-from orchestra.runs import fork_run
+from orchestra.runs.fork import fork_run
+from orchestra.runtime.checkpoint import replay_json
 from orchestra.store import MemoryStore, SQLiteStore, Store
 from orchestra.store.base import (
     CheckpointRow,

@@ -16,22 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from . import _faults
-from ._tasks import Task, TaskResult
-from .checkpoint import (
-    MemoryChange,
-    compact_json,
-    dump_delta,
-    dump_memory,
-    dump_result,
-    dump_state,
-    dump_tasks,
-)
-from .errors import InvalidUpdateError, RunStoreError, StoreError
-from .events import Event, NodeFinished, NodeStarted, StepCommitted
-from .safeguards.budgets import stored_budget
-from .state import FieldDelta
-from .store.base import (
+from .. import _faults
+from .._json import compact_json
+from ..errors import InvalidUpdateError, RunStoreError, StoreError
+from ..events import Event, NodeFinished, NodeStarted, StepCommitted
+from ..safeguards.budgets import stored_budget
+from ..state import FieldDelta
+from ..store.base import (
     ACTIVE,
     STEP_EVENT_DEFAULTS,
     CheckpointRow,
@@ -42,10 +33,12 @@ from .store.base import (
     StepCommit,
     Store,
 )
+from .checkpoint import MemoryChange, dump_delta, dump_memory, dump_result, dump_state, dump_tasks
+from .tasks import Task, TaskResult
 
 if TYPE_CHECKING:
-    from .compile import CompiledGraph
-    from .safeguards.interrupts import Request
+    from ..compile import Plan
+    from ..safeguards.interrupts import Request
 
 __all__ = ("Recorder",)
 
@@ -140,7 +133,7 @@ def _store_failures(run_id: str, step: int | None) -> Iterator[None]:
 class Recorder:
     """Writes one run's history to a store, fenced by the run's lease epoch."""
 
-    def __init__(self, store: Store, graph: CompiledGraph[Any], run_id: str, owner: str) -> None:
+    def __init__(self, store: Store, graph: Plan[Any], run_id: str, owner: str) -> None:
         self.store = store
         self.graph = graph
         self.run_id = run_id

@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from . import _faults
-from ._logging import get_logger
-from .checkpoint import compact_json
-from .errors import LedgerMismatchError
-from .store.base import LedgerEntry
+from .. import _faults
+from .._json import compact_json
+from .._logging import get_logger
+from ..errors import LedgerMismatchError
+from ..store.base import LedgerEntry
 
 if TYPE_CHECKING:
     from .recorder import Recorder

@@ -6,11 +6,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import OrchestraError
-from .graph import Send
+from ..errors import OrchestraError
+from ..specs import Send
 
 if TYPE_CHECKING:
-    from .models.base import Message, ToolCall
+    from ..models.base import Message, ToolCall
 
 NO_PAYLOAD: Any = type("NoPayload", (), {"__repr__": lambda self: "NO_PAYLOAD"})()
 """Marks a task started by an edge: its input is the run state, not a Send payload."""

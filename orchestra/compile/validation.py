@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .graph import END, START, EdgeSpec, NodeSpec, RetryPolicy, RouteSpec
+from ..specs import END, START, EdgeSpec, NodeSpec, RetryPolicy, RouteSpec
 
 __all__ = ("Cycle", "Link", "cycles", "node_problems", "reference_problems", "structure_problems")
 
@@ -57,7 +57,7 @@ def node_problems(node: NodeSpec) -> list[str]:
 
 def tool_problems(name: str, tools: Iterable[Any]) -> list[str]:
     """A node's allowlist: tools made with @tool, with distinct names."""
-    from .tools import Tool
+    from ..tools import Tool
 
     problems = []
     names: list[str] = []
@@ -74,7 +74,7 @@ def tool_problems(name: str, tools: Iterable[Any]) -> list[str]:
 
 def graph_tool_problems(nodes: Iterable[NodeSpec]) -> list[str]:
     """Tools are known by name across the graph: one name, one tool."""
-    from .tools import Tool
+    from ..tools import Tool
 
     seen: dict[str, Any] = {}
     problems = []

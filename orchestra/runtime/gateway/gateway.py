@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from pydantic import ValidationError
 
-from .checkpoint import compact_json
-from .errors import (
+from ..._json import compact_json
+from ...context import Caller
+from ...errors import (
     ArbitrationError,
     RequestExpiredError,
     RunError,
@@ -44,37 +45,25 @@ from .errors import (
     ToolDeniedError,
     ToolRejectedError,
 )
-from .events import ApprovalDecided, ConflictArbitrated, Event, ModelCalled, ToolCalled
-from .ledger import DONE, STARTED, Ledger, fingerprint
-from .models.base import (
-    Message,
-    ModelRequest,
-    ModelResponse,
-    ToolCall,
-    estimate_request_tokens,
-)
-from .safeguards.arbitration import (
-    Arbitration,
-    Conflict,
-    ProposedCall,
-    plan_calls,
-    strictest,
-)
-from .safeguards.budgets import (
+from ...events import ApprovalDecided, ConflictArbitrated, Event, ModelCalled, ToolCalled
+from ...models.base import Message, ModelRequest, ModelResponse, ToolCall, estimate_request_tokens
+from ...safeguards.arbitration import Arbitration, Conflict, ProposedCall, plan_calls, strictest
+from ...safeguards.budgets import (
     DEFAULT_MAX_OUTPUT_TOKENS,
     Reservation,
     Spend,
     price_of,
     worst_output,
 )
-from .safeguards.interrupts import Request, StepInterrupted, request_id
-from .safeguards.locks import Held, ResourceLocks
-from .tools import Effect, Tool, ToolContext, describe_validation_error
+from ...safeguards.interrupts import Request, StepInterrupted, request_id
+from ...safeguards.locks import Held, ResourceLocks
+from ...tools import Effect, Tool, ToolContext, describe_validation_error
+from ..ledger import DONE, STARTED, Ledger, fingerprint
 
 if TYPE_CHECKING:
-    from .models.base import Model
-    from .safeguards.approvals import Approvals
-    from .store.base import LedgerEntry, RequestRow
+    from ...models.base import Model
+    from ...safeguards.approvals import Approvals
+    from ...store.base import LedgerEntry, RequestRow
 
 __all__ = ("CallOutcome", "Caller", "Gateway", "Meter")
 
@@ -86,23 +75,6 @@ ARBITER = "@arbiter"
 # failures of a read or write tool that are not recorded: a node retry or a re-run of the
 # step calls it again (an irreversible tool's failure is recorded: it never runs twice)
 RETRYABLE = frozenset({"error", "timeout"})
-
-
-@dataclass(slots=True)
-class Caller:
-    """Who is calling: one task of a step, with its allowlist and its call counter."""
-
-    node: str
-    label: str
-    step: int
-    tools: Mapping[str, Tool]
-    seq: int = 0
-    priority: int = 0
-
-    def next_seq(self) -> int:
-        seq = self.seq
-        self.seq += 1
-        return seq
 
 
 @dataclass(slots=True)
@@ -344,7 +316,7 @@ class Gateway:
             try:
                 response = await model.complete(request)
                 if not isinstance(response, ModelResponse):
-                    from .errors import ModelResponseError
+                    from ...errors import ModelResponseError
 
                     raise ModelResponseError(
                         name,
@@ -909,7 +881,7 @@ class Gateway:
     ) -> Any:
         """A node's question for a person (``ctx.interrupt``): the validated answer a resume
         brought, or an interrupt asking it."""
-        from .safeguards.questions import answer_schema, schema_ref, validate_answer
+        from ...safeguards.questions import answer_schema, schema_ref, validate_answer
 
         seq = caller.next_seq()
         ref = schema_ref(schema)

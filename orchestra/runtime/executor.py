@@ -22,19 +22,17 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from pydantic import BaseModel
 
-from ._logging import debug_enabled, get_logger
-from ._tasks import NO_PAYLOAD, Task, TaskResult
-from .agents import conversation_key, hold_conversation, tool_map
-from .checkpoint import Joins, MemoryChange, compact_json
-from .context import NodeContext
-from .errors import (
+from .._json import compact_json
+from .._logging import debug_enabled, get_logger
+from ..agents import conversation_key, hold_conversation
+from ..context import Caller, NodeContext
+from ..errors import (
     InvalidUpdateError,
     LeaseLostError,
     NodeError,
@@ -44,7 +42,7 @@ from .errors import (
     RunStoreError,
     StoreError,
 )
-from .events import (
+from ..events import (
     BudgetWarned,
     Event,
     LoopDetected,
@@ -55,27 +53,29 @@ from .events import (
     RunStarted,
     StepCommitted,
 )
-from .gateway import Caller, CallOutcome, Gateway, Meter
-from .graph import NodeSpec
+from ..models.base import Message
+from ..outcome import RunOutcome, RunStatus, Usage
+from ..safeguards.budgets import Budget, BudgetStop, Spend, StateSize
+from ..safeguards.caps import field_caps
+from ..safeguards.interrupts import Request, StepInterrupted, aborted, request_id
+from ..safeguards.loops import Detection, LoopWatch
+from ..specs import NO_PAYLOAD, NodeSpec
+from ..state import FieldDelta
+from ..tools import Effect, tool_map
+from .checkpoint import Joins, MemoryChange
+from .gateway import CallOutcome, Gateway, Meter
 from .ledger import Ledger
-from .models.base import Message
-from .outcome import RunOutcome, RunStatus, Usage
 from .routing import initial_tasks, next_tasks, normalize
-from .safeguards.budgets import Budget, BudgetStop, Spend, StateSize
-from .safeguards.caps import field_caps
-from .safeguards.interrupts import Request, StepInterrupted, aborted, request_id
-from .safeguards.loops import Detection, LoopWatch
-from .state import FieldDelta
-from .tools import Effect
+from .tasks import Task, TaskResult
 
 if TYPE_CHECKING:
-    from .compile import CompiledGraph
-    from .models.base import ToolCall
+    from ..compile import Plan
+    from ..models.base import ToolCall
+    from ..store.base import RequestRow
+    from ..tools import Tool
     from .recorder import Recorder
-    from .store.base import RequestRow
-    from .tools import Tool
 
-__all__ = ("Execution", "run_to_end", "stream_events")
+__all__ = ("Execution",)
 
 _now = time.time
 
@@ -89,7 +89,7 @@ class Execution:
 
     def __init__(
         self,
-        graph: CompiledGraph[Any],
+        graph: Plan[Any],
         state: BaseModel,
         *,
         run_id: str,
@@ -1057,103 +1057,3 @@ def _leaves(group: BaseExceptionGroup[Any]) -> list[Any]:
         else:
             found.append(item)
     return found
-
-
-@asynccontextmanager
-async def _supervised(execution: Execution) -> AsyncIterator[None]:
-    """Run the body under the run's deadline and, with a store, its abort/lease watcher."""
-    if execution.recorder is None:
-        with anyio.CancelScope(deadline=execution.deadline) as scope:
-            yield
-    else:
-        async with anyio.create_task_group() as group:
-            with anyio.CancelScope(deadline=execution.deadline) as scope:
-                group.start_soon(execution.watch, scope, name=f"watch {execution.run_id}")
-                yield
-            group.cancel_scope.cancel()
-    if scope.cancelled_caught:
-        execution.stopped_by_scope()
-
-
-async def run_to_end(execution: Execution) -> RunOutcome[Any]:
-    """Drive a run to its end; one supervised scope for the whole run."""
-    await execution.start()
-    try:
-        async with _supervised(execution):
-            while await execution.advance() is not None:
-                pass
-    except anyio.get_cancelled_exc_class():
-        await _cancelled_by_caller(execution)
-        raise
-    except Exception as exc:  # a bug, not a run error: record it rather than hold the lease
-        raise await _broke(execution, exc) from None
-    outcome = (await execution.finish()).outcome
-    assert outcome is not None
-    return outcome
-
-
-async def _cancelled_by_caller(
-    execution: Execution, reason: str = "cancelled by the caller"
-) -> None:
-    """The caller stopped driving the run: record it (a running one as aborted) so that it
-    can be resumed at once rather than after its lease expires."""
-    if execution.recorder is None or execution.finished:
-        return
-    if execution.status is RunStatus.RUNNING:
-        execution.status = RunStatus.ABORTED
-        execution.reason = reason
-    with anyio.CancelScope(shield=True):
-        try:
-            await execution.finish()
-        except OrchestraError as exc:  # the cancellation, not this, is what propagates
-            execution.log.error("run_not_recorded", error=str(exc))
-
-
-async def _broke(execution: Execution, exc: Exception) -> Exception:
-    """An unexpected exception escaped the run: record it failed so it can be resumed.
-
-    Return the exception to raise: the original, out of the run's own task group."""
-    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    if execution.recorder is None or execution.finished:
-        return exc
-    execution.status = RunStatus.FAILED
-    execution.error = RunError(
-        f"unexpected {type(exc).__name__}: {exc}", run_id=execution.run_id, step=execution.step
-    )
-    with anyio.CancelScope(shield=True):
-        try:
-            await execution.finish()
-        except OrchestraError as error:
-            execution.log.error("run_not_recorded", error=str(error))
-    return exc
-
-
-async def stream_events(execution: Execution) -> AsyncGenerator[Event, None]:
-    """Drive a run step by step, yielding each step's events after its barrier.
-
-    No cancel scope or task group stays open across a ``yield``: each step is supervised on
-    its own, which costs a few microseconds per step more than :func:`run_to_end`.
-    """
-    for event in await execution.start():
-        yield event
-    while True:
-        events = None
-        try:
-            async with _supervised(execution):
-                events = await execution.advance()
-        except anyio.get_cancelled_exc_class():
-            await _cancelled_by_caller(execution)
-            raise
-        except Exception as exc:
-            raise await _broke(execution, exc) from None
-        if events is None:
-            break
-        try:
-            for event in events:
-                yield event
-        except GeneratorExit:
-            # the consumer closed the stream: nothing more runs; say so in the store
-            await _cancelled_by_caller(execution, "the event stream was closed by its reader")
-            raise
-    yield await execution.finish()

@@ -1,4 +1,5 @@
-"""Operations on stored runs that need more than one store call: resume and fork."""
+"""Answers to a stopped run's requests: checked (every one before anything changes),
+recorded all or none, and applied when the run resumes."""
 
 from __future__ import annotations
 
@@ -10,28 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from .checkpoint import (
-    compact_json,
-    load_joins,
-    load_memory,
-    load_result,
-    load_state,
-    load_tasks,
-    replay_json,
-    replay_memory,
-)
-from .errors import (
-    AnswerError,
-    GraphChangedError,
-    OrchestraError,
-    RunStatusError,
-    StoreError,
-)
-from .events import RequestAnswered
-from .gateway import NOT_RUN
-from .outcome import RunStatus
-from .safeguards.budgets import loaded_budget, price_of, stored_budget
-from .safeguards.interrupts import (
+from .._json import compact_json
+from ..errors import AnswerError
+from ..events import RequestAnswered
+from ..safeguards.interrupts import (
     Abort,
     Approve,
     Choose,
@@ -39,185 +22,25 @@ from .safeguards.interrupts import (
     Done,
     Edit,
     Reject,
-    Request,
     Retry,
-    aborted,
 )
-from .state import describe_validation_error
-from .store.base import (
-    CheckpointRow,
-    EventRow,
-    LedgerEntry,
+from ..state import describe_validation_error
+from ..store.base import (
     RequestRow,
-    RunRecord,
     Store,
-    new_owner_id,
 )
 
 if TYPE_CHECKING:
-    from .compile import CompiledGraph
-    from .executor import Execution
-    from .tools import Tool
+    from ..compile import Plan
+    from ..tools import Tool
 
-__all__ = ("answer_requests", "fork_run", "prepare_resume")
-
-
-async def prepare_resume(
-    app: CompiledGraph[Any],
-    run_id: str,
-    *,
-    allow_graph_change: bool,
-    answers: Mapping[str, Any] | None = None,
-) -> Execution:
-    """Check, take the lease of, and load a run; return the Execution that continues it.
-
-    ``answers`` (request id -> answer) are all checked before anything changes; a refused
-    one raises :class:`AnswerError` and the run stays as it was.
-    """
-    from .executor import Execution
-    from .recorder import Recorder
-
-    store = app._require_store()
-    record = await store.get_run(run_id)
-    if record.status == "completed":
-        raise RunStatusError(run_id, record.status, "resume it")
-    if record.structure_hash != app.structure_hash and not allow_graph_change:
-        raise GraphChangedError(run_id, record.structure_hash, app.structure_hash)
-    checked = _new(await check_answers(app, store, run_id, answers or {}, same_again=True))
-    if checked:  # all or none, before the lease: a refused answer changes nothing
-        await record_answers(store, run_id, checked)
-    if record.budget is not None and record.status != "running":
-        # the limits this resume runs under become the run's own (so `orchestra budget +N`
-        # adds to what the run really has), recorded as a budget_raised event
-        budget, agent_budgets = loaded_budget(record.budget, app.budget, app.agent_budgets)
-        effective = stored_budget(budget, agent_budgets)
-        if effective != record.budget:
-            record = await store.set_budget(
-                run_id, effective, reason="raised to the limits of the app resuming it"
-            )
-    owner = new_owner_id()
-    record = await store.acquire(run_id, owner)
-    try:
-        stop = await apply_answers(store, run_id, record.epoch)
-    except Exception as exc:
-        await store.finish_run(
-            run_id,
-            record.epoch,
-            status="failed",
-            reason=None,
-            error=f"could not apply the answers: {type(exc).__name__}: {exc}",
-            usage=record.usage,
-            events=[],
-        )
-        raise
-    try:
-        chain = await store.checkpoint_chain(run_id)
-        state = load_state(app.schema, chain)
-        memory = load_memory(chain)
-        joins = load_joins(chain)
-        tasks = load_tasks(chain[-1].tasks)
-        missing = sorted({t.node for t in tasks} - set(app.nodes))
-        if missing:
-            raise StoreError(
-                f"run {run_id} is due to run {', '.join(map(repr, missing))} next, which this "
-                f"graph does not have"
-            )
-        step = chain[-1].step
-        pending = await store.pending_writes(run_id, step + 1)
-        usage = json.loads(chain[-1].usage) if chain[-1].usage else {}
-        # a step discarded by the deadline, or a crash, leaves the run row's totals higher
-        for key in ("tasks", "wall_seconds"):
-            usage[key] = max(usage.get(key, 0), record.usage.get(key, 0))
-        done = {write.task: load_result(write.result) for write in pending}
-        entries = await store.ledger(run_id, step + 1)
-        rows = await store.requests(run_id, statuses=())
-        # the requests of the step to run (approvals, questions, conflicts, a breakpoint)
-        requests = {row.request_id: row for row in rows if row.step == step + 1}
-    except Exception as exc:
-        message = f"could not load the run to resume it: {type(exc).__name__}: {exc}"
-        await store.finish_run(
-            run_id,
-            record.epoch,
-            status="failed",
-            reason=None,
-            error=message,
-            usage=record.usage,
-            events=[],
-        )
-        if isinstance(exc, OrchestraError):
-            raise
-        raise StoreError(f"run {run_id}: {message}") from exc
-    recorder = Recorder(store, app, run_id, owner).resumed(record, chain)
-    budget, agent_budgets = app.budget, dict(app.agent_budgets)
-    if record.budget is not None:  # the run's own limits, as `orchestra budget` left them
-        budget, agent_budgets = loaded_budget(record.budget, app.budget, app.agent_budgets)
-    execution = Execution(
-        app,
-        state,
-        run_id=run_id,
-        recorder=recorder,
-        step=step,
-        tasks=tasks,
-        done=done,
-        usage=usage,
-        memory=memory,
-        joins=joins,
-        budget=budget,
-        agent_budgets=agent_budgets,
-        events=False,
-        requests=requests,
-        loop_watch=record.usage.get("loop_watch"),
-    )
-    execution.ledger.preload(entries)
-    _meter_restored(app, execution, tasks, done, entries)
-    # a suspected loop or a breakpoint after a step waits for its answer: a resume
-    # without one asks again and runs nothing
-    waiting = [
-        Request.from_row(row)
-        for row in rows
-        if row.kind in ("loop", "after")
-        and (row.status == "open" or (row.status == "used" and row.step == step and aborted(row)))
-    ]
-    if waiting and stop is None:
-        execution.status, execution.pending = RunStatus.INTERRUPTED, waiting
-        execution.reason = (
-            f"{waiting[0].describe()}: waiting for an answer (Continue() or Abort()) to "
-            f"request {waiting[0].id}"
-        )
-    if stop is not None:
-        execution.status, execution.reason = RunStatus.ABORTED, stop
-    return execution
-
-
-def _meter_restored(
-    app: CompiledGraph[Any],
-    execution: Execution,
-    tasks: list[Any],
-    done: Mapping[str, Any],
-    entries: list[LedgerEntry],
-) -> None:
-    """Count the calls of tasks restored from pending writes: they do not run again, so
-    their recorded calls are not replayed (an agent's tool calls are: the act phase runs
-    again on them)."""
-    if not done:
-        return
-    nodes = {task.label: task.node for task in tasks}
-    for entry in entries:
-        node = nodes.get(entry.task)
-        if node is None or entry.task not in done or entry.status != "done" or not entry.result:
-            continue
-        data = json.loads(entry.result)
-        if entry.kind == "model":
-            usage = data.get("usage") or {}
-            tokens_in, tokens_out = (
-                int(usage.get("input_tokens", 0)),
-                int(usage.get("output_tokens", 0)),
-            )
-            price = price_of(entry.name)
-            cost = price.cost(tokens_in, tokens_out) if price else 0.0
-            execution.meter.model(node, tokens_in, tokens_out, cost)
-        elif app.nodes[node].kind != "agent" and data.get("status") not in NOT_RUN:
-            execution.meter.tool(node)
+__all__ = (
+    "answer_requests",
+    "apply_answers",
+    "check_answers",
+    "new_answers",
+    "record_answers",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +53,7 @@ class _Checked:
 
 
 async def check_answers(
-    app: CompiledGraph[Any] | None,
+    app: Plan[Any] | None,
     store: Store,
     run_id: str,
     answers: Mapping[str, Any],
@@ -280,9 +103,7 @@ _GO_ON = (Continue, Approve)
 _STOP = (Abort, Reject)
 
 
-def _check_one(
-    app: CompiledGraph[Any] | None, run_id: str, row: RequestRow, answer: Any
-) -> _Checked:
+def _check_one(app: Plan[Any] | None, run_id: str, row: RequestRow, answer: Any) -> _Checked:
     kind = row.kind
     payload = _payload(row)
 
@@ -336,7 +157,7 @@ def _payload(row: RequestRow) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else {}
 
 
-def _tool(app: CompiledGraph[Any] | None, payload: dict[str, Any], refuse: Any) -> Tool:
+def _tool(app: Plan[Any] | None, payload: dict[str, Any], refuse: Any) -> Tool:
     name = payload.get("tool")
     if app is None:
         raise refuse(f"checking this answer needs the run's app (tool {name!r}); load it")
@@ -347,7 +168,7 @@ def _tool(app: CompiledGraph[Any] | None, payload: dict[str, Any], refuse: Any) 
 
 
 def _check_approval(
-    app: CompiledGraph[Any] | None,
+    app: Plan[Any] | None,
     row: RequestRow,
     payload: dict[str, Any],
     answer: Any,
@@ -387,7 +208,7 @@ def _check_approval(
 
 
 def _check_question(row: RequestRow, payload: dict[str, Any], answer: Any, refuse: Any) -> _Checked:
-    from .safeguards.questions import check_answer
+    from ..safeguards.questions import check_answer
 
     if isinstance(answer, Approve | Reject | Edit | Choose | Continue | Abort | Done | Retry):
         raise refuse(
@@ -432,7 +253,7 @@ def _fields(answer: Any) -> dict[str, Any]:
 
 async def record_answers(store: Store, run_id: str, checked: Sequence[_Checked]) -> None:
     """Record checked answers, all or none, with a ``request_answered`` event each."""
-    from .recorder import event_row
+    from ..runtime.recorder import event_row
 
     now = time.time()
     events = [
@@ -453,17 +274,17 @@ async def record_answers(store: Store, run_id: str, checked: Sequence[_Checked])
     await store.record_answers(run_id, [(c.row.request_id, c.text) for c in checked], events)
 
 
-def _new(checked: Sequence[_Checked]) -> list[_Checked]:
+def new_answers(checked: Sequence[_Checked]) -> list[_Checked]:
     return [item for item in checked if not item.recorded]
 
 
 async def answer_requests(
-    app: CompiledGraph[Any] | None, store: Store, run_id: str, answers: Mapping[str, Any]
+    app: Plan[Any] | None, store: Store, run_id: str, answers: Mapping[str, Any]
 ) -> list[RequestRow]:
     """Check and record answers without resuming the run (the CLI's answer verbs, and
     ``app.answer``); return the requests of the run still open."""
     await store.get_run(run_id)  # an unknown run is said so (RunNotFoundError)
-    checked = _new(await check_answers(app, store, run_id, answers))
+    checked = new_answers(await check_answers(app, store, run_id, answers))
     if checked:
         await record_answers(store, run_id, checked)
     return await store.requests(run_id)
@@ -506,53 +327,3 @@ async def apply_answers(store: Store, run_id: str, epoch: int) -> str | None:
             run_id, epoch, row.request_id, row.answer or "{}", status="used", expected="answered"
         )
     return stop
-
-
-async def fork_run(store: Store, run_id: str, step: int, new_run_id: str) -> RunRecord:
-    """Start a new run (status ``pending``) from the checkpoint of ``run_id`` at ``step``.
-
-    Works from the stored JSON alone, so an operator can fork without importing the app;
-    ``orchestra resume NEW`` then runs it.
-    """
-    source = await store.get_run(run_id)
-    chain = await store.checkpoint_chain(run_id, step)
-    now = time.time()
-    snapshot = json.dumps(replay_json(chain), separators=(",", ":"))
-    record = replace(
-        source,
-        run_id=new_run_id,
-        status="pending",
-        step=step,
-        owner=None,
-        epoch=0,
-        lease_expires_at=None,
-        created_at=now,
-        updated_at=now,
-        usage={"steps": step},
-        reason=f"forked from {run_id} at step {step}",
-        error=None,
-        abort_requested=None,
-        parent_run_id=run_id,
-        parent_step=step,
-    )
-    conversations = replay_memory(chain)
-    joins = load_joins(chain)
-    memory: dict[str, Any] = {"all": conversations} if conversations else {}
-    if joins:
-        memory["joins"] = {str(k): sorted(v) for k, v in joins.items()}
-    checkpoint = CheckpointRow(
-        step=step,
-        snapshot=snapshot,
-        delta=None,
-        tasks=chain[-1].tasks,
-        created_at=now,
-        memory=compact_json(memory) if memory else None,
-    )
-    event = EventRow(
-        step=step,
-        kind="run_forked",
-        at=now,
-        data=json.dumps({"from_run": run_id, "from_step": step}),
-    )
-    await store.fork(record, checkpoint, [event])
-    return record

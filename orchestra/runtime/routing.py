@@ -14,18 +14,18 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from ._tasks import NO_PAYLOAD, Task, TaskResult
-from .errors import InvalidUpdateError, RouteError
-from .graph import END, START, Command, NodeSpec, RouteSpec, Send
+from ..errors import InvalidUpdateError, RouteError
+from ..specs import END, NO_PAYLOAD, START, Command, NodeSpec, RouteSpec, Send
+from .tasks import Task, TaskResult
 
 if TYPE_CHECKING:
-    from .compile import CompiledGraph
+    from ..compile import Plan
 
 __all__ = ("initial_tasks", "make_tasks", "next_tasks", "normalize")
 
 
 def normalize(
-    graph: CompiledGraph[Any],
+    graph: Plan[Any],
     run_id: str,
     out: Any,
     node: NodeSpec,
@@ -56,7 +56,7 @@ def normalize(
 
 
 def _as_update(
-    graph: CompiledGraph[Any],
+    graph: Plan[Any],
     run_id: str,
     value: Any,
     node: NodeSpec,
@@ -77,7 +77,7 @@ def _as_update(
 
 
 def _changed_fields(
-    graph: CompiledGraph[Any],
+    graph: Plan[Any],
     run_id: str,
     value: BaseModel,
     node: NodeSpec,
@@ -134,7 +134,7 @@ def _check_goto(
 # -- routing ----------------------------------------------------------------------------
 
 
-async def initial_tasks(graph: CompiledGraph[Any], run_id: str, state: BaseModel) -> list[Task]:
+async def initial_tasks(graph: Plan[Any], run_id: str, state: BaseModel) -> list[Task]:
     """Find the first step's tasks: START's edges and routes, on the input state."""
     triggered = set(graph.successors.get(START, ()))
     sends: list[Send] = []
@@ -144,7 +144,7 @@ async def initial_tasks(graph: CompiledGraph[Any], run_id: str, state: BaseModel
 
 
 async def next_tasks(
-    graph: CompiledGraph[Any],
+    graph: Plan[Any],
     run_id: str,
     state: BaseModel,
     tasks: Sequence[Task],

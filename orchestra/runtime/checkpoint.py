@@ -15,11 +15,11 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import to_json, to_jsonable_python
 
-from ._tasks import NO_PAYLOAD, Task, TaskResult
-from .graph import Send
-from .models.base import Message, ToolCall
-from .state import FieldDelta, StateSchema
-from .store.base import CheckpointRow
+from ..models.base import Message, ToolCall
+from ..specs import NO_PAYLOAD, Send
+from ..state import FieldDelta, StateSchema
+from ..store.base import CheckpointRow
+from .tasks import Task, TaskResult
 
 __all__ = (
     "compact_json",

@@ -1,0 +1,1 @@
+"""Operations on a stored run that span several store calls: resume, answers, fork."""
