@@ -1,9 +1,10 @@
 """The approval storm's app, and the other process that answers it.
 
-``failure_modes.py --storm approval`` imports this module to start runs that stop for approval,
-then runs this file in a new process, on the same SQLite file, to answer and resume them::
+The approval storm (``approval.py``, next to this file) imports this module to start runs that
+stop for approval, then runs this file in a new process, on the same SQLite file, to answer and
+resume them::
 
-    .venv/bin/python benchmarks/_approval_worker.py --db runs.db --out answers.json
+    .venv/bin/python benchmarks/storms/_approval_worker.py --db runs.db --out answers.json
         [--backend asyncio|trio]
 
 The graph is one plain node, ``checkout``, calling the irreversible tool ``pay`` through
@@ -36,7 +37,7 @@ import time
 from typing import Any
 
 import anyio
-from _common import configure_logging
+from _shared import configure_logging
 from pydantic import BaseModel
 
 from orchestra import END, START, Approve, CompiledGraph, Effect, Graph, NodeContext, tool
