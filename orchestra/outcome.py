@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from .errors import OrchestraError
 
-__all__ = ("RunOutcome", "RunStatus", "Usage")
+__all__ = ("COUNTERS", "RunOutcome", "RunStatus", "Usage")
 
 StateT = TypeVar("StateT", bound=BaseModel)
 
@@ -52,6 +52,18 @@ class Usage:
     @property
     def tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+
+COUNTERS = (
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "model_calls",
+    "tool_calls",
+    "denied_calls",
+)
+"""The fields of :class:`Usage` that model and tool calls add to (the run's meter keeps
+them, per run and per node); the others are the run's own (steps, tasks, wall time)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

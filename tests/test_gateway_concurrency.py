@@ -11,8 +11,9 @@ from orchestra.context import Caller
 from orchestra.errors import RunStoreError, StoreError
 from orchestra.events import ConflictArbitrated, Event
 from orchestra.models import ToolCall
-from orchestra.runtime.gateway import Gateway, Meter
+from orchestra.runtime.gateway import Gateway
 from orchestra.runtime.ledger import Ledger
+from orchestra.runtime.meter import Meter
 
 pytestmark = pytest.mark.anyio
 

@@ -187,10 +187,12 @@ def watched_reservations(book: Book, *, blind: bool) -> Iterator[None]:
             if not book.refused:
                 meter, held, run = spend.meter, spend.reserved.get(None, {}), spend.run
                 if run.tokens is not None:
-                    used = meter.input_tokens + meter.output_tokens
+                    used = meter.counts["input_tokens"] + meter.counts["output_tokens"]
                     book.free_tokens = run.tokens - used - held.get("tokens", 0.0)
                 if run.cost_usd is not None:
-                    book.free_usd = run.cost_usd - meter.cost_usd - held.get("cost_usd", 0.0)
+                    book.free_usd = (
+                        run.cost_usd - meter.counts["cost_usd"] - held.get("cost_usd", 0.0)
+                    )
             book.refused += 1
             raise
         book.granted += 1

@@ -63,8 +63,9 @@ from ..specs import NO_PAYLOAD, NodeSpec
 from ..state import FieldDelta
 from ..tools import Effect, tool_map
 from .checkpoint import Joins, MemoryChange
-from .gateway import CallOutcome, Gateway, Meter
+from .gateway import CallOutcome, Gateway
 from .ledger import Ledger
+from .meter import Meter
 from .routing import initial_tasks, next_tasks, normalize
 from .tasks import Task, TaskResult
 
@@ -136,8 +137,7 @@ class Execution:
         # agents: their conversations, the ledger of calls, usage, the gateway
         self.memory: dict[str, list[Message]] = dict(memory or {})
         self.joins: Joins = dict(joins or {})
-        self.meter = Meter()
-        self.meter.load(prior)
+        self.meter = Meter(prior)
         self.ledger = Ledger(run_id, recorder)
         self.ledger.read_only = self._read_only
         self.budget = budget if budget is not None else graph.budget
@@ -223,7 +223,7 @@ class Execution:
         reason = self.budget.exceeded(
             steps=self.step,
             wall_seconds=self._elapsed(),
-            usage=self.meter.totals() if self._spends else None,
+            usage=self.meter.counts if self._spends else None,
         )
         if reason is not None:
             self.status, self.reason = RunStatus.BUDGET_EXCEEDED, reason
@@ -1006,19 +1006,7 @@ class Execution:
         return time.monotonic() - self.started
 
     def _usage(self) -> Usage:
-        meter = self.meter
-        return Usage(
-            steps=self.step,
-            tasks=self.tasks_run,
-            wall_seconds=self._elapsed(),
-            input_tokens=meter.input_tokens,
-            output_tokens=meter.output_tokens,
-            cost_usd=meter.cost_usd,
-            model_calls=meter.model_calls,
-            tool_calls=meter.tool_calls,
-            denied_calls=meter.denied_calls,
-            by_node={k: dict(v) for k, v in meter.by_node.items()},
-        )
+        return self.meter.usage(steps=self.step, tasks=self.tasks_run, wall_seconds=self._elapsed())
 
     def _stored_usage(self, step: int | None = None, tasks: int | None = None) -> dict[str, Any]:
         """Usage as the store keeps it (with every checkpoint, so built without a Usage)."""
@@ -1027,8 +1015,7 @@ class Execution:
             "tasks": self.tasks_run if tasks is None else tasks,
             "wall_seconds": round(self._elapsed(), 6),
         }
-        if self.meter.model_calls or self.meter.tool_calls or self.meter.denied_calls:
-            usage.update(self.meter.stored())
+        usage.update(self.meter.stored())
         return usage
 
     def _emit(self, event: Event, buffer: list[Event], level: str = "debug") -> None:

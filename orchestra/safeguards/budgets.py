@@ -290,16 +290,7 @@ class Spend:
 
     def _used(self, key: str | None, name: str) -> float:
         meter = self.meter
-        if key is None:
-            source: Mapping[str, Any] = {
-                "input_tokens": meter.input_tokens,
-                "output_tokens": meter.output_tokens,
-                "cost_usd": meter.cost_usd,
-                "tool_calls": meter.tool_calls,
-                "model_calls": meter.model_calls,
-            }
-        else:
-            source = meter.by_node.get(key, {})
+        source: Mapping[str, Any] = meter.counts if key is None else meter.by_node.get(key, {})
         return _used(source, name)
 
     def _reserve(self, node: str, amounts: dict[str, float], what: str) -> Reservation:

@@ -3,6 +3,5 @@
 from .gateway import NOT_RUN as NOT_RUN
 from .gateway import CallOutcome as CallOutcome
 from .gateway import Gateway as Gateway
-from .gateway import Meter as Meter
 
-__all__ = ("NOT_RUN", "CallOutcome", "Gateway", "Meter")
+__all__ = ("NOT_RUN", "CallOutcome", "Gateway")

@@ -59,13 +59,14 @@ from ...safeguards.interrupts import Request, StepInterrupted, request_id
 from ...safeguards.locks import Held, ResourceLocks
 from ...tools import Effect, Tool, ToolContext, describe_validation_error
 from ..ledger import DONE, STARTED, Ledger, fingerprint
+from ..meter import Meter
 
 if TYPE_CHECKING:
     from ...models.base import Model
     from ...safeguards.approvals import Approvals
     from ...store.base import LedgerEntry, RequestRow
 
-__all__ = ("CallOutcome", "Caller", "Gateway", "Meter")
+__all__ = ("CallOutcome", "Gateway")
 
 # statuses of calls that never ran (not counted as tool calls)
 NOT_RUN = frozenset({"denied", "invalid_arguments", "in_doubt", "rejected", "conflict"})
@@ -138,80 +139,6 @@ class CallOutcome:
             raise ToolConflictError(self.tool, self.error or "")
         if not self.ok:
             raise ToolCallError(self.tool, self.status, self.error or "")
-
-
-@dataclass(slots=True)
-class Meter:
-    """Usage so far: model tokens and calls, tool calls; per agent too."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    model_calls: int = 0
-    tool_calls: int = 0
-    denied_calls: int = 0
-    by_node: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def model(self, node: str, input_tokens: int, output_tokens: int, cost: float = 0.0) -> None:
-        self.input_tokens += input_tokens
-        self.output_tokens += output_tokens
-        self.cost_usd += cost
-        self.model_calls += 1
-        mine = self._mine(node)
-        mine["input_tokens"] += input_tokens
-        mine["output_tokens"] += output_tokens
-        mine["model_calls"] += 1
-        if cost:
-            mine["cost_usd"] = mine.get("cost_usd", 0.0) + cost
-
-    def tool(self, node: str) -> None:
-        self.tool_calls += 1
-        self._mine(node)["tool_calls"] += 1
-
-    def denied(self, node: str) -> None:
-        self.denied_calls += 1
-        self._mine(node)["denied_calls"] += 1
-
-    def _mine(self, node: str) -> dict[str, Any]:
-        mine = self.by_node.get(node)
-        if mine is None:
-            mine = self.by_node[node] = dict.fromkeys(
-                ("input_tokens", "output_tokens", "model_calls", "tool_calls", "denied_calls"),
-                0,
-            )
-        return mine
-
-    def load(self, usage: Mapping[str, Any]) -> None:
-        self.input_tokens = int(usage.get("input_tokens", 0))
-        self.output_tokens = int(usage.get("output_tokens", 0))
-        self.cost_usd = float(usage.get("cost_usd", 0.0))
-        self.model_calls = int(usage.get("model_calls", 0))
-        self.tool_calls = int(usage.get("tool_calls", 0))
-        self.denied_calls = int(usage.get("denied_calls", 0))
-        self.by_node = {k: dict(v) for k, v in usage.get("by_node", {}).items()}
-
-    def totals(self) -> dict[str, Any]:
-        """The run's totals (no per-node copies): what the budget check reads each step."""
-        return {
-            "input_tokens": self.input_tokens,
-            "output_tokens": self.output_tokens,
-            "cost_usd": self.cost_usd,
-            "tool_calls": self.tool_calls,
-        }
-
-    def stored(self) -> dict[str, Any]:
-        """The counters as the store keeps them (empty while nothing was called)."""
-        if not self.model_calls and not self.tool_calls and not self.denied_calls:
-            return {}
-        return {
-            "input_tokens": self.input_tokens,
-            "output_tokens": self.output_tokens,
-            "cost_usd": round(self.cost_usd, 10),
-            "model_calls": self.model_calls,
-            "tool_calls": self.tool_calls,
-            "denied_calls": self.denied_calls,
-            "by_node": {k: dict(v) for k, v in self.by_node.items()},
-        }
 
 
 @dataclass(slots=True)
