@@ -12,6 +12,7 @@ import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, get_type_hints
 
 import anyio
@@ -23,10 +24,37 @@ from .models.base import ToolSpec
 from .specs import Effect as Effect
 from .state import describe_validation_error as describe_validation_error
 
-__all__ = ("Effect", "Tool", "ToolContext", "tool")
+__all__ = ("NOT_RUN", "CallStatus", "Effect", "Tool", "ToolContext", "tool", "tool_map")
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_RESULT_BYTES = 64 * 1024
+
+
+class CallStatus(StrEnum):
+    """What became of one tool call (``ok``, or why it has no result)."""
+
+    OK = "ok"
+    DENIED = "denied"  # not on the caller's allowlist: never run
+    INVALID_ARGUMENTS = "invalid_arguments"  # did not fit the schema: never run
+    REJECTED = "rejected"  # an operator rejected it: never run
+    CONFLICT = "conflict"  # lost an arbitration: never run
+    IN_DOUBT = "in_doubt"  # started, and nobody knows whether it took effect
+    ERROR = "error"  # the tool raised
+    TIMEOUT = "timeout"  # no result within the tool's timeout
+    INVALID_RESULT = "invalid_result"  # the result did not fit the return type
+    TOO_LARGE = "too_large"  # the result was over the tool's size cap
+
+
+NOT_RUN = frozenset(
+    {
+        CallStatus.DENIED,
+        CallStatus.INVALID_ARGUMENTS,
+        CallStatus.IN_DOUBT,
+        CallStatus.REJECTED,
+        CallStatus.CONFLICT,
+    }
+)
+"""Statuses of calls that never ran (not counted as tool calls)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

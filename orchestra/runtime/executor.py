@@ -61,6 +61,7 @@ from ..safeguards.interrupts import Request, StepInterrupted, aborted, request_i
 from ..safeguards.loops import Detection, LoopWatch
 from ..specs import NO_PAYLOAD, NodeSpec
 from ..state import FieldDelta
+from ..store.base import RequestKind
 from ..tools import Effect, tool_map
 from .checkpoint import Joins, MemoryChange
 from .gateway import CallOutcome, Gateway
@@ -500,17 +501,18 @@ class Execution:
             self.status, self.pending = RunStatus.INTERRUPTED, [Request.from_row(row)]
             self.reason = f"breakpoint {where} {row.task} at step {step}"
             return True
-        request = Request(
-            id=rid,
+        request = Request.new(
             run_id=self.run_id,
-            kind=where,
+            kind=RequestKind(where),
             step=step,
             node=", ".join(nodes),
             payload={
                 "nodes": nodes,
                 "tasks": [t.label for t in (tasks if where == "before" else self.tasks)],
             },
-            created_at=_now(),
+            task=where,
+            seq=0,
+            identity=f"{where}:{','.join(nodes)}",
         )
         self.status, self.pending = RunStatus.INTERRUPTED, [request]
         self.reason = f"breakpoint {where} {', '.join(nodes)} at step {step}"
@@ -575,10 +577,9 @@ class Execution:
         guard = self.graph.loop_guard
         assert guard is not None
         if guard.policy_for(found.detector) == "interrupt":
-            request = Request(
-                id=request_id(self.run_id, step, "loop", 0, found.detector),
+            request = Request.new(
                 run_id=self.run_id,
-                kind="loop",
+                kind=RequestKind.LOOP,
                 step=step,
                 node=", ".join(ready) or "-",
                 payload={
@@ -586,7 +587,9 @@ class Execution:
                     "message": found.message,
                     "evidence": found.evidence,
                 },
-                created_at=_now(),
+                task="loop",
+                seq=0,
+                identity=found.detector,
             )
             self.status, self.pending = RunStatus.INTERRUPTED, [request]
             self.reason = f"loop suspected, waiting for an operator: {found.message}"

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ..store.base import RequestRow
+from ..store.base import RequestKind, RequestRow, RequestStatus, expired
 
 __all__ = (
     "Abort",
@@ -61,7 +61,7 @@ class Request:
 
     id: str
     run_id: str
-    kind: str
+    kind: RequestKind
     step: int
     node: str
     payload: dict[str, Any]
@@ -69,14 +69,44 @@ class Request:
     created_at: float = 0.0
     expires_at: float | None = None
 
+    @classmethod
+    def new(
+        cls,
+        *,
+        run_id: str,
+        kind: RequestKind,
+        step: int,
+        node: str,
+        payload: dict[str, Any],
+        task: str,
+        seq: int,
+        identity: str,
+        started: float = 0.0,
+        schema: dict[str, Any] | None = None,
+        expires_in: float | None = None,
+    ) -> Request:
+        """Ask something new: the id comes from the asking position (``task``, ``seq``) and
+        what is asked (``identity``; ``started`` tells attempts apart), so asking again
+        gives the same id; the request expires ``expires_in`` seconds from now, if given."""
+        now = time.time()
+        return cls(
+            id=request_id(run_id, step, task, seq, identity, started),
+            run_id=run_id,
+            kind=kind,
+            step=step,
+            node=node,
+            payload=payload,
+            schema=schema,
+            created_at=now,
+            expires_at=None if expires_in is None else now + expires_in,
+        )
+
     def expired(self, now: float) -> bool:
         """Tell whether the request can no longer be answered."""
-        return self.expires_at is not None and self.expires_at <= now
+        return expired(self.expires_at, now)
 
     def to_row(self) -> RequestRow:
         """The stored form of the request (open)."""
-        from ..store.base import RequestRow
-
         return RequestRow(
             run_id=self.run_id,
             request_id=self.id,
@@ -85,7 +115,7 @@ class Request:
             kind=self.kind,
             payload=_dumps(self.payload),
             schema=None if self.schema is None else _dumps(self.schema),
-            status="open",
+            status=RequestStatus.OPEN,
             created_at=self.created_at,
             expires_at=self.expires_at,
         )
@@ -99,7 +129,7 @@ class Request:
         return cls(
             id=row.request_id,
             run_id=row.run_id,
-            kind=row.kind,
+            kind=RequestKind(row.kind),
             step=row.step,
             node=row.task,
             payload=payload if isinstance(payload, dict) else {"payload": payload},

@@ -57,6 +57,7 @@ from ...safeguards.budgets import (
 )
 from ...safeguards.interrupts import Request, StepInterrupted, request_id
 from ...safeguards.locks import Held, ResourceLocks
+from ...store.base import RequestKind
 from ...tools import Effect, Tool, ToolContext, describe_validation_error
 from ..ledger import DONE, STARTED, Ledger, fingerprint
 from ..meter import Meter
@@ -515,12 +516,9 @@ class Gateway:
     def _approval_request(self, item: PlannedCall, policy: Approvals) -> Request:
         tool, caller = item.tool, item.caller
         assert tool is not None
-        now = time.time()
-        expires = policy.for_caller(caller.node).expires_after
-        return Request(
-            id=self._approval_id(item),
+        return Request.new(
             run_id=self.run_id,
-            kind="approval",
+            kind=RequestKind.APPROVAL,
             step=caller.step,
             node=caller.label,
             payload={
@@ -533,9 +531,11 @@ class Gateway:
                 "request_hash": item.request_hash,
                 "agent": caller.node,
             },
+            task=caller.label,
+            seq=item.seq,
+            identity=f"approval:{item.request_hash}",
             schema=dict(tool.spec().parameters),
-            created_at=now,
-            expires_at=None if expires is None else now + expires,
+            expires_in=policy.for_caller(caller.node).expires_after,
         )
 
     def _approval_id(self, item: PlannedCall) -> str:
@@ -702,11 +702,13 @@ class Gateway:
     def _conflict_request(self, step: int, conflict: Conflict) -> Request:
         digest = _conflict_digest(conflict)
         keys = [c.key for c in conflict.calls]
-        return Request(
-            id=request_id(self.run_id, step, ARBITER, _digest_seq(digest), "conflict"),
+        return Request.new(
             run_id=self.run_id,
-            kind="conflict",
+            kind=RequestKind.CONFLICT,
             step=step,
+            task=ARBITER,
+            seq=_digest_seq(digest),
+            identity="conflict",
             node=", ".join(dict.fromkeys(c.caller for c in conflict.calls)),
             payload={
                 "digest": digest,
@@ -725,7 +727,6 @@ class Gateway:
                 },
                 "required": ["run"],
             },
-            created_at=time.time(),
         )
 
     # -- a node's own calls: resource locks ------------------------------------------------
@@ -827,7 +828,6 @@ class Gateway:
                 return validate_answer(schema, _answer(row).get("value"))
             except ValueError as exc:  # the schema changed since the answer was checked
                 problem = f"the answer given no longer fits: {exc}"
-        now = time.time()
         payload: dict[str, Any] = {"prompt": prompt, "schema_ref": ref, "seq": seq}
         if problem is not None:
             payload["problem"] = problem
@@ -835,16 +835,17 @@ class Gateway:
             raise StepInterrupted([Request.from_row(row)])
         raise StepInterrupted(
             [
-                Request(
-                    id=rid,
+                Request.new(
                     run_id=self.run_id,
-                    kind="question",
+                    kind=RequestKind.QUESTION,
                     step=caller.step,
                     node=caller.label,
                     payload=payload,
+                    task=caller.label,
+                    seq=seq,
+                    identity=f"question:{identity}",
                     schema=answer_schema(schema),
-                    created_at=now,
-                    expires_at=None if expires_in is None else now + expires_in,
+                    expires_in=expires_in,
                 )
             ]
         )
@@ -1082,14 +1083,16 @@ class Gateway:
         }
         if edited:
             payload["edited"] = True  # by an operator, before approving it
-        return Request(
-            id=request_id(self.run_id, caller.step, caller.label, item.seq, "in_doubt", started),
+        return Request.new(
             run_id=self.run_id,
-            kind="in_doubt",
+            kind=RequestKind.IN_DOUBT,
             step=caller.step,
             node=caller.label,
             payload=payload,
-            created_at=time.time(),
+            task=caller.label,
+            seq=item.seq,
+            identity="in_doubt",
+            started=started,
         )
 
 
