@@ -25,11 +25,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from ._json import compact_json
-from .errors import AgentOutputError, AgentTurnsError, InvalidUpdateError
+from .errors import AgentOutputError, AgentTurnsError
 from .models.base import Message, ModelRequest, ModelResponse, ToolCall, ToolSpec
 from .safeguards.budgets import Budget
 from .safeguards.caps import Cap
-from .specs import NO_PAYLOAD
 from .tools import Tool, describe_validation_error
 
 if TYPE_CHECKING:
@@ -329,59 +328,3 @@ def _unfenced(text: str) -> str:
 
 def _join(*parts: str) -> str:
     return "\n\n".join(p for p in parts if p)
-
-
-def conversation_key(node: str, label: str, payload: Any) -> str:
-    """Where a task's conversation is kept: one per agent for visits started by edges or
-    routes; one per task for agents started by ``Send`` (dropped when it finishes)."""
-    return node if payload is NO_PAYLOAD else f"send:{label}"
-
-
-def hold_conversation(messages: list[Message], cap: Cap, run_id: str, label: str) -> list[Message]:
-    """Hold a conversation to its cap: keep the instructions, forget whole oldest turns (a
-    tool result never outlives its call), or let a hook compact it; refuse if asked to."""
-    if cap.policy == "refuse":
-        raise InvalidUpdateError(
-            f"agent {label!r}: its conversation would hold {len(messages)} messages, over its "
-            f"cap of {cap.max_items} (Cap policy 'refuse')",
-            run_id=run_id,
-            node=label,
-        )
-    if callable(cap.policy):
-        kept = list(cap.policy(list(messages)))
-    else:
-        # keep the instructions and this visit's input, then the newest whole turns (an
-        # answer with its tool results) that fit: earlier visits and turns are forgotten
-        head = [m for m in messages[:1] if m.role == "system"]
-        start = next(
-            (
-                i
-                for i in range(len(messages) - 1, -1, -1)
-                if messages[i].role == "user" and messages[i].name == "input"
-            ),
-            None,
-        )
-        if start is not None:
-            head.append(messages[start])
-        turns: list[list[Message]] = []
-        for message in messages[(start + 1) if start is not None else len(head) :]:
-            if message.role == "assistant" or not turns:
-                turns.append([message])
-            else:
-                turns[-1].append(message)
-        room = cap.max_items - len(head)
-        tail: list[Message] = []
-        for turn in reversed(turns):
-            if len(turn) > room:
-                break
-            tail[:0] = turn
-            room -= len(turn)
-        kept = [*head, *tail]
-    if len(kept) > cap.max_items or not all(isinstance(m, Message) for m in kept):
-        raise InvalidUpdateError(
-            f"agent {label!r}: the memory Cap hook must return at most {cap.max_items} "
-            f"Message objects, got {len(kept)}",
-            run_id=run_id,
-            node=label,
-        )
-    return kept

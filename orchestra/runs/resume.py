@@ -132,7 +132,7 @@ async def prepare_resume(
         recorder=recorder,
         step=step,
         tasks=tasks,
-        done=done,
+        restored=done,
         usage=usage,
         memory=memory,
         joins=joins,

@@ -21,6 +21,23 @@ from .executor import Execution
 __all__ = ("run_to_end", "stream_events")
 
 
+async def _watch(execution: Execution, scope: anyio.CancelScope) -> None:
+    """Poll the store for an abort request and renew the lease, inside the run's group.
+
+    An abort (or stop-all) cancels ``scope``, the run's cancel scope, within one poll
+    interval; losing the lease does too, and the run stops without writing anything more.
+    """
+    lease = execution.lease
+    assert lease is not None
+    while True:
+        wait = lease.wait()
+        if wait > 0:
+            await anyio.sleep(wait)
+        if await execution.poll_store():
+            scope.cancel()
+            return
+
+
 @asynccontextmanager
 async def _supervised(execution: Execution) -> AsyncIterator[None]:
     """Run the body under the run's deadline and, with a store, its abort/lease watcher."""
@@ -30,7 +47,7 @@ async def _supervised(execution: Execution) -> AsyncIterator[None]:
     else:
         async with anyio.create_task_group() as group:
             with anyio.CancelScope(deadline=execution.deadline) as scope:
-                group.start_soon(execution.watch, scope, name=f"watch {execution.run_id}")
+                group.start_soon(_watch, execution, scope, name=f"watch {execution.run_id}")
                 yield
             group.cancel_scope.cancel()
     if scope.cancelled_caught:
@@ -59,7 +76,7 @@ async def _cancelled_by_caller(
 ) -> None:
     """The caller stopped driving the run: record it (a running one as aborted) so that it
     can be resumed at once rather than after its lease expires."""
-    if execution.recorder is None or execution.finished:
+    if execution.recorder is None or execution.closed:
         return
     if execution.status is RunStatus.RUNNING:
         execution.status = RunStatus.ABORTED
@@ -77,7 +94,7 @@ async def _broke(execution: Execution, exc: Exception) -> Exception:
     Return the exception to raise: the original, out of the run's own task group."""
     while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
-    if execution.recorder is None or execution.finished:
+    if execution.recorder is None or execution.closed:
         return exc
     execution.status = RunStatus.FAILED
     execution.error = RunError(

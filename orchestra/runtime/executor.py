@@ -2,12 +2,14 @@
 
 Layered one concern per method, checks at the top of the loop::
 
-    run_to_end / stream_events   drivers: supervise the run (deadline, abort, lease)
+    run_to_end / stream_events   drivers.py: supervise the run (deadline, abort, lease)
       Execution.start()          the run row (with a store), the first step's tasks
-      Execution.advance()        guard (budgets), then one step
-        _run_step()              think -> merge at the barrier -> route -> commit
+      Execution.advance()        budgets, the abort poll, breakpoints; then one step
+        _run_step()              think -> act -> merge at the barrier -> guards -> route -> commit
           _think()               the step's tasks: inline when one is ready, else a task group
-            _run_task()          one task: timeout, retry, normalise what the node returned
+            NodeRunner.run()     nodes.py: one task, its timeout and retries
+          ActPhase.run()         act.py: the agents' proposed tool calls, through the gateway
+          StateGuard, LoopCheck  guards.py: caps, state size, loops, breakpoints
       Execution.finish()         the outcome, recorded
 
 Nodes never see each other's writes within a step: every task gets the state as it was at the
@@ -19,71 +21,55 @@ last committed step intact.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from pydantic import BaseModel
 
-from .._json import compact_json
 from .._logging import debug_enabled, get_logger
-from ..agents import conversation_key, hold_conversation
-from ..context import Caller, NodeContext
 from ..errors import (
-    InvalidUpdateError,
     LeaseLostError,
-    NodeError,
-    NodeTimeoutError,
     OrchestraError,
     RunError,
     RunStoreError,
-    StoreError,
 )
 from ..events import (
     BudgetWarned,
     Event,
-    LoopDetected,
-    NodeFinished,
-    NodeRetried,
-    NodeStarted,
     RunFinished,
     RunStarted,
     StepCommitted,
 )
 from ..models.base import Message
 from ..outcome import RunOutcome, RunStatus, Usage
-from ..safeguards.budgets import Budget, BudgetStop, Spend, StateSize
-from ..safeguards.caps import field_caps
-from ..safeguards.interrupts import Request, StepInterrupted, aborted, request_id
-from ..safeguards.loops import Detection, LoopWatch
-from ..specs import NO_PAYLOAD, NodeSpec
-from ..state import FieldDelta
+from ..safeguards.budgets import Budget, BudgetStop, Spend
+from ..safeguards.interrupts import Request, StepInterrupted
+from ..safeguards.loops import LoopWatch
 from ..store.base import RequestKind
-from ..tools import Effect, tool_map
-from .checkpoint import Joins, MemoryChange
-from .gateway import CallOutcome, Gateway
+from ..tools import Effect
+from .act import ActPhase
+from .checkpoint import Joins
+from .gateway import Gateway
+from .guards import Halt, LoopCheck, StateGuard, breakpoint_halt
+from .lease import LeaseWatch
 from .ledger import Ledger
+from .memory import remember
 from .meter import Meter
-from .routing import initial_tasks, next_tasks, normalize
+from .nodes import NodeRunner
+from .routing import initial_tasks, next_tasks
 from .tasks import Task, TaskResult
 
 if TYPE_CHECKING:
     from ..compile import Plan
-    from ..models.base import ToolCall
     from ..store.base import RequestRow
-    from ..tools import Tool
     from .recorder import Recorder
 
 __all__ = ("Execution",)
 
 _now = time.time
-
-
-class _NodeTimedOut(TimeoutError):
-    """An attempt ran past the node's timeout (internal; becomes NodeTimeoutError)."""
 
 
 class Execution:
@@ -98,7 +84,7 @@ class Execution:
         recorder: Recorder | None = None,
         step: int = 0,
         tasks: list[Task] | None = None,
-        done: Mapping[str, TaskResult] | None = None,
+        restored: Mapping[str, TaskResult] | None = None,
         usage: Mapping[str, Any] | None = None,
         memory: Mapping[str, list[Message]] | None = None,
         joins: Joins | None = None,
@@ -115,7 +101,8 @@ class Execution:
         self.step = step
         self.resumed = tasks is not None
         self.tasks: list[Task] = tasks or []
-        self.done: dict[str, TaskResult] = dict(done or {})
+        # the results of tasks of the step in flight that finished before a crash
+        self.restored: dict[str, TaskResult] = dict(restored or {})
         prior = usage or {}
         self.tasks_run = int(prior.get("tasks", 0))
         self.prior_wall = float(prior.get("wall_seconds", 0.0))
@@ -123,7 +110,7 @@ class Execution:
         self.error: OrchestraError | None = None
         self.reason: str | None = None
         self.abort_reason: str | None = None
-        self.finished = False
+        self.closed = False  # the outcome is recorded
         self.started = 0.0
         self.deadline = float("inf")
         self.log = get_logger("orchestra.executor").bind(run_id=run_id, graph=graph.name)
@@ -134,7 +121,7 @@ class Execution:
         self._limiter: anyio.CapacityLimiter | None = None
         self._carried: list[Event] = []
         self._buffer: list[Event] = []
-        self._checked = self._renewed = time.monotonic()
+        self.lease = LeaseWatch(recorder) if recorder is not None else None
         # agents: their conversations, the ledger of calls, usage, the gateway
         self.memory: dict[str, list[Message]] = dict(memory or {})
         self.joins: Joins = dict(joins or {})
@@ -160,15 +147,22 @@ class Execution:
             approvals=graph.approvals,
             arbitration=graph.arbitration,
             requests=requests,
-            expire=self._expire_request if recorder is not None else None,
+            expire=recorder.expire_request if recorder is not None else None,
+        )
+        self.nodes = NodeRunner(
+            graph,
+            run_id,
+            gateway=self.gateway,
+            usage=self._usage,
+            emit=self._emit,
+            watched=self._watched,
+            events=self._events,
         )
         self.pending: list[Request] = []
-        self._allow: dict[str, Mapping[str, Tool]] = {}
         self._agents = any(node.kind == "agent" for node in graph.nodes.values())
-        self._finished: set[str] = set()
-        self._size = StateSize(state) if self.budget.state_bytes is not None else None
-        self._caps = field_caps(type(state))
-        self._size_warned = False
+        # tasks of the step in flight that a failure of the step leaves kept (not re-run)
+        self._kept: set[str] = set()
+        self.state_guard = StateGuard(run_id, state, self.budget, self._budget_warned)
         # the step at which the step budget's soft threshold is reached (warned once)
         steps = self.budget.steps
         self._soft_due = (
@@ -176,12 +170,14 @@ class Execution:
             if steps is not None and steps * self.budget.soft > step
             else None
         )
-        guard = graph.loop_guard
-        self.loops = LoopWatch(guard, state, step) if guard is not None else None
-        if self.loops is not None and loop_watch and loop_watch.get("step") == step:
-            # the watch of the run this one continues (an interrupt is not a fresh start)
-            self.loops.restore(loop_watch)
-        self._loop_found: Detection | None = None
+        self.loops: LoopCheck | None = None
+        if graph.loop_guard is not None:
+            watch = LoopWatch(graph.loop_guard, state, step)
+            if loop_watch and loop_watch.get("step") == step:
+                # the watch of the run this one continues (an interrupt is not a fresh start)
+                watch.restore(loop_watch)
+            self.loops = LoopCheck(graph, run_id, watch)
+        self.act = ActPhase(graph, self.gateway, self.loops)
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -231,10 +227,12 @@ class Execution:
             return None
         # checked here too, not only by the watcher: nodes that never yield to the event loop
         # would starve it, and a stream's reader may pause between steps
-        if self._store_check_due() and await self._poll_store():
+        if self.lease is not None and self.lease.due() and await self.poll_store():
             self.stopped_by_scope()
             return None
-        if self.graph.interrupt_before and self._breakpoint("before", self.step + 1, self.tasks):
+        if self.graph.interrupt_before and self._breakpoint(
+            RequestKind.BEFORE, self.step + 1, self.tasks
+        ):
             return None
         buffer: list[Event] = []
         self._buffer = buffer
@@ -278,7 +276,7 @@ class Execution:
             return None if tool is None else tool.effect.value
 
         try:
-            await self.ledger.release_failed(self.step + 1, effect, self._finished)
+            await self.ledger.release_failed(self.step + 1, effect, self._kept)
         except RunError as exc:  # the run has failed already; say why this did not happen
             self.log.error("failed_step_not_released", error=str(exc))
 
@@ -299,7 +297,7 @@ class Execution:
 
     async def finish(self) -> RunFinished:
         """End the run: record and log it; return the final event, which carries the outcome."""
-        self.finished = True
+        self.closed = True
         if self.status is RunStatus.RUNNING:  # pragma: no cover - drivers always settle it
             self.status = RunStatus.COMPLETED
         status, error = self.status, self.error
@@ -331,7 +329,7 @@ class Execution:
         if self.recorder is not None and not isinstance(error, LeaseLostError):
             stored = self._stored_usage()
             if self.loops is not None and self._keeps_watch(status):
-                stored["loop_watch"] = self.loops.snapshot(self.step, self.state)
+                stored["loop_watch"] = self.loops.watch.snapshot(self.step, self.state)
             try:
                 await self.recorder.finish(
                     status=str(status),
@@ -365,55 +363,20 @@ class Execution:
             return False
         return not any(request.kind == "loop" for request in self.pending)
 
-    async def watch(self, scope: anyio.CancelScope) -> None:
-        """Poll the store for an abort request and renew the lease, inside the run's group.
-
-        An abort (or stop-all) cancels ``scope``, the run's cancel scope, within one poll
-        interval; losing the lease does too, and the run stops without writing anything more.
-        """
-        assert self.recorder is not None
-        poll = self.recorder.store.poll_seconds
-        # the clocks belong to the run, not to this task: a stream starts one watcher per
-        # step, and short steps must still be checked and renewed on time
-        while True:
-            wait = self._checked + poll - time.monotonic()
-            if wait > 0:
-                await anyio.sleep(wait)
-            if await self._poll_store():
-                scope.cancel()
-                return
-
-    def _store_check_due(self) -> bool:
-        recorder = self.recorder
-        if recorder is None:
-            return False
-        return time.monotonic() - self._checked >= recorder.store.poll_seconds
-
-    async def _poll_store(self) -> bool:
-        """Check for an abort and renew the lease when due; return True if the run must stop
+    async def poll_store(self) -> bool:
+        """Check for an abort and renew the lease; return True if the run must stop
         (``abort_reason`` or ``error`` says why)."""
-        recorder = self.recorder
-        assert recorder is not None
-        self._checked = time.monotonic()
-        if self.status is not RunStatus.RUNNING or self.error is not None:
-            return False  # the run already stopped: its own error stands
-        try:
-            reason = await recorder.abort_requested()
-            if reason is not None:
-                self.abort_reason = reason
-                self.log.warning("abort_noticed", reason=reason, step=self.step)
-                return True
-            if time.monotonic() - self._renewed >= recorder.store.lease_seconds / 3:
-                if not await recorder.renew(self.step, self._stored_usage()):
-                    self.error = LeaseLostError(
-                        run_id=self.run_id, step=self.step, epoch=recorder.epoch
-                    )
-                    return True
-                self._renewed = time.monotonic()
-        except RunStoreError as exc:
-            self.error = exc
-            return True
-        return False
+        assert self.lease is not None
+        stopped = self.status is not RunStatus.RUNNING or self.error is not None
+        found = await self.lease.poll(self.step, self._stored_usage, stopped=stopped)
+        if found is None:
+            return False
+        if isinstance(found, str):
+            self.abort_reason = found
+            self.log.warning("abort_noticed", reason=found, step=self.step)
+        else:
+            self.error = found
+        return True
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -427,7 +390,7 @@ class Execution:
                 self.tasks_run += len(tasks)
                 raise result.error
         if self._agents and any(r.calls for r in results):
-            await self._act(tasks, results, step)
+            await self.act.run(tasks, results, step)
         writes = [(t.label, r.update) for t, r in zip(tasks, results, strict=True) if r.update]
         state = self.state
         deltas: dict[str, Any] = {}
@@ -441,15 +404,17 @@ class Execution:
                     # the finished tasks' writes cannot be merged: a resume must run them
                     # again (with fixed code) rather than replay what failed
                     await self.recorder.discard_pending(step)
-                    self._finished.clear()
+                    self._kept.clear()
                 raise
-        if self._caps and deltas:
-            state, deltas = self._apply_caps(state, deltas, tasks, results, step)
-        if self._size is not None and deltas:
-            self._check_state_size(state, deltas, tasks, results, step)
+        if deltas and self.state_guard.active:
+            state, deltas = self.state_guard.check(state, deltas, tasks, results, step)
         joins = dict(self.joins) if self._agents else None
         following = await next_tasks(self.graph, self.run_id, state, tasks, results, step, joins)
-        remembered = self._remember(tasks, results, joins) if joins is not None else None
+        remembered = (
+            remember(self.graph, self.run_id, self.memory, joins, self.joins, tasks, results)
+            if joins is not None
+            else None
+        )
         if self._events:
             event = StepCommitted(
                 run_id=self.run_id,
@@ -474,316 +439,44 @@ class Execution:
         if remembered is not None:
             self.memory, self.joins = remembered.conversations, remembered.joins
         self.tasks_run += len(tasks)
-        self.done.clear()
+        self.restored.clear()
         self.ledger.forget(step)
         self.gateway.forget(step)
         if self.loops is not None:
-            self._guard_loops(step, state, deltas, following, results, tasks)
+            halt = self.loops.after_step(
+                step, state, deltas, following, tasks, results, agents=self._agents
+            )
+            if halt is not None:
+                self._halt_at(halt)
         if self.graph.interrupt_after and following and self.status is RunStatus.RUNNING:
             # an agent between turns has not finished its visit: it is stopped after its answer
-            done = [t for t, r in zip(tasks, results, strict=True) if not r.again]
-            self._breakpoint("after", step, done)
+            answered = [t for t, r in zip(tasks, results, strict=True) if not r.again]
+            self._breakpoint(RequestKind.AFTER, step, answered)
 
-    def _breakpoint(self, where: str, step: int, tasks: list[Task]) -> bool:
+    def _breakpoint(self, where: RequestKind, step: int, tasks: list[Task]) -> bool:
         """Stop at an ``interrupt_before`` / ``interrupt_after`` node unless an operator
         already let this step pass; return whether the run stopped."""
-        marked = self.graph.interrupt_before if where == "before" else self.graph.interrupt_after
-        if where == "before":  # an agent is stopped before a visit, not before each turn
-            tasks = [t for t in tasks if not self._mid_visit(t)]
-        nodes = sorted({t.node for t in tasks if t.node in marked})
-        if not nodes:
-            return False
-        rid = request_id(self.run_id, step, where, 0, f"{where}:{','.join(nodes)}")
-        row = self.gateway.requests.get(rid)
-        if row is not None and row.status != "open" and not aborted(row):
-            return False  # answered: go on
-        if row is not None and row.status == "open":  # asked again: as stored
-            self.status, self.pending = RunStatus.INTERRUPTED, [Request.from_row(row)]
-            self.reason = f"breakpoint {where} {row.task} at step {step}"
-            return True
-        request = Request.new(
-            run_id=self.run_id,
-            kind=RequestKind(where),
-            step=step,
-            node=", ".join(nodes),
-            payload={
-                "nodes": nodes,
-                "tasks": [t.label for t in (tasks if where == "before" else self.tasks)],
-            },
-            task=where,
-            seq=0,
-            identity=f"{where}:{','.join(nodes)}",
+        halt = breakpoint_halt(
+            self.graph,
+            self.run_id,
+            where,
+            step,
+            tasks,
+            ready=self.tasks,
+            requests=self.gateway.requests,
+            memory=self.memory,
         )
-        self.status, self.pending = RunStatus.INTERRUPTED, [request]
-        self.reason = f"breakpoint {where} {', '.join(nodes)} at step {step}"
+        return self._halt_at(halt)
+
+    def _halt_at(self, halt: Halt | None) -> bool:
+        """Stop the run as a guard said (after this step); return whether it did."""
+        if halt is None:
+            return False
+        self.status, self.reason, self.pending = halt.status, halt.reason, list(halt.pending)
+        if halt.event is not None:
+            self._emit(halt.event, self._buffer, "warning")
+            self._carried.append(halt.event)
         return True
-
-    def _mid_visit(self, task: Task) -> bool:
-        """Tell whether an agent's task is between turns (its tool results wait for it)."""
-        if self.graph.nodes[task.node].kind != "agent":
-            return False
-        history = self.memory.get(conversation_key(task.node, task.label, task.payload))
-        if not history:
-            return False
-        last = history[-1]
-        return not (last.role == "assistant" and not last.tool_calls)
-
-    async def _expire_request(self, row: RequestRow) -> None:
-        """Mark an unanswered request expired (a held call is then rejected)."""
-        assert self.recorder is not None
-        store = self.recorder.store
-        # (a StoreError: answered at this very moment; the expiry is applied all the same)
-        with contextlib.suppress(StoreError):
-            await store.answer_request(
-                self.run_id,
-                self.recorder.epoch,
-                row.request_id,
-                '{"answer":"expired"}',
-                status="expired",
-            )
-
-    def _guard_loops(
-        self,
-        step: int,
-        state: BaseModel,
-        changed: Mapping[str, Any],
-        following: list[Task],
-        results: list[TaskResult],
-        tasks: list[Task],
-    ) -> None:
-        """The loop detectors, after the step is committed: a loop stops the run here."""
-        assert self.loops is not None
-        busy = self._agents and any(r.again for r in results)
-        if self._agents and self.loops.guard.similar_output is not None:
-            for task, result in zip(tasks, results, strict=True):
-                if result.again or not result.messages:
-                    continue
-                last = result.messages[-1]
-                if last.role == "assistant" and not last.tool_calls:
-                    found = self.loops.on_output(step, task.label, last.content)
-                    if found is not None and self._loop_found is None:
-                        self._loop_found = found
-        if len(following) == 1 and following[0].payload is NO_PAYLOAD:
-            ready: tuple[str, ...] = (following[0].label,)
-        else:
-            ready = tuple(t.label for t in following)
-            payloads = [t.payload for t in following if t.payload is not NO_PAYLOAD]
-            if payloads:  # Send tasks are known by their payloads too (they may carry progress)
-                ready = (*ready, _payload_key(payloads))
-        found = self.loops.after_step(step, state, changed, ready, busy) or self._loop_found
-        if found is None or not following:
-            return
-        self._loop_found = None
-        guard = self.graph.loop_guard
-        assert guard is not None
-        if guard.policy_for(found.detector) == "interrupt":
-            request = Request.new(
-                run_id=self.run_id,
-                kind=RequestKind.LOOP,
-                step=step,
-                node=", ".join(ready) or "-",
-                payload={
-                    "detector": found.detector,
-                    "message": found.message,
-                    "evidence": found.evidence,
-                },
-                task="loop",
-                seq=0,
-                identity=found.detector,
-            )
-            self.status, self.pending = RunStatus.INTERRUPTED, [request]
-            self.reason = f"loop suspected, waiting for an operator: {found.message}"
-        else:
-            self.status, self.reason = RunStatus.LOOP_DETECTED, f"loop detected: {found.message}"
-        event = LoopDetected(
-            run_id=self.run_id,
-            at=_now(),
-            step=step,
-            detector=found.detector,
-            message=found.message,
-            evidence=compact_json(found.evidence),
-        )
-        self._emit(event, self._buffer, "warning")
-        self._carried.append(event)
-
-    async def _act(self, tasks: list[Task], results: list[TaskResult], step: int) -> None:
-        """The act phase: run every tool call the step's agents proposed, through the
-        gateway, all seen at once; each agent gets the results as tool messages."""
-        batch, owners = self._batch(tasks, results, step)
-        outcomes = await self.gateway.act(batch)
-        for (caller, calls), result, done in zip(batch, owners, outcomes, strict=True):
-            messages = result.messages if result.messages is not None else []
-            messages.extend(outcome.to_message() for outcome in done)
-            if self.loops is not None:
-                messages.extend(self._watch_calls(step, caller.label, calls, done))
-            result.messages = messages
-
-    def _batch(
-        self, tasks: Sequence[Task], results: Sequence[TaskResult], step: int
-    ) -> tuple[list[tuple[Caller, Sequence[ToolCall]]], list[TaskResult]]:
-        """The act phase's calls, with their callers, and the results that proposed them."""
-        batch: list[tuple[Caller, Sequence[ToolCall]]] = []
-        owners = []
-        for task, result in zip(tasks, results, strict=True):
-            if result.calls:
-                # seq 0 was the turn's model call
-                caller = Caller(
-                    task.node,
-                    task.label,
-                    step,
-                    self._tools_of(task.node),
-                    seq=1,
-                    priority=getattr(self.graph.nodes[task.node].fn, "priority", 0),
-                )
-                batch.append((caller, result.calls))
-                owners.append(result)
-        return batch, owners
-
-    def _watch_calls(
-        self, step: int, node: str, calls: Sequence[ToolCall], done: Sequence[CallOutcome]
-    ) -> list[Message]:
-        """The same-call detector on an agent's calls; return a nudge for the agent, if its
-        policy is to nudge and this is the first time."""
-        assert self.loops is not None
-        nudges = []
-        for call, outcome in zip(calls, done, strict=True):
-            if outcome.status in ("in_doubt", "conflict"):
-                # (a conflict's result depends on the other calls: trying again is not a
-                # repetition; denied and invalid calls repeated are a loop too)
-                continue
-            tool = self.graph.tools.get(call.name)
-            if outcome.ok and tool is not None and tool.effect is not Effect.READ:
-                self.loops.changed_world(node, call.name, call.arguments)
-            found, nudge = self.loops.on_call(
-                step, node, call.name, call.arguments, outcome.to_json()
-            )
-            if nudge and found is not None:
-                nudges.append(
-                    Message(
-                        role="user",
-                        name="orchestra",
-                        content=f"You are repeating yourself: {found.message}. Its result "
-                        f"will not change. Do something else, or give your final answer; "
-                        f"repeating it again stops the run.",
-                    )
-                )
-            elif found is not None and self._loop_found is None:
-                self._loop_found = found
-        return nudges
-
-    def _remember(self, tasks: list[Task], results: list[TaskResult], joins: Joins) -> MemoryChange:
-        """The conversations after the step: the messages its agents added; a finished
-        Send-started agent's conversation is dropped. And the join progress after it."""
-        added: dict[str, list[Message]] = {}
-        dropped: list[str] = []
-        for task, result in zip(tasks, results, strict=True):
-            if result.messages is None and self.graph.nodes[task.node].kind != "agent":
-                continue
-            key = conversation_key(task.node, task.label, task.payload)
-            if result.messages:
-                added[key] = result.messages
-            if not result.again and task.payload is not NO_PAYLOAD:
-                dropped.append(key)
-        change = MemoryChange(self.memory, added, dropped, joins, joins_changed=joins != self.joins)
-        if not added and not dropped:
-            return change
-        memory = change.conversations = dict(self.memory)
-        for key, messages in added.items():
-            memory[key] = [*memory.get(key, ()), *messages]
-        for task in tasks:
-            agent = self.graph.nodes[task.node].fn
-            cap = getattr(agent, "memory", None)
-            key = conversation_key(task.node, task.label, task.payload)
-            if cap is None or key not in added or len(memory[key]) <= cap.max_items:
-                continue
-            kept = hold_conversation(memory[key], cap, self.run_id, task.label)
-            memory[key] = kept
-            change.replaced = {**(change.replaced or {}), key: kept}
-            added.pop(key)
-        for key in dropped:
-            memory.pop(key, None)
-        return change
-
-    def _tools_of(self, node: str) -> Mapping[str, Tool]:
-        allowed = self._allow.get(node)
-        if allowed is None:
-            allowed = self._allow[node] = tool_map(self.graph.nodes[node].tools)
-        return allowed
-
-    def _apply_caps(
-        self,
-        state: BaseModel,
-        deltas: dict[str, Any],
-        tasks: list[Task],
-        results: list[TaskResult],
-        step: int,
-    ) -> tuple[BaseModel, dict[str, Any]]:
-        """Hold capped list fields to their caps (refuse, drop the oldest, or a hook)."""
-        trimmed: dict[str, Any] = {}
-        for name, cap in self._caps.items():
-            if name not in deltas:
-                continue
-            items = list(getattr(state, name) or ())
-            if len(items) <= cap.max_items:
-                continue
-            writers = _writers(name, tasks, results)
-            if cap.policy == "refuse":
-                raise InvalidUpdateError(
-                    f"field {name!r} would hold {len(items)} items, over its cap of "
-                    f"{cap.max_items}; written by {', '.join(map(repr, writers)) or 'the step'} "
-                    f"(Cap policy 'refuse': the step was not committed)",
-                    run_id=self.run_id,
-                    step=step,
-                    node=writers[0] if writers else None,
-                )
-            if cap.policy == "drop_oldest":
-                kept = items[-cap.max_items :]
-            else:
-                assert callable(cap.policy)
-                kept = list(cap.policy(items))
-                if len(kept) > cap.max_items:
-                    raise InvalidUpdateError(
-                        f"the Cap hook of field {name!r} returned {len(kept)} items, over the "
-                        f"cap of {cap.max_items}",
-                        run_id=self.run_id,
-                        step=step,
-                        node=writers[0] if writers else None,
-                    )
-            trimmed[name] = kept
-        if not trimmed:
-            return state, deltas
-        state = state.model_copy(update=trimmed)
-        deltas = dict(deltas)
-        for name, kept in trimmed.items():
-            deltas[name] = FieldDelta("set", kept)  # no longer an append: stored whole
-        return state, deltas
-
-    def _check_state_size(
-        self,
-        state: BaseModel,
-        deltas: Mapping[str, Any],
-        tasks: list[Task],
-        results: list[TaskResult],
-        step: int,
-    ) -> None:
-        """Refuse a step whose updates would make the state larger than its budget."""
-        assert self._size is not None
-        limit = self.budget.state_bytes
-        total, sizes = self._size.after(state, deltas)
-        # (an update that shrinks a state already over its limit, say a compaction, is fine)
-        if limit is not None and total > limit and total > self._size.total:
-            name, (before, after) = max(sizes.items(), key=lambda kv: kv[1][1] - kv[1][0])
-            writers = _writers(name, tasks, results)
-            raise BudgetStop(
-                f"run state-size budget: the update of field {name!r} by "
-                f"{', '.join(map(repr, writers)) or 'the step'} would make the state "
-                f"{total:,} bytes of JSON (the field {before:,} -> {after:,}), over its limit "
-                f"of {limit:,}; the update was refused"
-            )
-        self._size.keep(total, sizes)
-        if limit is not None and total >= limit * self.budget.soft and not self._size_warned:
-            self._size_warned = True
-            self._budget_warned("run", "state_bytes", float(total), float(limit))
 
     def _read_only(self, name: str) -> bool:
         tool = self.graph.tools.get(name)
@@ -811,17 +504,17 @@ class Execution:
     async def _think(self, tasks: list[Task], step: int, buffer: list[Event]) -> list[TaskResult]:
         """Run every task of the step; one ready task runs inline, without a task group.
 
-        Tasks finished before a crash (pending writes, in ``done``) are not run again. With a
+        Tasks finished before a crash (pending writes, in ``restored``) are not run again. With a
         store, each task of a multi-task step is kept as a pending write as it finishes.
         """
-        done = self.done
-        if len(tasks) == 1 and not done:
-            if self._finished:
-                self._finished = set()
-            return [await self._run_task(tasks[0], step, buffer)]
+        restored = self.restored
+        if len(tasks) == 1 and not restored:
+            if self._kept:
+                self._kept = set()
+            return [await self.nodes.run(tasks[0], step, self.state, self.memory, buffer)]
         # the tasks that will not run again if this step fails (restored or pending-written)
-        self._finished = set(done)
-        results: list[TaskResult | None] = [done.get(t.label) for t in tasks]
+        self._kept = set(restored)
+        results: list[TaskResult | None] = [restored.get(t.label) for t in tasks]
         recorder = self.recorder
 
         asked: list[Request] = []
@@ -831,9 +524,9 @@ class Execution:
             try:
                 if self._limiter is not None:
                     async with self._limiter:
-                        result = await self._run_task(task, step, buffer)
+                        result = await self.nodes.run(task, step, self.state, self.memory, buffer)
                 else:
-                    result = await self._run_task(task, step, buffer)
+                    result = await self.nodes.run(task, step, self.state, self.memory, buffer)
             except StepInterrupted as signal:
                 # the other tasks go on: their own requests are gathered, their results kept
                 asked.extend(signal.requests)
@@ -845,7 +538,7 @@ class Execution:
             if result.error is None and recorder is not None:
                 try:
                     await recorder.pending(step, task, result)
-                    self._finished.add(task.label)
+                    self._kept.add(task.label)
                 except RunError as exc:  # fenced off, unserializable, or the store failed
                     result = TaskResult(error=exc)
             results[i] = result
@@ -864,144 +557,9 @@ class Execution:
         if asked:
             if self._agents:  # the agents that did finish: their held calls are asked too
                 pairs = [(t, r) for t, r in zip(tasks, results, strict=True) if r is not None]
-                batch, _ = self._batch([t for t, _ in pairs], [r for _, r in pairs], step)
-                asked.extend(self.gateway.held(batch))
+                asked.extend(self.act.held([t for t, _ in pairs], [r for _, r in pairs], step))
             raise StepInterrupted(asked)
         return [r if r is not None else TaskResult() for r in results]
-
-    async def _run_task(self, task: Task, step: int, buffer: list[Event]) -> TaskResult:
-        """Run one task with its node's timeout and retry policy."""
-        node = self.graph.nodes[task.node]
-        agent = node.fn if node.kind == "agent" else None
-        arg = self.state if task.payload is NO_PAYLOAD else task.payload
-        began = time.monotonic()
-        if self._watched:
-            started = NodeStarted(
-                run_id=self.run_id, at=_now(), step=step, node=task.node, task=task.index
-            )
-            self._emit(started, buffer)
-        attempts = 0
-        while True:
-            attempts += 1
-            # a fresh context (and call counter) each attempt: a retried node replays its calls
-            ctx = NodeContext(
-                run_id=self.run_id,
-                step=step,
-                node=task.node,
-                task=task.index,
-                state=self.state,
-                usage=self._usage,
-                gateway=self.gateway,
-                label=task.label,
-                tools=node.tools,
-            )
-            if agent is not None:
-                key = conversation_key(task.node, task.label, task.payload)
-                call = agent.turn(arg, ctx, self.memory.get(key, ()))
-            else:
-                call = node.fn(arg, ctx)
-            try:
-                if node.timeout is None:
-                    out = await call
-                else:
-                    with anyio.move_on_after(node.timeout) as scope:
-                        out = await call
-                    if scope.cancelled_caught:
-                        raise _NodeTimedOut(f"no result within {node.timeout:g}s")
-            except RunError as exc:  # the framework's own verdict (an agent's, the store's)
-                self._finish(task, step, began, attempts, buffer, exc)
-                return TaskResult(error=exc)
-            except Exception as exc:
-                policy = node.retry
-                if policy is not None and attempts < policy.attempts and policy.retries(exc):
-                    delay = policy.delay(attempts)
-                    retried = NodeRetried(
-                        run_id=self.run_id,
-                        at=_now(),
-                        step=step,
-                        node=task.node,
-                        task=task.index,
-                        attempt=attempts,
-                        error=f"{type(exc).__name__}: {exc}",
-                        delay=delay,
-                    )
-                    self._emit(retried, buffer, level="warning")
-                    await anyio.sleep(delay)
-                    continue
-                error = self._node_error(node, step, attempts, exc)
-                self._finish(task, step, began, attempts, buffer, error)
-                return TaskResult(error=error)
-            except BaseExceptionGroup as group:
-                # a node's own task group holding a budget stop or an interrupt (a group of
-                # plain errors is an Exception, handled above): the step's, unwrapped
-                stops, _ = group.split(BudgetStop)
-                if stops is not None:
-                    raise _leaves(stops)[0] from None
-                asked, _ = group.split(StepInterrupted)
-                if asked is None:
-                    raise
-                raise StepInterrupted(
-                    [r for signal in _leaves(asked) for r in signal.requests]
-                ) from None
-            break
-        if agent is not None:
-            if self._watched or (attempts > 1 and self._events):
-                self._finish(task, step, began, attempts, buffer, None)
-            return TaskResult(
-                update=out.update,
-                messages=out.messages,
-                calls=out.calls,
-                again=out.again,
-                duration=time.monotonic() - began,
-            )
-        try:
-            update, goto = normalize(self.graph, self.run_id, out, node, step, self.state)
-        except InvalidUpdateError as exc:
-            self._finish(task, step, began, attempts, buffer, exc)
-            return TaskResult(error=exc)
-        # the store keeps no clean first-attempt finish (step_committed has its duration)
-        if self._watched or (attempts > 1 and self._events):
-            self._finish(task, step, began, attempts, buffer, None)
-        return TaskResult(update=update, goto=goto, duration=time.monotonic() - began)
-
-    def _node_error(self, node: NodeSpec, step: int, attempts: int, exc: Exception) -> NodeError:
-        error: NodeError
-        if isinstance(exc, _NodeTimedOut):
-            assert node.timeout is not None
-            error = NodeTimeoutError(
-                run_id=self.run_id,
-                step=step,
-                node=node.name,
-                attempts=attempts,
-                timeout=node.timeout,
-            )
-        else:
-            error = NodeError(
-                run_id=self.run_id, step=step, node=node.name, attempts=attempts, error=exc
-            )
-        error.__cause__ = exc
-        return error
-
-    def _finish(
-        self,
-        task: Task,
-        step: int,
-        began: float,
-        attempts: int,
-        buffer: list[Event],
-        error: BaseException | None,
-    ) -> None:
-        event = NodeFinished(
-            run_id=self.run_id,
-            at=_now(),
-            step=step,
-            node=task.node,
-            task=task.index,
-            duration=time.monotonic() - began,
-            attempts=attempts,
-            error=None if error is None else str(error),
-        )
-        self._emit(event, buffer, level="debug" if error is None else "warning")
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -1026,24 +584,3 @@ class Execution:
         if level != "debug" or self._debug:
             data = event.to_dict()
             getattr(self.log, level)(data.pop("event"), **data)
-
-
-def _writers(name: str, tasks: list[Task], results: list[TaskResult]) -> list[str]:
-    """The tasks of a step whose updates wrote field ``name``."""
-    return [t.label for t, r in zip(tasks, results, strict=True) if r.update and name in r.update]
-
-
-def _payload_key(payload: Any) -> str:
-    from pydantic_core import to_json
-
-    return to_json(payload, fallback=str).decode()
-
-
-def _leaves(group: BaseExceptionGroup[Any]) -> list[Any]:
-    found: list[Any] = []
-    for item in group.exceptions:
-        if isinstance(item, BaseExceptionGroup):
-            found.extend(_leaves(item))
-        else:
-            found.append(item)
-    return found

@@ -8,6 +8,7 @@ replays at most that many deltas.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,6 +30,8 @@ from ..store.base import (
     EventRow,
     LedgerEntry,
     PendingWrite,
+    RequestRow,
+    RequestStatus,
     RunRecord,
     StepCommit,
     Store,
@@ -310,3 +313,15 @@ class Recorder:
         """Extend the lease; False means another owner took the run over."""
         with _store_failures(self.run_id, step):
             return await self.store.renew(self.run_id, self.epoch, step=step, usage=usage)
+
+    async def expire_request(self, row: RequestRow) -> None:
+        """Mark an unanswered request expired (a held call is then rejected)."""
+        # (a StoreError: answered at this very moment; the expiry is applied all the same)
+        with contextlib.suppress(StoreError):
+            await self.store.answer_request(
+                self.run_id,
+                self.epoch,
+                row.request_id,
+                '{"answer":"expired"}',
+                status=RequestStatus.EXPIRED,
+            )

@@ -61,7 +61,7 @@ class Request:
 
     id: str
     run_id: str
-    kind: RequestKind
+    kind: RequestKind | str
     step: int
     node: str
     payload: dict[str, Any]
@@ -129,7 +129,8 @@ class Request:
         return cls(
             id=row.request_id,
             run_id=row.run_id,
-            kind=RequestKind(row.kind),
+            # a kind this version does not know stays as its text: an operator still sees it
+            kind=_kind(row.kind),
             step=row.step,
             node=row.task,
             payload=payload if isinstance(payload, dict) else {"payload": payload},
@@ -238,6 +239,13 @@ def _loads(text: str | None) -> Any:
         return None
     try:
         return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _kind(text: str) -> RequestKind | str:
+    try:
+        return RequestKind(text)
     except ValueError:
         return text
 
