@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from stores import LEASE, POLL
+from helpers import LEASE, POLL
 
 from orchestra.store import MemoryStore, SQLiteStore, Store
 

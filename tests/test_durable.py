@@ -16,8 +16,8 @@ from typing import Annotated, Any
 
 import anyio
 import pytest
+from helpers import LEASE, POLL
 from pydantic import BaseModel, Field
-from stores import LEASE, POLL
 
 from orchestra import (
     END,

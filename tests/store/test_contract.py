@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
-from stores import LEASE, POLL
+from helpers import LEASE, POLL
 
 from orchestra.checkpoint import replay_json
 from orchestra.errors import (

@@ -19,7 +19,7 @@ from typing import Any
 
 import crash_app
 import pytest
-from stores import LEASE, POLL
+from helpers import LEASE, POLL
 
 from orchestra.store import MemoryStore, SQLiteStore
 
