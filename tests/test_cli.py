@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import cli_app
 import pytest
 import structlog
+from apps import cli_app
 from click.testing import CliRunner, Result
 from pydantic import BaseModel
 from rich.console import Console
@@ -601,7 +601,7 @@ def test_runs_json_is_machine_readable(filled: Path) -> None:
     assert [r["run_id"] for r in records] == ["failed", "done"]
     failed = records[0]
     assert failed["status"] == "failed"
-    assert failed["app_ref"] == "cli_app:app"
+    assert failed["app_ref"] == "apps.cli_app:app"
     assert failed["error"].startswith("run failed, step 4, node 'tick': node failed")
     assert (failed["lease"], failed["stale"], failed["owner_gone"]) == (None, False, False)
 
@@ -613,7 +613,7 @@ def test_show_summarizes_a_run_and_its_steps(filled: Path) -> None:
     text = result.stdout
     for fact in ("run      done", "graph    count (structure ", "status   completed", "step     5"):
         assert fact in text
-    assert "app      cli_app:app" in text
+    assert "app      apps.cli_app:app" in text
     assert "usage    5 steps, 6 tasks, wall " in text
     rows = [line.split()[1:] for line in text.splitlines() if line[:2].isdigit()]
     assert rows[0] == ["0", "run", "started", "next:", "plan"]
@@ -701,7 +701,7 @@ def test_resume_continues_a_failed_run(filled: Path) -> None:
     result = cli(filled, "resume", "failed")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
-        "resuming run failed (graph count) at step 3 with cli_app:app",
+        "resuming run failed (graph count) at step 3 with apps.cli_app:app",
         "status  completed",
         result.stdout.splitlines()[2],
     ]
@@ -750,19 +750,25 @@ def test_resume_without_a_stored_app_ref_needs_app(db: Path) -> None:
         "Error: run anon has no stored app reference (its graph was not a module-level "
         "attribute); pass --app module:attribute"
     )
-    result = cli(db, "resume", "anon", "--app", "cli_app:app")
+    result = cli(db, "resume", "anon", "--app", "apps.cli_app:app")
     assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize(
     ("ref", "error"),
     [
-        ("cli_app", "app reference 'cli_app' must look like module:attribute or "),
+        ("apps.cli_app", "app reference 'apps.cli_app' must look like module:attribute or "),
         ("no_such_module:app", "cannot import app 'no_such_module:app': ModuleNotFoundError: "),
-        ("cli_app:nothing", "cannot import app 'cli_app:nothing': cli_app has no attribute "),
-        ("cli_app:graph", "'cli_app:graph' is a Graph, not a compiled graph: point at the "),
-        ("cli_app:not_an_app", "'cli_app:not_an_app' is a int, not a CompiledGraph"),
-        ("cli_app:Count", "'cli_app:Count' is the class Count, not a CompiledGraph"),
+        (
+            "apps.cli_app:nothing",
+            "cannot import app 'apps.cli_app:nothing': apps.cli_app has no attribute ",
+        ),
+        (
+            "apps.cli_app:graph",
+            "'apps.cli_app:graph' is a Graph, not a compiled graph: point at the ",
+        ),
+        ("apps.cli_app:not_an_app", "'apps.cli_app:not_an_app' is a int, not a CompiledGraph"),
+        ("apps.cli_app:Count", "'apps.cli_app:Count' is the class Count, not a CompiledGraph"),
         ("/no/such/file.py:app", "cannot import app from /no/such/file.py: no such file"),
     ],
 )
@@ -787,12 +793,14 @@ def test_resume_an_app_whose_import_fails(filled: Path, tmp_path: Path) -> None:
 
 def test_resume_with_a_changed_graph_needs_permission(filled: Path) -> None:
     """A graph whose structure changed is refused unless --allow-graph-change."""
-    result = cli(filled, "resume", "failed", "--app", "cli_app:changed")
+    result = cli(filled, "resume", "failed", "--app", "apps.cli_app:changed")
     assert result.exit_code == 1
     line = only_line(result)
     assert line.startswith("Error: run failed was started by a graph with structure ")
     assert line.endswith("(--allow-graph-change) to resume anyway")
-    result = cli(filled, "resume", "failed", "--app", "cli_app:changed", "--allow-graph-change")
+    result = cli(
+        filled, "resume", "failed", "--app", "apps.cli_app:changed", "--allow-graph-change"
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -1414,11 +1422,11 @@ def test_format_run_counts() -> None:
 
 def test_load_app_from_module_and_file() -> None:
     """load_app finds module:attribute and path.py:attribute, and refuses non-apps."""
-    assert load_app("cli_app:app") is cli_app.app
+    assert load_app("apps.cli_app:app") is cli_app.app
     by_path = load_app(f"{Path(cli_app.__file__).resolve()}:app")
     assert by_path.structure_hash == cli_app.app.structure_hash
     with pytest.raises(AppLoadError, match="is a Graph, not a compiled graph"):
-        load_app("cli_app:graph")
+        load_app("apps.cli_app:graph")
 
 
 def test_resume_store_keeps_the_apps_store_settings(tmp_path: Path) -> None:

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import cli_agent_app
-import cli_app
 import pytest
+from apps import cli_agent_app, cli_app
 from click.testing import CliRunner, Result
 from rich.console import Console
 
@@ -243,7 +242,7 @@ def test_show_says_how_to_answer_an_open_request(stuck: tuple[Path, Request]) ->
         f"  {resolve} --retry                it did not; run it again, with the same "
         f"idempotency key",
         f"  {resolve} --abort --reason TEXT  stop the run",
-        "or from Python, with the run's app (cli_agent_app:stuck) on this database:",
+        "or from Python, with the run's app (apps.cli_agent_app:stuck) on this database:",
         "  from orchestra import Abort, Done, Retry",
         f'  await app.resume("stuck", answers={{"{request.id}": Done(result=...)}})',
         "  (answers: Done(result=...), Retry(), Abort())",

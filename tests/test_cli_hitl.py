@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import cli_hitl_app
 import pytest
+from apps import cli_hitl_app
 from click.testing import CliRunner, Result
 from rich.console import Console
 
@@ -288,7 +288,7 @@ def test_approve_with_resume_completes_the_run(db: Path, approval: Request) -> N
     assert (
         lines[0] == f'run desk, request {approval.id}: approved refund(order_id="42", amount=30.0)'
     )
-    assert lines[1] == "resuming run desk (graph desk) at step 0 with cli_hitl_app:desk"
+    assert lines[1] == "resuming run desk (graph desk) at step 0 with apps.cli_hitl_app:desk"
     assert lines[2] == "status  completed"
     assert cli_hitl_app.refunds == [("42", 30.0)]
 
@@ -413,7 +413,7 @@ def test_approve_with_resume_needs_the_app(db: Path) -> None:
 def test_approve_with_app_option_resumes_an_orphan(db: Path) -> None:
     """--app loads the graph from elsewhere, for checking and resuming."""
     request = waiting(db, cli_hitl_app.orphan, "orphan")
-    result = cli(db, "approve", "orphan", request.id, "--app", "cli_hitl_app:desk", "--resume")
+    result = cli(db, "approve", "orphan", request.id, "--app", "apps.cli_hitl_app:desk", "--resume")
     assert result.exit_code == 0, result.output
     assert cli_hitl_app.refunds == [("42", 30.0)]
 
@@ -561,11 +561,13 @@ def test_answer_bad_json_is_a_usage_error(db: Path, question: Request) -> None:
 
 def test_answer_needs_the_app_to_check_a_question(db: Path, question: Request) -> None:
     """A question's answer is checked with the run's app: a bad --app is refused."""
-    result = cli(db, "answer", "ship", question.id, "--json", "1", "--app", "cli_hitl_app:nope")
+    result = cli(
+        db, "answer", "ship", question.id, "--json", "1", "--app", "apps.cli_hitl_app:nope"
+    )
     assert result.exit_code == 1
     assert (
-        only_line(result)
-        == "Error: cannot import app 'cli_hitl_app:nope': cli_hitl_app has no attribute 'nope'"
+        only_line(result) == "Error: cannot import app 'apps.cli_hitl_app:nope': "
+        "apps.cli_hitl_app has no attribute 'nope'"
     )
     assert open_ids(db) == [question.id]
 
@@ -719,7 +721,7 @@ def test_show_hints_the_cli_verbs_of_an_approval(db: Path, approval: Request) ->
         f"orchestra reject desk {approval.id} --reason TEXT refuse it: the caller is told why",
         f'orchestra edit desk {approval.id} --args \'{{"order_id":"42","amount":30.0}}\' '
         f"run it with these arguments instead (the whole set, checked against the tool)",
-        "or from Python, with the run's app (cli_hitl_app:desk) on this database:",
+        "or from Python, with the run's app (apps.cli_hitl_app:desk) on this database:",
         "from orchestra import Approve, Edit, Reject",
         f'await app.resume("desk", answers={{"{approval.id}": Approve()}})',
         "(answers: Approve(), Reject(reason=...), Edit(arguments={...}))",

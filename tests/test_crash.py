@@ -1,6 +1,6 @@
 """Crash tests: real processes die mid-run and new processes resume them (DESIGN §3, §6).
 
-Every process runs ``tests/crash_app.py`` (a counter loop with one fan-out step of Send tasks,
+Every process runs ``tests/apps/crash_app.py`` (a counter loop with one fan-out step of Send tasks,
 each node execution logged to a side-effect file). A run is ended by a named fault point
 (``ORCHESTRA_FAULTS``, ``os._exit(137)``) or a SIGKILL at a random moment, then resumed in a
 new process. Whatever the crash, the resumed run must end like an uninterrupted one, keep every
@@ -29,14 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import crash_app
 import pytest
-from crash_app import EXPECTED_ITEMS, FAN_AT, FAN_OUT, FAN_STEP, LAST, STEPS
+from apps import crash_app
+from apps.crash_app import EXPECTED_ITEMS, FAN_AT, FAN_OUT, FAN_STEP, LAST, STEPS
+from helpers import APPS, child_environ
 
 from orchestra.errors import RunNotFoundError
 from orchestra.store import CheckpointRow, RunRecord, SQLiteStore
 
-APP = Path(__file__).with_name("crash_app.py")
+APP = APPS / "crash_app.py"
 BACKENDS = ("asyncio", "trio")
 LEASE = 0.3  # seconds: a dead owner's run can be taken over this long after its last renewal
 TIMEOUT = 30.0  # seconds any one process may take before the test gives up on it
@@ -59,7 +60,11 @@ class App:
         environ.update({"CRASH_APP_LEASE": str(LEASE), "CRASH_APP_POLL": "0.05", **env})
         argv = [sys.executable, str(APP), action, str(db), run_id, "--backend", backend, *flags]
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_environ(environ),
         )
         self.pid = self.proc.pid
         self.ready = threading.Event()

@@ -1,6 +1,6 @@
 """Crash tests for agents: the ledger and in-doubt calls across real processes (DESIGN §3, §6).
 
-Every process runs ``tests/agent_crash_app.py``: one agent (``single``) or two agents in the
+Every process runs ``tests/apps/agent_crash_app.py``: one agent (``single``) or two agents in the
 same steps (``pair``), each calling a READ tool, then an IRREVERSIBLE tool, then answering;
 every real model call and every tool execution is logged to a side-effect file. A run is ended
 by a named fault point (``ORCHESTRA_FAULTS``), by the app's own exit right after a tool's
@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import agent_crash_app
 import anyio
 import pytest
-from agent_crash_app import (
+from apps import agent_crash_app
+from apps.agent_crash_app import (
     AGENTS,
     DONE_RESULT,
     EXIT_CODE,
@@ -42,12 +42,13 @@ from agent_crash_app import (
     STEPS,
     TOOLS,
 )
+from helpers import APPS, child_environ
 
 from orchestra.errors import RunNotFoundError
 from orchestra.store import SQLiteStore
 from orchestra.store.base import LedgerEntry, RequestRow, RunRecord
 
-APP = Path(__file__).with_name("agent_crash_app.py")
+APP = APPS / "agent_crash_app.py"
 BACKENDS = ("asyncio", "trio")
 LEASE = 0.3  # seconds: a dead owner's run can be taken over this long after its last renewal
 TIMEOUT = 30.0  # seconds any one process may take before the test gives up on it
@@ -81,7 +82,7 @@ def start(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_environ(env),
+        env=child_environ(_environ(env)),
     )
 
 

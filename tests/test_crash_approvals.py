@@ -1,6 +1,6 @@
 """Crash tests for approvals: an approved call across real processes (DESIGN §3, §6).
 
-Every process runs ``tests/approval_crash_app.py`` (the default ``Approvals()``): the agent
+Every process runs ``tests/apps/approval_crash_app.py`` (the default ``Approvals()``): the agent
 ``billing`` or the plain node ``clerk`` proposes an irreversible ``refund``, which waits for
 approval; ``clerk`` first files a ``note`` (a WRITE tool) with ``ctx.call_tool``. Every tool
 execution is logged, with its arguments, to a side-effect file. A process is ended by a named
@@ -33,15 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import approval_crash_app
 import pytest
-from approval_crash_app import ARGUMENTS, DONE_RESULT, EDITED, EXIT_CODE, GRAPHS, NOTE, STEPS
+from apps import approval_crash_app
+from apps.approval_crash_app import ARGUMENTS, DONE_RESULT, EDITED, EXIT_CODE, GRAPHS, NOTE, STEPS
+from helpers import APPS, child_environ
 
 from orchestra.errors import RunNotFoundError
 from orchestra.store import SQLiteStore
 from orchestra.store.base import LedgerEntry, RequestRow, RunRecord
 
-APP = Path(__file__).with_name("approval_crash_app.py")
+APP = APPS / "approval_crash_app.py"
 BACKENDS = ("asyncio", "trio")
 LEASE = 0.3  # seconds: a dead owner's run can be taken over this long after its last renewal
 TIMEOUT = 30.0  # seconds any one process may take before the test gives up on it
@@ -105,7 +106,7 @@ def start(chain: Chain, command: str, *flags: str, **env: str) -> subprocess.Pop
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=environ,
+        env=child_environ(environ),
     )
 
 

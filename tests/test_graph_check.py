@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import graph_app
 import pytest
+from apps import graph_app
 from click.testing import CliRunner, Result
 from pydantic import BaseModel
 
@@ -134,7 +134,7 @@ def test_cycles_stops_at_the_limit() -> None:
 
 def test_graph_check_lists_the_cycles_and_the_guard() -> None:
     """The text report has the counts, each cycle with its exits and agents, and the guard."""
-    result = invoke("graph", "check", "graph_app:app")
+    result = invoke("graph", "check", "apps.graph_app:app")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert f"graph       drafting (structure hash {graph_app.app.structure_hash})" in lines
@@ -158,7 +158,7 @@ def test_graph_check_lists_the_cycles_and_the_guard() -> None:
 
 def test_graph_check_json_says_the_same() -> None:
     """--json carries the counts, the cycles with typed links, and the guard's settings."""
-    result = invoke("graph", "check", "graph_app:app", "--json")
+    result = invoke("graph", "check", "apps.graph_app:app", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["graph"] == "drafting"
@@ -182,33 +182,35 @@ def test_graph_check_json_says_the_same() -> None:
 
 def test_graph_check_says_when_the_loop_guard_is_off() -> None:
     """An app compiled with loop_guard=None is told so, with the budget that still bounds it."""
-    result = invoke("graph", "check", "graph_app:unguarded")
+    result = invoke("graph", "check", "apps.graph_app:unguarded")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[-1] == (
         "loop guard  off (compiled with loop_guard=None): a run going round a cycle is "
         "stopped only by the budget (steps=1000, wall_seconds=3600)"
     )
-    data = json.loads(invoke("graph", "check", "graph_app:unguarded", "--json").stdout)
+    data = json.loads(invoke("graph", "check", "apps.graph_app:unguarded", "--json").stdout)
     assert data["loop_guard"] == {"enabled": False}
 
 
 def test_graph_check_of_a_graph_without_cycles() -> None:
     """A graph with no cycle says so and exits 0."""
-    result = invoke("graph", "check", "graph_app:straight")
+    result = invoke("graph", "check", "apps.graph_app:straight")
     assert result.exit_code == 0, result.output
     assert "cycles      none: no run can go round" in result.stdout.splitlines()
 
 
 def test_graph_check_limit_says_more_exist() -> None:
     """--limit caps the cycles listed and says that more exist."""
-    result = invoke("graph", "check", "graph_app:app", "--limit", "1")
+    result = invoke("graph", "check", "apps.graph_app:app", "--limit", "1")
     assert result.exit_code == 0, result.output
     assert (
         "cycles      1+ cycles, each with a way out (only the first 1 shown; raise --limit)"
         in result.stdout.splitlines()
     )
     assert "cycle 2: polish -> polish" not in result.stdout
-    data = json.loads(invoke("graph", "check", "graph_app:app", "--limit", "1", "--json").stdout)
+    data = json.loads(
+        invoke("graph", "check", "apps.graph_app:app", "--limit", "1", "--json").stdout
+    )
     assert len(data["cycles"]) == 1
     assert data["truncated"] is True
 
@@ -223,9 +225,12 @@ def test_graph_check_loads_an_app_from_a_file_path() -> None:
 @pytest.mark.parametrize(
     ("ref", "error"),
     [
-        ("graph_app", "app reference 'graph_app' must look like module:attribute or "),
-        ("graph_app:nothing", "cannot import app 'graph_app:nothing': graph_app has no "),
-        ("cli_app:graph", "'cli_app:graph' is a Graph, not a compiled graph"),
+        ("apps.graph_app", "app reference 'apps.graph_app' must look like module:attribute or "),
+        (
+            "apps.graph_app:nothing",
+            "cannot import app 'apps.graph_app:nothing': apps.graph_app has no ",
+        ),
+        ("apps.cli_app:graph", "'apps.cli_app:graph' is a Graph, not a compiled graph"),
         ("/no/such/file.py:app", "cannot import app from /no/such/file.py: no such file"),
     ],
 )
@@ -267,7 +272,7 @@ def test_graph_check_of_a_graph_that_does_not_compile(tmp_path: Path) -> None:
 
 def test_graph_render_prints_the_mermaid_flowchart() -> None:
     """`orchestra graph render APP` prints app.render()."""
-    result = invoke("graph", "render", "graph_app:app")
+    result = invoke("graph", "render", "apps.graph_app:app")
     assert result.exit_code == 0, result.output
     assert result.stdout == graph_app.app.render() + "\n"
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tests/agent_crash_app.py run|resume DB RUN_ID [--graph single|pair]
+    PYTHONPATH=tests python tests/apps/agent_crash_app.py run|resume DB RUN_ID [--graph single|pair]
         [--backend asyncio|trio] [--wait] [--answer done|retry|abort]
 
 Graphs (on a SQLiteStore, every agent on one :class:`ScriptedModel` given as a per-agent
@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from crash_child import configure_logging, resume_waiting, summary
 from pydantic import BaseModel
 
+from apps.crash_child import configure_logging, resume_waiting, summary
 from orchestra import (
     END,
     START,

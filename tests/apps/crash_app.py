@@ -2,7 +2,8 @@
 
 Usage::
 
-    python tests/crash_app.py run|resume DB RUN_ID [--backend asyncio|trio] [--wait] [--go FILE]
+    PYTHONPATH=tests python tests/apps/crash_app.py run|resume DB RUN_ID
+        [--backend asyncio|trio] [--wait] [--go FILE]
 
 The graph: ``count`` increments ``counter`` and appends ``c<counter>`` to ``items``; the route
 after it loops back while ``counter < LAST``, except when ``counter == FAN_AT``, where it fans
@@ -37,9 +38,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
-from crash_child import configure_logging, resume_waiting, summary
 from pydantic import BaseModel
 
+from apps.crash_child import configure_logging, resume_waiting, summary
 from orchestra import END, START, CompiledGraph, Graph, NodeContext, OrchestraError, Send, append
 from orchestra.store import SQLiteStore, Store
 

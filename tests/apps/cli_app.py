@@ -4,7 +4,7 @@
 ``limit``. The input decides the rest: ``delay`` slows every tick (to abort a live run),
 ``flaky_at`` makes the tick that reaches it fail once and succeed on its retry, and
 ``fail_at`` makes it fail once without a retry (the run fails; resuming it succeeds). Run as a
-script (``python tests/cli_app.py DB [LIMIT [LEASE_SECONDS]]``) it runs the count "crashy"
+script (``python tests/apps/cli_app.py DB [LIMIT [LEASE_SECONDS]]``) it runs the count "crashy"
 against DB, as the crash test's subprocess does.
 """
 

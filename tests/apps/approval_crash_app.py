@@ -3,8 +3,9 @@ collected by pytest).
 
 Usage::
 
-    python tests/approval_crash_app.py run|resume DB RUN_ID [--graph agent|node]
-        [--backend asyncio|trio] [--wait] [--answer approve|edit|done|retry|abort]
+    PYTHONPATH=tests python tests/apps/approval_crash_app.py run|resume DB RUN_ID
+        [--graph agent|node] [--backend asyncio|trio] [--wait]
+        [--answer approve|edit|done|retry|abort]
 
 Graphs (on a SQLiteStore, compiled with the default ``Approvals()``: every irreversible call
 waits for a person):
@@ -50,9 +51,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from crash_child import configure_logging, resume_waiting, summary
 from pydantic import BaseModel
 
+from apps.crash_child import configure_logging, resume_waiting, summary
 from orchestra import (
     END,
     START,
