@@ -1,11 +1,18 @@
 """Shared test helpers: short leases and polls for tests that use the stores (see the
-``store`` fixture in conftest.py), and where the helper apps in tests/apps live."""
+``store`` fixture in conftest.py), where the helper apps in tests/apps live, and the small
+graphs and problem finders the compile and Graph builder tests share."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated, Any
+
+import pytest
+from pydantic import BaseModel
+
+from orchestra import END, START, Graph, GraphValidationError, append
 
 LEASE = 0.3
 POLL = 0.02
@@ -19,3 +26,41 @@ def child_environ(environ: Mapping[str, str]) -> dict[str, str]:
     as a script (``python tests/apps/crash_app.py``) can import ``apps.crash_child``."""
     path = [str(TESTS), *filter(None, [environ.get("PYTHONPATH")])]
     return {**environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+# -- compile: a small valid graph, and the problems compiling one reports -----------------
+
+
+class State(BaseModel):
+    log: Annotated[list[str], append] = []
+    count: int = 0
+
+
+async def step(state: State, ctx: Any) -> dict[str, Any]:
+    return {"log": ctx.node}
+
+
+def stop(state: State) -> str:
+    return END
+
+
+def problems_of(graph: Graph[Any]) -> tuple[str, ...]:
+    """Compile ``graph``, expecting it to fail, and return every problem reported."""
+    with pytest.raises(GraphValidationError) as caught:
+        graph.compile()
+    return caught.value.problems
+
+
+def has(problems: tuple[str, ...], *parts: str) -> bool:
+    """Tell whether one problem mentions every one of ``parts``."""
+    return any(all(part in problem for part in parts) for problem in problems)
+
+
+def chain(*names: str) -> Graph[State]:
+    """A valid graph START -> names... -> END."""
+    graph = Graph(State)
+    for name in names:
+        graph.add_node(name, step)
+    for source, target in zip((START, *names), (*names, END), strict=True):
+        graph.add_edge(source, target)
+    return graph

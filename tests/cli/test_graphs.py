@@ -1,132 +1,21 @@
-"""Static loop analysis: every cycle with its ways out, and `orchestra graph check`/`render`."""
+"""`orchestra graph check` and `orchestra graph render`: the cycles and the loop guard of an
+app, and a bad app reference as one line."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from apps import graph_app
 from click.testing import CliRunner, Result
-from pydantic import BaseModel
 
-from orchestra import END, START, Graph, NodeContext, Send
+from orchestra import END
 from orchestra.cli import main
-from orchestra.graph import EdgeSpec, NodeSpec, RouteSpec
-from orchestra.validation import Cycle, Link, cycles
-
-
-class State(BaseModel):
-    n: int = 0
-
-
-async def step(state: State, ctx: NodeContext) -> dict[str, Any]:
-    return {"n": state.n + 1}
-
-
-async def fan(state: State, ctx: NodeContext) -> list[Send]:
-    return [Send("work", 1)]
-
-
-def done(state: State) -> str:
-    return END
-
-
-def cycles_of(app: Any, **options: Any) -> list[Cycle]:
-    routes = [route for group in app.routes.values() for route in group]
-    return cycles(app.edges, routes, app.nodes, **options)
 
 
 def invoke(*args: str) -> Result:
     return CliRunner().invoke(main, list(args))
-
-
-# -- cycles() -------------------------------------------------------------------------------
-
-
-def test_cycles_lists_each_cycle_with_its_hops_exits_and_agents() -> None:
-    """Both cycles of the drafting app come back, each with how it goes round and out."""
-    through_agent, alone = cycles_of(graph_app.app)
-    assert through_agent.nodes == ("writer", "review")
-    assert through_agent.links == (
-        Link("writer", "review", "edge"),
-        Link("review", "writer", "route", "verdict"),
-    )
-    assert through_agent.exits == (
-        Link("review", "polish", "route", "verdict"),
-        Link("review", END, "route", "verdict"),
-    )
-    assert through_agent.agents == ("writer",)
-    assert through_agent.conditional
-    assert alone == Cycle(
-        nodes=("polish",),
-        links=(Link("polish", "polish", "route", "again"),),
-        exits=(Link("polish", END, "route", "again"),),
-        agents=(),
-    )
-
-
-def test_cycles_of_a_graph_without_one_is_empty() -> None:
-    """A graph that cannot go round has no cycles."""
-    assert cycles_of(graph_app.straight) == []
-
-
-def test_cycles_start_at_the_node_nearest_start() -> None:
-    """A cycle is told from where a run enters it, whatever the declaration order."""
-    graph = Graph(State)
-    graph.add_node("check", step)
-    graph.add_node("work", step)
-    graph.add_edge(START, "work")
-    graph.add_edge("work", "check")
-    graph.add_route("check", done, targets=["work", END])
-    (cycle,) = cycles_of(graph.compile())
-    assert cycle.nodes == ("work", "check")
-
-
-def test_cycles_follow_goto_targets_and_joins() -> None:
-    """Declared goto/Send targets and joins are hops too, both conditional."""
-    graph = Graph(State)
-    graph.add_node("plan", fan, targets=["work"])
-    graph.add_node("work", step)
-    graph.add_node("a", step)
-    graph.add_node("b", step)
-    graph.add_node("merge", step)
-    graph.add_edge(START, "plan")
-    graph.add_route("work", done, targets=["plan", "a", "b"])
-    graph.add_edge(["a", "b"], "merge")
-    graph.add_route("merge", done, targets=["a", END])
-    found = {cycle.nodes: cycle for cycle in cycles_of(graph.compile())}
-    assert set(found) == {("plan", "work"), ("a", "merge")}
-    assert [link.via for link in found["plan", "work"].links] == ["goto", "route"]
-    assert [link.via for link in found["a", "merge"].links] == ["join", "route"]
-    assert Link("merge", END, "route", "done") in found["a", "merge"].exits
-    assert all(cycle.conditional for cycle in found.values())
-
-
-def test_cycles_work_on_a_definition_that_does_not_compile() -> None:
-    """On bare specs it reports an unconditional cycle with no way out, and ignores unknown
-    nodes (compile reports those)."""
-    nodes = {name: NodeSpec(name, None) for name in ("a", "b")}
-    edges = [EdgeSpec(("a",), "b"), EdgeSpec(("b",), "a"), EdgeSpec(("b",), "ghost")]
-    routes = [RouteSpec("ghost", done, ("a",))]
-    (cycle,) = cycles(edges, routes, nodes)
-    assert cycle.nodes == ("a", "b")
-    assert not cycle.conditional
-    assert cycle.exits == ()
-
-
-def test_cycles_stops_at_the_limit() -> None:
-    """Four agents that can each hand over to any other make 20 cycles; limit caps them."""
-    names = ["w", "x", "y", "z"]
-    graph = Graph(State)
-    for name in names:
-        graph.add_node(name, fan, targets=[n for n in names if n != name])
-        graph.add_route(name, done, targets=[END])
-    graph.add_edge(START, "w")
-    app = graph.compile()
-    assert len(cycles_of(app)) == 20
-    assert len(cycles_of(app, limit=5)) == 5
 
 
 # -- orchestra graph check / render ---------------------------------------------------------
