@@ -12,7 +12,8 @@ from typing import Annotated, Any
 import pytest
 from pydantic import BaseModel
 
-from orchestra import END, START, Graph, GraphValidationError, append
+from orchestra import END, START, Graph, GraphValidationError, RunOutcome, append
+from orchestra.events import Event
 
 LEASE = 0.3
 POLL = 0.02
@@ -26,6 +27,14 @@ def child_environ(environ: Mapping[str, str]) -> dict[str, str]:
     as a script (``python tests/apps/crash_app.py``) can import ``apps.crash_child``."""
     path = [str(TESTS), *filter(None, [environ.get("PYTHONPATH")])]
     return {**environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+async def streamed(app: Any, state: BaseModel) -> tuple[list[Event], RunOutcome[Any]]:
+    """Run ``app`` as a stream; return its events and its outcome."""
+    events = [event async for event in app.stream(state)]
+    outcome = events[-1].outcome
+    assert outcome is not None
+    return events, outcome
 
 
 # -- compile: a small valid graph, and the problems compiling one reports -----------------
