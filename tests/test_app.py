@@ -10,18 +10,10 @@ from typing import Any
 
 import anyio
 import pytest
-from durable import (
-    Ticks,
-    ticker,
-)
+from durable import Ticks, ticker
 
-from orchestra import (
-    RunOutcome,
-    RunStatus,
-)
-from orchestra.errors import (
-    RunNotFoundError,
-)
+from orchestra import RunOutcome, RunStatus
+from orchestra.errors import RunNotFoundError
 from orchestra.store import MemoryStore, SQLiteStore, Store
 
 pytestmark = pytest.mark.anyio

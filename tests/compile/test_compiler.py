@@ -10,16 +10,7 @@ import pytest
 from helpers import State, chain, has, problems_of, step, stop
 from pydantic import BaseModel, ConfigDict
 
-from orchestra import (
-    END,
-    START,
-    CompiledGraph,
-    Graph,
-    GraphValidationError,
-    append,
-    extend,
-    merge,
-)
+from orchestra import END, START, CompiledGraph, Graph, GraphValidationError, append, extend, merge
 from orchestra.errors import DefinitionError
 
 # -- valid graphs ---------------------------------------------------------------------------

@@ -6,11 +6,7 @@ import re
 
 from helpers import State, chain, step, stop
 
-from orchestra import (
-    END,
-    START,
-    Graph,
-)
+from orchestra import END, START, Graph
 
 
 def test_compiled_graph_render_is_mermaid_with_nodes_and_edges() -> None:

@@ -8,12 +8,7 @@ import pytest
 from helpers import chain, step, stop
 from pydantic import BaseModel
 
-from orchestra import (
-    END,
-    START,
-    Graph,
-    extend,
-)
+from orchestra import END, START, Graph, extend
 
 # -- the compiled graph -----------------------------------------------------------------------
 

@@ -11,13 +11,7 @@ from apps import graph_app
 from helpers import State, chain, has, problems_of, step, stop
 from pydantic import BaseModel
 
-from orchestra import (
-    END,
-    START,
-    Graph,
-    NodeContext,
-    Send,
-)
+from orchestra import END, START, Graph, NodeContext, Send
 from orchestra.graph import EdgeSpec, NodeSpec, RouteSpec
 from orchestra.validation import Cycle, Link, cycles
 

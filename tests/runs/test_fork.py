@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from durable import (
-    Ticks,
-    ticker,
-)
+from durable import Ticks, ticker
 
-from orchestra import (
-    RunStatus,
-)
+from orchestra import RunStatus
 from orchestra.runs import fork_run
 from orchestra.store import Store
 

@@ -9,24 +9,10 @@ from typing import Any
 
 import anyio
 import pytest
-from durable import (
-    Ticks,
-    chain,
-    run_until,
-    step_one,
-    ticker,
-    uninterrupted,
-)
+from durable import Ticks, chain, run_until, step_one, ticker, uninterrupted
 from pydantic import BaseModel, Field
 
-from orchestra import (
-    END,
-    START,
-    Budget,
-    Graph,
-    NodeContext,
-    RunStatus,
-)
+from orchestra import END, START, Budget, Graph, NodeContext, RunStatus
 from orchestra.errors import (
     GraphChangedError,
     LeaseHeldError,

@@ -7,19 +7,9 @@ import json
 from typing import Any
 
 import pytest
-from durable import (
-    BLOB,
-    Ticks,
-    ping_pong,
-    ticker,
-)
+from durable import BLOB, Ticks, ping_pong, ticker
 
-from orchestra import (
-    END,
-    START,
-    Graph,
-    NodeContext,
-)
+from orchestra import END, START, Graph, NodeContext
 from orchestra.store import SQLiteStore, Store
 
 pytestmark = pytest.mark.anyio

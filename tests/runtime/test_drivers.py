@@ -14,30 +14,11 @@ from typing import Any
 
 import anyio
 import pytest
-from durable import (
-    Ticks,
-    chain,
-    hanging,
-    run_until,
-    step_one,
-    ticker,
-    uninterrupted,
-)
+from durable import Ticks, chain, hanging, run_until, step_one, ticker, uninterrupted
 from helpers import LEASE, POLL
 
-from orchestra import (
-    END,
-    START,
-    Budget,
-    Graph,
-    NodeContext,
-    RunStatus,
-)
-from orchestra.errors import (
-    RunNotFoundError,
-    RunStatusError,
-    StopAllActiveError,
-)
+from orchestra import END, START, Budget, Graph, NodeContext, RunStatus
+from orchestra.errors import RunNotFoundError, RunStatusError, StopAllActiveError
 from orchestra.events import NodeFinished, RunFinished, StepCommitted
 from orchestra.store import SQLiteStore, Store
 from orchestra.store.base import RunRecord

@@ -8,15 +8,7 @@ from typing import Any
 import pytest
 from helpers import streamed
 
-from orchestra import (
-    END,
-    START,
-    Graph,
-    NodeContext,
-    RetryPolicy,
-    RunStatus,
-    tool,
-)
+from orchestra import END, START, Graph, NodeContext, RetryPolicy, RunStatus, tool
 from orchestra.events import ToolCalled
 from orchestra.store import Store
 from runtime.gateway.graphs import S, one_node

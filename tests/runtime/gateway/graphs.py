@@ -7,12 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from orchestra import (
-    END,
-    START,
-    Agent,
-    Graph,
-)
+from orchestra import END, START, Agent, Graph
 from orchestra.models import Message, ModelResponse, ToolCall
 
 

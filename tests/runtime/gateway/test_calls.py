@@ -9,17 +9,7 @@ from typing import Any
 import pytest
 from helpers import streamed
 
-from orchestra import (
-    END,
-    START,
-    Agent,
-    Effect,
-    Graph,
-    NodeContext,
-    NodeError,
-    RunStatus,
-    tool,
-)
+from orchestra import END, START, Agent, Effect, Graph, NodeContext, NodeError, RunStatus, tool
 from orchestra.errors import ToolArgumentsError, ToolCallError, ToolDeniedError
 from orchestra.events import ToolCalled
 from orchestra.models import ScriptedModel, ToolCall

@@ -10,18 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
-from orchestra import (
-    END,
-    START,
-    Abort,
-    Agent,
-    Done,
-    Effect,
-    Graph,
-    Retry,
-    RunStatus,
-    tool,
-)
+from orchestra import END, START, Abort, Agent, Done, Effect, Graph, Retry, RunStatus, tool
 from orchestra.errors import AnswerError
 from orchestra.models import ModelResponse, ScriptedModel, ToolCall
 from orchestra.store import Store
