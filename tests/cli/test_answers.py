@@ -14,11 +14,10 @@ from typing import Any
 import anyio
 import pytest
 from apps import cli_hitl_app
-from click.testing import CliRunner, Result
 from rich.console import Console
 
+from cli.support import cli, only_line
 from orchestra import Request, RunOutcome, RunStatus
-from orchestra.cli import main
 from orchestra.cli.history import timeline
 from orchestra.cli.requests import (
     answer_hint,
@@ -31,11 +30,6 @@ from orchestra.compile import CompiledGraph
 from orchestra.store import EventRow, SQLiteStore
 
 NOW = 1_700_000_000.0
-
-
-def cli(db: Path, *args: str) -> Result:
-    """Invoke the CLI on ``db`` (ORCHESTRA_DB unset, so only --db counts)."""
-    return CliRunner().invoke(main, ["--db", str(db), *args], env={"ORCHESTRA_DB": None})
 
 
 def start(db: Path, app: CompiledGraph[Any], run_id: str) -> RunOutcome[Any]:
@@ -83,11 +77,6 @@ def expire(db: Path, request_id: str) -> None:
     conn.close()
 
 
-def only_line(result: Result) -> str:
-    (line,) = result.stderr.splitlines()
-    return line
-
-
 def squeezed(text: str) -> list[str]:
     """The lines of ``text``, whitespace collapsed."""
     return [" ".join(line.split()) for line in text.splitlines()]
@@ -106,11 +95,6 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(cli_hitl_app, "prices", [])
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "runs.db"
 
 
 @pytest.fixture

@@ -11,11 +11,10 @@ from typing import Any
 import anyio
 import pytest
 from apps import cli_agent_app, cli_app
-from click.testing import CliRunner, Result
 from rich.console import Console
 
+from cli.support import cli
 from orchestra import Done, Request, RunOutcome, RunStatus
-from orchestra.cli import main
 from orchestra.cli.history import timeline, timeline_table
 from orchestra.cli.records import format_usage, runs_table, usage_by_node
 from orchestra.cli.requests import (
@@ -31,11 +30,6 @@ from orchestra.store import EventRow, RunRecord, SQLiteStore
 from orchestra.store.base import RequestRow
 
 NOW = 1_700_000_000.0
-
-
-def cli(db: Path, *args: str) -> Result:
-    """Invoke the CLI on ``db`` (ORCHESTRA_DB unset, so only --db counts)."""
-    return CliRunner().invoke(main, ["--db", str(db), *args], env={"ORCHESTRA_DB": None})
 
 
 def start(
@@ -111,11 +105,6 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(cli_agent_app, "refunds", [])
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "runs.db"
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ from typing import Any
 
 import anyio
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
+from cli.support import cli, only_line
 from orchestra.cli import main
 from orchestra.cli.budgets import format_budget, format_budget_diff, parse_limit
 from orchestra.safeguards.budgets import Budget
@@ -35,16 +36,6 @@ USAGE: dict[str, Any] = {
         "writer": {"input_tokens": 8_000, "output_tokens": 1_000, "model_calls": 3},
     },
 }
-
-
-def cli(db: Path, *args: str) -> Result:
-    """Invoke the CLI on ``db`` (ORCHESTRA_DB unset, so only --db counts)."""
-    return CliRunner().invoke(main, ["--db", str(db), *args], env={"ORCHESTRA_DB": None})
-
-
-def only_line(result: Result) -> str:
-    (line,) = result.stderr.splitlines()
-    return line
 
 
 def put_run(
