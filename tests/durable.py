@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import anyio
+from helpers import NodeFn
 from pydantic import BaseModel
 
 from orchestra import (
@@ -24,8 +25,6 @@ from orchestra import (
 from orchestra.store import Store
 
 BLOB = "x" * 10_000
-
-NodeFn = Callable[[Any, NodeContext], Awaitable[Any]]
 
 
 class Ticks(BaseModel):

@@ -5,18 +5,20 @@ graphs and problem finders the compile and Graph builder tests share."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
 from pydantic import BaseModel
 
-from orchestra import END, START, Graph, GraphValidationError, RunOutcome, append
+from orchestra import END, START, Graph, GraphValidationError, NodeContext, RunOutcome, append
 from orchestra.events import Event
 
 LEASE = 0.3
 POLL = 0.02
+
+NodeFn = Callable[[Any, NodeContext], Awaitable[Any]]
 
 TESTS = Path(__file__).resolve().parent
 APPS = TESTS / "apps"

@@ -9,19 +9,22 @@ import functools
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from durable import Ticks, chain, hanging, run_until, step_one, ticker, uninterrupted
-from helpers import LEASE, POLL
+from helpers import LEASE, POLL, NodeFn
 
-from orchestra import END, START, Budget, Graph, NodeContext, RunStatus
+from orchestra import END, START, Budget, Graph, NodeContext, NodeError, RunOutcome, RunStatus
 from orchestra.errors import RunNotFoundError, RunStatusError, StopAllActiveError
-from orchestra.events import NodeFinished, RunFinished, StepCommitted
+from orchestra.events import NodeFinished, NodeStarted, RunFinished, RunStarted, StepCommitted
 from orchestra.store import SQLiteStore, Store
 from orchestra.store.base import RunRecord
+from runtime.graphs import State, boom, collect, graph_of, parallel, record
 
 pytestmark = pytest.mark.anyio
 
@@ -311,3 +314,123 @@ async def test_stop_all_refuses_new_runs_until_released(store: Store) -> None:
     await store.release_stop_all()
     assert (await app.run(Ticks(), run_id="r2")).status is RunStatus.BUDGET_EXCEEDED
     assert (await ticker(3).compile(store=store).resume("r1")).status is RunStatus.COMPLETED
+
+
+# -- stream -----------------------------------------------------------------------------------
+
+
+async def test_stream_yields_events_in_order() -> None:
+    """stream() yields RunStarted, per step NodeStarted/NodeFinished/StepCommitted, RunFinished."""
+    app = graph_of({"a": record(), "b": record()}, [(START, "a"), ("a", "b"), ("b", END)])
+    events = await collect(app, State(), run_id="s-1")
+    kinds = [(type(e).__name__, getattr(e, "step", None), getattr(e, "node", None)) for e in events]
+    assert kinds == [
+        ("RunStarted", 0, None),
+        ("NodeStarted", 1, "a"),
+        ("NodeFinished", 1, "a"),
+        ("StepCommitted", 1, None),
+        ("NodeStarted", 2, "b"),
+        ("NodeFinished", 2, "b"),
+        ("StepCommitted", 2, None),
+        ("RunFinished", None, None),
+    ]
+    assert all(e.run_id == "s-1" for e in events)
+
+
+async def test_stream_step_committed_names_nodes_changes_and_next() -> None:
+    """StepCommitted names the step's tasks, the fields changed and the next tasks."""
+    app = graph_of({"a": record(), "b": record()}, [(START, "a"), ("a", "b"), ("b", END)])
+    committed = [e for e in await collect(app, State()) if isinstance(e, StepCommitted)]
+    assert [(e.nodes, e.changed, e.next) for e in committed] == [
+        (("a",), ("log",), ("b",)),
+        (("b",), ("log",), ()),
+    ]
+
+
+async def test_stream_parallel_step_reports_every_node() -> None:
+    """A parallel step reports a start and a finish for each node before its commit."""
+    events = await collect(parallel("x", "y", "z"), State())
+    step_events = events[1:-1]
+    assert isinstance(step_events[-1], StepCommitted)
+    started = sorted(e.node for e in step_events if isinstance(e, NodeStarted))
+    finished = sorted(e.node for e in step_events if isinstance(e, NodeFinished))
+    assert started == finished == ["x", "y", "z"]
+    assert step_events[-1].nodes == ("x", "y", "z")
+
+
+async def test_stream_run_finished_carries_the_outcome() -> None:
+    """The last streamed event is RunFinished carrying what run() would return."""
+    app = graph_of({"a": record()}, [(START, "a"), ("a", END)])
+    events = await collect(app, State(), run_id="same")
+    first, last = events[0], events[-1]
+    assert isinstance(first, RunStarted)
+    assert first.graph == "State"
+    assert isinstance(last, RunFinished)
+    assert last.status == "completed"
+    assert last.steps == 1
+    assert isinstance(last.outcome, RunOutcome)
+    ran = await app.run(State(), run_id="same")
+    assert last.outcome.state == ran.state
+    assert last.outcome.status is ran.status
+    assert last.outcome.steps == ran.steps
+
+
+async def test_stream_failed_run_reports_the_error() -> None:
+    """A failing node's NodeFinished and the RunFinished event carry the error."""
+    app = graph_of({"b": boom}, [(START, "b"), ("b", END)])
+    events = await collect(app, State())
+    finished = next(e for e in events if isinstance(e, NodeFinished))
+    assert finished.error is not None
+    assert "boom" in finished.error
+    last = events[-1]
+    assert isinstance(last, RunFinished)
+    assert last.status == "failed"
+    assert last.error is not None
+    assert "boom" in last.error
+    assert last.outcome is not None
+    assert isinstance(last.outcome.error, NodeError)
+    assert not any(isinstance(e, StepCommitted) for e in events)
+
+
+async def test_stream_stops_when_the_caller_stops_reading() -> None:
+    """Closing the stream after a step runs no further nodes."""
+    ran: list[str] = []
+
+    def tracked(name: str) -> NodeFn:
+        async def node(state: State, ctx: NodeContext) -> dict[str, Any]:
+            ran.append(name)
+            return {"log": name}
+
+        return node
+
+    app = graph_of({"a": tracked("a"), "b": tracked("b")}, [(START, "a"), ("a", "b"), ("b", END)])
+    async with aclosing(app.stream(State())) as events:
+        async for event in events:
+            if isinstance(event, StepCommitted):
+                break
+    assert ran == ["a"]
+
+
+async def test_stream_run_finished_of_a_failed_run_converts_to_a_dict() -> None:
+    """The RunFinished event of a failed run turns into a dict like any other event."""
+    app = graph_of({"b": boom}, [(START, "b"), ("b", END)])
+    last = (await collect(app, State()))[-1]
+    data = last.to_dict()
+    assert data["event"] == "run_finished"
+    assert data["status"] == "failed"
+    assert "boom" in data["error"]
+    assert "outcome" not in data
+
+
+@pytest.mark.parametrize("run_id", ["", "   ", 42])
+async def test_run_refuses_a_bad_run_id_before_anything_runs(run_id: Any) -> None:
+    """A run id that is not a non-empty string is refused before any node runs."""
+    ran: list[str] = []
+
+    async def node(state: State, ctx: NodeContext) -> None:
+        ran.append(ctx.node)
+
+    app = graph_of({"a": node}, [(START, "a"), ("a", END)])
+    with pytest.raises(ValueError, match="run_id must be a non-empty string"):
+        await app.run(State(), run_id=run_id)
+    assert ran == []
