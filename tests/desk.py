@@ -5,7 +5,6 @@ reading what the requests and tool messages say."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -112,9 +111,3 @@ def tool_message(request: ModelRequest, call_id: str) -> dict[str, Any]:
 def held_tools(pending: Sequence[Request]) -> list[str]:
     assert all(r.kind == "approval" for r in pending)
     return sorted(r.payload["tool"] for r in pending)
-
-
-async def past(request: Request) -> None:
-    """Wait until ``request`` has expired."""
-    assert request.expires_at is not None
-    await anyio.sleep(max(request.expires_at - time.time(), 0.0) + 0.02)

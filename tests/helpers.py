@@ -1,18 +1,32 @@
 """Shared test helpers: short leases and polls for tests that use the stores (see the
-``store`` fixture in conftest.py), where the helper apps in tests/apps live, and the small
-graphs and problem finders the compile and Graph builder tests share."""
+``store`` fixture in conftest.py), where the helper apps in tests/apps live and how to start
+one, helpers several test files had their own copy of, and the small graphs and problem
+finders the compile and Graph builder tests share."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import closing
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 import pytest
 from pydantic import BaseModel
 
-from orchestra import END, START, Graph, GraphValidationError, NodeContext, RunOutcome, append
+from orchestra import (
+    END,
+    START,
+    Graph,
+    GraphValidationError,
+    NodeContext,
+    Request,
+    RunOutcome,
+    append,
+)
 from orchestra.events import Event
 
 LEASE = 0.3
@@ -37,6 +51,23 @@ async def streamed(app: Any, state: BaseModel) -> tuple[list[Event], RunOutcome[
     outcome = events[-1].outcome
     assert outcome is not None
     return events, outcome
+
+
+def integrity(db: Path) -> str:
+    """Return SQLite's integrity check of ``db`` ("ok" when intact)."""
+    with closing(sqlite3.connect(db)) as conn:
+        return "\n".join(str(row[0]) for row in conn.execute("PRAGMA integrity_check"))
+
+
+class Order(BaseModel):
+    order_id: str
+    amount: float
+
+
+async def past(request: Request) -> None:
+    """Wait until ``request`` has expired."""
+    assert request.expires_at is not None
+    await anyio.sleep(max(request.expires_at - time.time(), 0.0) + 0.02)
 
 
 # -- compile: a small valid graph, and the problems compiling one reports -----------------

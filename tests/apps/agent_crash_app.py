@@ -43,13 +43,12 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import anyio
 from pydantic import BaseModel
 
-from apps.crash_child import configure_logging, resume_waiting, summary
+from apps.crash_child import configure_logging, effects_path, resume_waiting, summary
 from orchestra import (
     END,
     START,
@@ -106,11 +105,6 @@ class Order(BaseModel):
     request: str = "order 42"
     resolution: str | None = None
     shipment: str | None = None
-
-
-def effects_path(db: str | os.PathLike[str]) -> Path:
-    """Return the side-effect log of the runs in ``db``."""
-    return Path(f"{os.fspath(db)}.effects")
 
 
 _effects: str | None = None

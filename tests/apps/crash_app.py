@@ -34,13 +34,12 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 from pydantic import BaseModel
 
-from apps.crash_child import configure_logging, resume_waiting, summary
+from apps.crash_child import configure_logging, effects_path, resume_waiting, summary
 from orchestra import END, START, CompiledGraph, Graph, NodeContext, OrchestraError, Send, append
 from orchestra.store import SQLiteStore, Store
 
@@ -61,11 +60,6 @@ SLEEP = float(os.environ.get("CRASH_APP_SLEEP", "0"))
 class CrashState(BaseModel):
     counter: int = 0
     items: Annotated[list[str], append] = []
-
-
-def effects_path(db: str | os.PathLike[str]) -> Path:
-    """Return the side-effect log of the runs in ``db``."""
-    return Path(f"{os.fspath(db)}.effects")
 
 
 def task_label(node: str, task: int) -> str:

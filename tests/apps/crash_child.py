@@ -1,13 +1,15 @@
 """What the crash-test child apps (crash_app, agent_crash_app, approval_crash_app) share:
 quiet logging (stdout carries only the JSON summary), a resume that waits out a dead
-owner's lease, and the summary fields every child prints."""
+owner's lease, the summary fields every child prints, and where the side-effect log is."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -50,3 +52,8 @@ def summary(outcome: RunOutcome[Any]) -> dict[str, Any]:
         "error_type": type(outcome.error).__name__ if outcome.error else None,
         "error": str(outcome.error) if outcome.error else None,
     }
+
+
+def effects_path(db: str | os.PathLike[str]) -> Path:
+    """Return the side-effect log of the runs in ``db``."""
+    return Path(f"{os.fspath(db)}.effects")

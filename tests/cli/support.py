@@ -85,3 +85,8 @@ NOW = 1_700_000_000.0
 
 def event(kind: str, at: float, row_step: int | None, /, **data: Any) -> EventRow:
     return EventRow(step=row_step, kind=kind, at=at, data=json.dumps(data))
+
+
+def squeezed(text: str) -> list[str]:
+    """The lines of ``text``, whitespace collapsed."""
+    return [" ".join(line.split()) for line in text.splitlines()]

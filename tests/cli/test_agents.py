@@ -13,7 +13,7 @@ import pytest
 from apps import cli_agent_app, cli_app
 from rich.console import Console
 
-from cli.support import cli
+from cli.support import cli, squeezed
 from orchestra import Done, Request, RunOutcome, RunStatus
 from orchestra.cli.history import timeline, timeline_table
 from orchestra.cli.records import format_usage, runs_table, usage_by_node
@@ -64,11 +64,6 @@ def render(renderable: Any, width: int = 160) -> str:
     console = Console(file=io.StringIO(), width=width, color_system=None)
     console.print(renderable)
     return console.file.getvalue()  # type: ignore[attr-defined]
-
-
-def squeezed(text: str) -> list[str]:
-    """The lines of ``text``, whitespace collapsed."""
-    return [" ".join(line.split()) for line in text.splitlines()]
 
 
 def event(kind: str, at: float, step: int, /, **data: Any) -> EventRow:

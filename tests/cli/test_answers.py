@@ -16,7 +16,7 @@ import pytest
 from apps import cli_hitl_app
 from rich.console import Console
 
-from cli.support import cli, only_line
+from cli.support import cli, only_line, squeezed
 from orchestra import Request, RunOutcome, RunStatus
 from orchestra.cli.history import timeline
 from orchestra.cli.requests import (
@@ -75,11 +75,6 @@ def expire(db: Path, request_id: str) -> None:
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE requests SET expires_at = 1 WHERE request_id = ?", (request_id,))
     conn.close()
-
-
-def squeezed(text: str) -> list[str]:
-    """The lines of ``text``, whitespace collapsed."""
-    return [" ".join(line.split()) for line in text.splitlines()]
 
 
 def render(renderable: Any, width: int = 200) -> str:

@@ -32,7 +32,7 @@ import anyio
 import pytest
 from apps import crash_app
 from apps.crash_app import EXPECTED_ITEMS, FAN_AT, FAN_OUT, FAN_STEP, LAST, STEPS
-from helpers import APPS, child_environ
+from helpers import APPS, child_environ, integrity
 
 from orchestra.errors import RunNotFoundError
 from orchestra.store import CheckpointRow, RunRecord, SQLiteStore
@@ -160,11 +160,6 @@ def dump_tables(db: Path) -> dict[str, list[tuple[Any, ...]]]:
     with closing(sqlite3.connect(db)) as conn:
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
         return {t: sorted(conn.execute(f'SELECT * FROM "{t}"'), key=repr) for t in tables}
-
-
-def integrity(db: Path) -> str:
-    with closing(sqlite3.connect(db)) as conn:
-        return "\n".join(str(row[0]) for row in conn.execute("PRAGMA integrity_check"))
 
 
 def effects(db: Path, run_id: str) -> list[dict[str, Any]]:

@@ -42,7 +42,7 @@ from apps.agent_crash_app import (
     STEPS,
     TOOLS,
 )
-from helpers import APPS, child_environ
+from helpers import APPS, child_environ, integrity
 
 from orchestra.errors import RunNotFoundError
 from orchestra.store import SQLiteStore
@@ -154,11 +154,6 @@ async def _read(db: Path, run_id: str) -> Stored:
             tuple(await store.requests(run_id, statuses=())),
             tuple(await store.requests(run_id)),
         )
-
-
-def integrity(db: Path) -> str:
-    with closing(sqlite3.connect(db)) as conn:
-        return "\n".join(str(row[0]) for row in conn.execute("PRAGMA integrity_check"))
 
 
 def effects(db: Path, run_id: str = "r") -> list[dict[str, Any]]:

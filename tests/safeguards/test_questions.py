@@ -3,14 +3,14 @@ answers, the schemas it takes, several questions in a node or a step, and expiry
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import anyio
 import pytest
+from helpers import past
 from pydantic import BaseModel
 
-from orchestra import END, START, Graph, NodeContext, NodeError, Request, RunStatus, tool
+from orchestra import END, START, Graph, NodeContext, NodeError, RunStatus, tool
 from orchestra.errors import AnswerError, RequestExpiredError
 from orchestra.store import Store
 
@@ -45,12 +45,6 @@ def asker(prompt: str, schema: Any = None, **kwargs: Any) -> Any:
         return {"answer": await ctx.interrupt(prompt, schema=schema, **kwargs)}
 
     return ask
-
-
-async def past(request: Request) -> None:
-    """Wait until ``request`` has expired."""
-    assert request.expires_at is not None
-    await anyio.sleep(max(request.expires_at - time.time(), 0.0) + 0.02)
 
 
 async def test_questions_first_run_stops_with_a_question(store: Store) -> None:

@@ -17,11 +17,6 @@ class S(BaseModel):
     note: str = ""
 
 
-class Order(BaseModel):
-    order_id: str
-    amount: float
-
-
 def calling(*calls: ToolCall, then: str = "done") -> list[ModelResponse | str]:
     """A script: one turn proposing ``calls``, then a final answer."""
     return [ModelResponse(tool_calls=calls), then]

@@ -8,7 +8,8 @@ from typing import Any
 
 import anyio
 import pytest
-from desk import REFUND, Desk, S, billing, call, pair, past, paying, tool_message, turn
+from desk import REFUND, Desk, S, billing, call, pair, paying, tool_message, turn
+from helpers import past
 
 from orchestra import (
     END,

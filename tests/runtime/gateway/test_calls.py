@@ -7,14 +7,14 @@ import json
 from typing import Any
 
 import pytest
-from helpers import streamed
+from helpers import Order, streamed
 
 from orchestra import END, START, Agent, Effect, Graph, NodeContext, NodeError, RunStatus, tool
 from orchestra.errors import ToolArgumentsError, ToolCallError, ToolDeniedError
 from orchestra.events import ToolCalled
 from orchestra.models import ScriptedModel, ToolCall
 from orchestra.store import Store
-from runtime.gateway.graphs import Order, S, calling, one_node, single_agent, tool_messages
+from runtime.gateway.graphs import S, calling, one_node, single_agent, tool_messages
 
 pytestmark = pytest.mark.anyio
 
