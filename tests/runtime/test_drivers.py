@@ -1,6 +1,6 @@
-"""Run and stream under abort and stop-all: a hanging or streamed run stops with the reason, a
-closed stream or a cancelled caller records the run aborted, and a run whose nodes never
-yield still stops and keeps its lease."""
+"""Run and stream: abort and stop-all (a hanging or streamed run stops with the reason, a
+closed stream or a cancelled caller records the run aborted, a run whose nodes never yield
+still stops and keeps its lease), the events a stream yields, and a bad run id refused."""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ from orchestra.store.base import new_owner_id
 pytestmark = pytest.mark.anyio
 
 
-# -- the run row and checkpoints ---------------------------------------------------------
+# -- the run row and its events ---------------------------------------------------------
 
 
 async def test_run_writes_the_run_row(store: Store) -> None:

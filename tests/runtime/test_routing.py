@@ -17,6 +17,9 @@ from runtime.graphs import State, graph_of, join_graph, record
 pytestmark = pytest.mark.anyio
 
 
+# -- routes -------------------------------------------------------------------------------
+
+
 async def test_run_route_loop_with_a_counter() -> None:
     """A route back to its own node loops until it chooses END."""
 
