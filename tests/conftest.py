@@ -1,5 +1,5 @@
 """Shared fixtures: every async test runs on asyncio and on trio; ``store`` runs a test on
-each store implementation."""
+each store implementation; ``sqlite_store`` is the SQLite one alone."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from stores import LEASE, POLL
+from helpers import LEASE, POLL
 
 from orchestra.store import MemoryStore, SQLiteStore, Store
 
@@ -26,5 +26,13 @@ async def store(
         made: Store = SQLiteStore(tmp_path / "runs.db", lease_seconds=LEASE, poll_seconds=POLL)
     else:
         made = MemoryStore(lease_seconds=LEASE, poll_seconds=POLL)
+    yield made
+    await made.aclose()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path, anyio_backend: str) -> AsyncIterator[SQLiteStore]:
+    """Yield an SQLite store with a short lease and poll interval."""
+    made = SQLiteStore(tmp_path / "runs.db", lease_seconds=LEASE, poll_seconds=POLL)
     yield made
     await made.aclose()

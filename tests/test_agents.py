@@ -7,6 +7,7 @@ import json
 from typing import Annotated, Any
 
 import pytest
+from helpers import streamed
 from pydantic import BaseModel
 
 from orchestra import (
@@ -17,7 +18,6 @@ from orchestra import (
     GraphValidationError,
     NodeContext,
     NodeError,
-    RunOutcome,
     RunStatus,
     Send,
     ToolContext,
@@ -26,7 +26,7 @@ from orchestra import (
     tool,
 )
 from orchestra.errors import AgentOutputError, AgentTurnsError, ModelError
-from orchestra.events import Event, ModelCalled, ToolCalled
+from orchestra.events import ModelCalled, ToolCalled
 from orchestra.models import Message, ModelRequest, ModelResponse, ScriptedModel, ToolCall
 from orchestra.store import Store
 
@@ -76,14 +76,6 @@ def single(agent: Agent, **options: Any) -> Any:
     graph.add_edge(START, agent.name)
     graph.add_edge(agent.name, END)
     return graph.compile(**options)
-
-
-async def streamed(app: Any, state: BaseModel) -> tuple[list[Event], RunOutcome[Any]]:
-    """Run ``app`` as a stream; return its events and its outcome."""
-    events = [event async for event in app.stream(state)]
-    outcome = events[-1].outcome
-    assert outcome is not None
-    return events, outcome
 
 
 def shape(messages: tuple[Message, ...] | list[Message]) -> list[tuple[str, str | None]]:

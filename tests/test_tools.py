@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import anyio
 import pytest
+from helpers import Order
 from pydantic import BaseModel, Field, ValidationError
 
 from orchestra import (
@@ -36,11 +37,6 @@ pytestmark = pytest.mark.anyio
 class S(BaseModel):
     request: str = ""
     resolution: str | None = None
-
-
-class Order(BaseModel):
-    order_id: str
-    amount: float
 
 
 def one_node(fn: Any, tools: list[Any], **options: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
-from stores import LEASE, POLL
+from helpers import LEASE, POLL
 
 from orchestra.errors import (
     LeaseHeldError,

@@ -4,7 +4,7 @@ to m002_agents and m003_budgets, and its runs load and resume.
 The m001 database is built as orchestra 3a5208c built it: its DDL is copied here (frozen, so
 a later edit of the package's m001 cannot hide a migration problem) and applied by
 sqlite-utils as migration ``m001_initial`` of the ``orchestra`` set; the run rows are those
-that version wrote for ``tests/crash_app.py`` killed after committing step 3.
+that version wrote for ``tests/apps/crash_app.py`` killed after committing step 3.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-import crash_app
 import pytest
-from stores import LEASE, POLL
+from apps import crash_app
+from helpers import LEASE, POLL
 
 from orchestra.store import MemoryStore, SQLiteStore
 
