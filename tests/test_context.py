@@ -41,7 +41,8 @@ async def test_context_call_model_is_metered() -> None:
     assert outcome.state.text == "a summary"
     assert outcome.usage.model_calls == 1
     assert outcome.usage.by_node["sum"]["model_calls"] == 1
-    assert outcome.usage.input_tokens > 0 and outcome.usage.output_tokens > 0
+    assert outcome.usage.input_tokens > 0
+    assert outcome.usage.output_tokens > 0
 
 
 async def test_context_call_model_replays_on_resume(tmp_path: Path) -> None:
