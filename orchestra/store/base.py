@@ -113,10 +113,12 @@ def expired(expires_at: float | None, now: float) -> bool:
     return expires_at is not None and expires_at <= now
 
 
-E = TypeVar("E", bound=StrEnum)
+_MemberT = TypeVar("_MemberT", bound=StrEnum)
 
 
-def stored_member(enum: type[E], value: object, *, run_id: str, table: str, column: str) -> E:
+def stored_member(
+    enum: type[_MemberT], value: object, *, run_id: str, table: str, column: str
+) -> _MemberT:
     """Return the member of ``enum`` a store holds as ``value``; a value that is not one (a
     row edited by hand, or written by a newer orchestra) is a StoreError naming the run, the
     table, the column and the value."""
