@@ -14,12 +14,13 @@ from typing import Any
 
 import click
 
+from .._json import loads_object
 from ..app import CompiledGraph
 from ..errors import GraphChangedError
 from ..outcome import RunOutcome
 from ..runs.answers import answer_requests, check_answers
 from ..safeguards.interrupts import Abort, Approve, Done, Edit, Reject, Request, Retry
-from ..store.base import RequestRow, RunRecord
+from ..store.base import RequestKind, RequestRow, RequestStatus, RunRecord
 from .control import check_resumable, report_resumed, resume_loaded
 from .database import Settings, _db_path, _json_option, _run, find_run, open_store
 from .loading import AppLoadError, load_app
@@ -112,11 +113,11 @@ class _Verb:
 
     name: str
     answer: Any
-    kinds: tuple[str, ...]
+    kinds: tuple[RequestKind, ...]
     needs_app: bool
 
 
-_GO_ON_OR_STOP = ("approval", "loop", "before", "after")
+_GO_ON_OR_STOP = (RequestKind.APPROVAL, RequestKind.LOOP, RequestKind.BEFORE, RequestKind.AFTER)
 
 
 def _request_arguments(command: Any) -> Any:
@@ -217,7 +218,9 @@ def edit(
             f"the call's arguments are a JSON object (name: value), got {type(arguments).__name__}",
             param_hint="'--args'",
         )
-    verb = _Verb(name="edit", answer=Edit(arguments=arguments), kinds=("approval",), needs_app=True)
+    verb = _Verb(
+        name="edit", answer=Edit(arguments=arguments), kinds=(RequestKind.APPROVAL,), needs_app=True
+    )
     _answer(settings, run_id, request_id, verb, app_ref, resume, allow_graph_change)
 
 
@@ -248,7 +251,12 @@ def answer(
     `--json '{"carrier": "ups", "days": 2}'`, `--json '"yes"'`. A conflict takes the keys
     of the calls that run, in order: `--json '{"run": ["billing#1"]}'`; the others lose.
     """
-    verb = _Verb(name="answer", answer=value, kinds=("question", "conflict"), needs_app=True)
+    verb = _Verb(
+        name="answer",
+        answer=value,
+        kinds=(RequestKind.QUESTION, RequestKind.CONFLICT),
+        needs_app=True,
+    )
     _answer(settings, run_id, request_id, verb, app_ref, resume, allow_graph_change)
 
 
@@ -295,15 +303,20 @@ def resolve(
         raise click.UsageError("--reason goes with --abort")
     if done:
         verb = _Verb(
-            name="resolve --done", answer=Done(result), kinds=("in_doubt",), needs_app=True
+            name="resolve --done",
+            answer=Done(result),
+            kinds=(RequestKind.IN_DOUBT,),
+            needs_app=True,
         )
     elif retry:
-        verb = _Verb(name="resolve --retry", answer=Retry(), kinds=("in_doubt",), needs_app=False)
+        verb = _Verb(
+            name="resolve --retry", answer=Retry(), kinds=(RequestKind.IN_DOUBT,), needs_app=False
+        )
     else:
         verb = _Verb(
             name="resolve --abort",
             answer=Abort(reason) if reason is not None else Abort(),
-            kinds=("in_doubt", "loop", "before", "after"),
+            kinds=(RequestKind.IN_DOUBT, RequestKind.LOOP, RequestKind.BEFORE, RequestKind.AFTER),
             needs_app=False,
         )
     _answer(settings, run_id, request_id, verb, app_ref, resume, allow_graph_change)
@@ -329,7 +342,11 @@ def _answer(
             rows = await store.requests(record.run_id, statuses=())
             stopped = await store.stop_all_reason()
             row = _find_request(rows, request_id)
-            if row is None or row.status != "open" or stored_request(row).expired(time.time()):
+            if (
+                row is None
+                or row.status != RequestStatus.OPEN
+                or stored_request(row).expired(time.time())
+            ):
                 # unknown, answered or expired: refused in the library's words
                 known = request_id if row is None else row.request_id
                 await check_answers(None, store, record.run_id, {known: verb.answer})
@@ -347,7 +364,7 @@ def _answer(
         async with open_store(settings) as store:
             still = await answer_requests(app, store, record.run_id, {request.id: given})
             rows = await store.requests(record.run_id, statuses=())
-        said = next(json.loads(r.answer or "{}") for r in rows if r.request_id == request.id)
+        said = next(loads_object(r.answer) for r in rows if r.request_id == request.id)
         outcome = None
         if resume:
             assert app is not None
@@ -400,7 +417,7 @@ def _answer_for(verb: _Verb, request: Request) -> Any:
             f"{request.run_id}: it is {article} {request.kind} request ({request.describe()}); "
             f"{how}"
         )
-    if request.kind == "conflict":
+    if request.kind == RequestKind.CONFLICT:
         value = verb.answer
         keys = [str(call.get("key")) for call in request.payload.get("calls") or ()]
         if not (

@@ -12,8 +12,8 @@ import click
 
 from ..app import CompiledGraph
 from ..errors import LeaseHeldError, RunStatusError, StopAllActiveError
-from ..outcome import RunOutcome
-from ..store.base import ACTIVE, RunRecord, Store
+from ..outcome import RunOutcome, RunStatus
+from ..store.base import OperatorStore, RunRecord
 from .budgets import (
     LIMITS,
     apply_changes,
@@ -97,7 +97,7 @@ def resume(settings: Settings, run_id: str, app_ref: str | None, allow_graph_cha
 def check_resumable(record: RunRecord, stopped: str | None) -> None:
     """Refuse to resume a completed run, any run while stop-all is in force (``stopped``:
     its reason), or a run whose owner holds its lease."""
-    if record.status == "completed":
+    if record.status == RunStatus.COMPLETED:
         raise RunStatusError(record.run_id, record.status, "resume it")
     if stopped is not None:
         raise StopAllActiveError(stopped)
@@ -174,7 +174,7 @@ def abort(settings: Settings, run_id: str, reason: str, wait: bool, timeout: flo
     async def work() -> None:
         async with open_store(settings) as store:
             record = await find_run(store, run_id)
-            if record.status == "aborted":
+            if record.status == RunStatus.ABORTED:
                 why = f": {record.reason}" if record.reason else ""
                 click.echo(f"run {record.run_id} is already aborted{why}")
                 return
@@ -182,10 +182,10 @@ def abort(settings: Settings, run_id: str, reason: str, wait: bool, timeout: flo
             previous = run_status(record, time.time(), gone=gone)
             record = await store.request_abort(record.run_id, reason)
             click.echo(format_abort(record, previous, time.time(), gone=gone))
-            if wait and record.status == ACTIVE:
+            if wait and record.status == RunStatus.RUNNING:
                 with anyio.move_on_after(timeout):
                     record = await wait_until_stopped(store, record.run_id, reason)
-                if record.status == ACTIVE:
+                if record.status == RunStatus.RUNNING:
                     raise click.ClickException(
                         f"run {record.run_id} is still running after {timeout:g}s: its owner "
                         f"has not stopped it (`orchestra show {record.run_id}` tells more)"
@@ -199,13 +199,13 @@ def abort(settings: Settings, run_id: str, reason: str, wait: bool, timeout: flo
 
 
 async def wait_until_stopped(
-    store: Store, run_id: str, reason: str, *, poll: float = 0.1
+    store: OperatorStore, run_id: str, reason: str, *, poll: float = 0.1
 ) -> RunRecord:
     """Poll until a run is no longer running (bound it with a cancel scope); if its owner
     dies before it notices the abort, mark the run aborted, since nobody else will."""
     while True:
         record = await store.get_run(run_id)
-        if record.status != ACTIVE:
+        if record.status != RunStatus.RUNNING:
             return record
         if not record.lease_live(time.time()):
             return await store.request_abort(run_id, reason)
@@ -243,14 +243,16 @@ def stop_all(settings: Settings, reason: str, release: bool, yes: bool) -> None:
 
     async def work() -> list[tuple[RunRecord, str, bool]]:
         async with open_store(settings) as store:
-            before = {r.run_id: r for r in await store.list_runs(statuses=[ACTIVE])}
+            before = {r.run_id: r for r in await store.list_runs(statuses=[RunStatus.RUNNING])}
             stopped = await store.stop_all(reason)
             now = time.time()
             results = []
             for run_id in stopped:
                 previous = before.get(run_id)
                 gone = previous is not None and owner_gone(previous.owner)
-                status = ACTIVE if previous is None else run_status(previous, now, gone=gone)
+                status = (
+                    RunStatus.RUNNING if previous is None else run_status(previous, now, gone=gone)
+                )
                 results.append((await store.get_run(run_id), status, gone))
             return results
 
@@ -360,9 +362,9 @@ def budget(
 
 def _refuse_budget_change(record: RunRecord, now: float) -> None:
     """Refuse to change the budget of a completed run, or of one a live owner runs."""
-    if record.status == "completed":
+    if record.status == RunStatus.COMPLETED:
         raise RunStatusError(record.run_id, record.status, "raise its budget")
-    if record.status != ACTIVE or not record.lease_live(now):
+    if record.status != RunStatus.RUNNING or not record.lease_live(now):
         return
     assert record.lease_expires_at is not None
     left = format_age(record.lease_expires_at - now)

@@ -1,4 +1,8 @@
-"""The global settings and what the database commands share: opening --db, finding a run."""
+"""The global settings and what the database commands share: opening --db, finding a run.
+
+The commands act as operators: they see the store through the operator contract
+(:func:`open_store`); only the file's own upkeep (prune's VACUUM, ``db check``) opens the
+SQLite file as such (:func:`open_database`). A resume binds the run's app to the file."""
 
 from __future__ import annotations
 
@@ -12,10 +16,10 @@ import anyio
 import click
 
 from ..errors import RunNotFoundError
-from ..store.base import RunRecord, Store
+from ..store.base import OperatorStore, RunRecord
 from ..store.sqlite import SQLiteStore
 
-__all__ = ("Settings", "find_run", "open_store")
+__all__ = ("Settings", "find_run", "open_database", "open_store")
 
 T = TypeVar("T")
 
@@ -40,8 +44,17 @@ def _db_path(settings: Settings) -> Path:
 
 
 @asynccontextmanager
-async def open_store(settings: Settings) -> AsyncIterator[SQLiteStore]:
-    """Open the ``--db`` store (a missing, foreign or corrupted file is one error line)."""
+async def open_store(settings: Settings) -> AsyncIterator[OperatorStore]:
+    """Open the ``--db`` store, to act on its runs as an operator (a missing, foreign or
+    corrupted file is one error line)."""
+    async with open_database(settings) as store:
+        yield store
+
+
+@asynccontextmanager
+async def open_database(settings: Settings) -> AsyncIterator[SQLiteStore]:
+    """Open the ``--db`` file as a SQLiteStore, for what only the file has (its size,
+    VACUUM, the integrity check, the schema version)."""
     store = SQLiteStore(_db_path(settings))
     try:
         store.conn  # noqa: B018 - open now, so a bad file fails before anything else
@@ -54,7 +67,7 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
     return anyio.run(fn)
 
 
-async def find_run(store: Store, run_id: str) -> RunRecord:
+async def find_run(store: OperatorStore, run_id: str) -> RunRecord:
     """Return the run ``run_id``, or the one run whose id starts with it (like git)."""
     try:
         return await store.get_run(run_id)

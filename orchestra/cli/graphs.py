@@ -10,7 +10,7 @@ from typing import Any
 from ..app import CompiledGraph
 from ..compile.validation import Cycle, Link, cycles
 from ..safeguards.loops import LoopGuard
-from ..specs import END
+from ..specs import END, NodeKind
 
 __all__ = (
     "GraphReport",
@@ -52,7 +52,7 @@ def check_graph(app: CompiledGraph[Any], ref: str, *, limit: int | None = None) 
         name=app.name,
         structure_hash=app.structure_hash,
         nodes=len(app.nodes),
-        agents=tuple(name for name, node in app.nodes.items() if node.kind == "agent"),
+        agents=tuple(name for name, node in app.nodes.items() if node.kind is NodeKind.AGENT),
         edges=len(app.edges),
         joins=len(app.joins),
         routes=len(routes),

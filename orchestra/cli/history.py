@@ -11,7 +11,9 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from .._json import loads_object, loads_or_text
 from ..store.base import CheckpointRow, EventRow
+from ..tools import CallStatus
 from .budgets import format_budget_diff
 from .format import _STORED_STYLE, _plain_value, format_duration, format_nodes, format_timestamp
 from .requests import format_answer, format_call
@@ -41,10 +43,7 @@ class TimelineEntry:
 
 
 def _event_data(row: EventRow) -> dict[str, Any]:
-    try:
-        data = json.loads(row.data)
-    except ValueError:
-        return {"data": row.data}
+    data = loads_or_text(row.data)
     return data if isinstance(data, dict) else {"data": data}
 
 
@@ -73,11 +72,7 @@ def _run_event_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
             at=row.at, step=step, what="abort requested", notes=str(data.get("reason")), style="red"
         )
     if row.kind == "request_answered":
-        try:
-            answer = json.loads(str(data.get("answer")))
-        except ValueError:
-            answer = {}
-        said = format_answer(answer) if isinstance(answer, dict) else "?"
+        said = format_answer(loads_object(str(data.get("answer"))))
         return TimelineEntry(
             at=row.at,
             step=step,
@@ -166,12 +161,12 @@ def _arbitration_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
 
 # how a tool call's status shows: a call that did not run is a warning, one that failed an
 # error, one in doubt needs an operator
-_TOOL_STATUS_STYLE = {
-    "ok": "",
-    "denied": "yellow",
-    "invalid_arguments": "yellow",
-    "rejected": "yellow",
-    "conflict": "yellow",
+_TOOL_STATUS_STYLE: dict[str, str] = {
+    CallStatus.OK: "",
+    CallStatus.DENIED: "yellow",
+    CallStatus.INVALID_ARGUMENTS: "yellow",
+    CallStatus.REJECTED: "yellow",
+    CallStatus.CONFLICT: "yellow",
 }
 _IN_DOUBT_STYLE = "bold red"
 
@@ -191,7 +186,8 @@ def _call_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
         status = str(data.get("status"))
         what = f"{node} \N{RIGHTWARDS ARROW} tool {data.get('tool')}"
         notes = [f"{status}: {data['error']}" if data.get("error") else status]
-        style = _IN_DOUBT_STYLE if status == "in_doubt" else _TOOL_STATUS_STYLE.get(status, "red")
+        in_doubt = status == CallStatus.IN_DOUBT
+        style = _IN_DOUBT_STYLE if in_doubt else _TOOL_STATUS_STYLE.get(status, "red")
     if replayed:
         notes.append("replayed from the ledger")
     return TimelineEntry(

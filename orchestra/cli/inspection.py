@@ -9,6 +9,7 @@ import click
 from rich.console import NewLine, RenderableType
 from rich.text import Text
 
+from ..outcome import RunStatus
 from ..store.base import CheckpointRow, EventRow, RequestRow, RunRecord
 from .database import Settings, _json_option, _run, _run_id_argument, find_run, open_store
 from .format import format_bytes
@@ -53,7 +54,8 @@ def runs(settings: Settings, statuses: tuple[str, ...], limit: int, as_json: boo
 
     async def work() -> tuple[list[RunRecord], str | None]:
         async with open_store(settings) as store:
-            records = await store.list_runs(statuses=statuses, limit=limit + 1)
+            wanted = [RunStatus(status) for status in statuses]
+            records = await store.list_runs(statuses=wanted, limit=limit + 1)
             return records, await store.stop_all_reason()
 
     records, stopped = _run(work)

@@ -8,11 +8,12 @@ from typing import Any
 
 import click
 
+from ..outcome import RunStatus
 from ..runs.fork import fork_run
-from ..store.base import ACTIVE, RunRecord
+from ..store.base import RunRecord
 from ..store.base import new_run_id as _new_run_id
 from ..store.sqlite import SQLiteStore
-from .database import Settings, _run, _run_id_argument, find_run, open_store
+from .database import Settings, _run, _run_id_argument, find_run, open_database, open_store
 from .format import format_age, format_bytes, parse_duration
 from .output import _print
 from .records import RUN_STATUSES, format_prune, format_run_counts, runs_table
@@ -82,8 +83,8 @@ class _Duration(click.ParamType):
     "--status",
     "statuses",
     multiple=True,
-    type=click.Choice([s for s in RUN_STATUSES if s != ACTIVE]),
-    default=("completed",),
+    type=click.Choice([s for s in RUN_STATUSES if s != RunStatus.RUNNING]),
+    default=(str(RunStatus.COMPLETED),),
     show_default=True,
     help="Only runs with this status (repeat for several). Abort a crashed run to prune it.",
 )
@@ -101,11 +102,13 @@ def prune(
 ) -> None:
     """Delete old runs with their checkpoints and events, then VACUUM the database."""
     cutoff = time.time() - older_than
+    wanted = [RunStatus(status) for status in statuses]
     which = f"status {' or '.join(statuses)}, not updated for {format_age(older_than)}"
 
     async def candidates() -> list[RunRecord]:
         async with open_store(settings) as store:
-            return [r for r in await store.list_runs(statuses=statuses) if r.updated_at < cutoff]
+            runs = await store.list_runs(statuses=wanted)
+            return [r for r in runs if r.updated_at < cutoff]
 
     doomed = _run(candidates)
     if not doomed:
@@ -120,9 +123,9 @@ def prune(
         click.confirm(f"Delete {count} ({which}) from {settings.db}?", abort=True)
 
     async def work() -> str:
-        async with open_store(settings) as store:
+        async with open_database(settings) as store:
             before = store.file_size()
-            removed = await store.prune(older_than=cutoff, statuses=statuses)
+            removed = await store.prune(older_than=cutoff, statuses=wanted)
             if no_vacuum:
                 return format_prune(removed, before, None)
             checkpointed = vacuum(store)
@@ -158,7 +161,7 @@ def check(settings: Settings) -> None:
     """
 
     async def work() -> tuple[str, str, str | None, list[RunRecord], int]:
-        async with open_store(settings) as store:
+        async with open_database(settings) as store:
             return (
                 store.schema_version(),
                 store.integrity_check(),

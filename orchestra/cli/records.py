@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..outcome import RunStatus
-from ..store.base import ACTIVE, EventRow, RunRecord
+from ..store.base import EventRow, RunRecord
 from .budgets import budget_used, format_budget
 from .format import (
     _STORED_STYLE,
@@ -46,8 +46,9 @@ __all__ = (
     "usage_by_node",
 )
 
-RUN_STATUSES = (*(str(status) for status in RunStatus), "pending")
-"""Every status a stored run can have (a fork waits as ``pending`` until it is resumed)."""
+RUN_STATUSES = tuple(str(status) for status in RunStatus)
+"""Every status a stored run can have (a fork waits as ``pending`` until it is resumed), as
+the CLI's ``--status`` choices."""
 
 _STALE = "running (stale lease)"
 
@@ -60,7 +61,7 @@ def run_status(record: RunRecord, now: float, *, gone: bool = False) -> str:
     ended (``gone``) but whose lease has not expired yet shows ``(owner gone)``; one asked to
     abort shows ``(aborting)``.
     """
-    if record.status == ACTIVE:
+    if record.status == RunStatus.RUNNING:
         if not record.lease_live(now):
             return _STALE
         if gone:
@@ -168,7 +169,7 @@ def run_json(record: RunRecord, now: float, *, gone: bool = False) -> dict[str, 
     data = asdict(record)
     live = record.lease_live(now)
     data["lease"] = None if record.owner is None else ("live" if live else "expired")
-    data["stale"] = record.status == ACTIVE and not live
+    data["stale"] = record.status == RunStatus.RUNNING and not live
     data["owner_gone"] = gone
     return data
 
@@ -259,10 +260,10 @@ def run_summary(
         facts.add_row("reason", record.reason)
     if record.error:
         facts.add_row("error", Text(record.error, style="red"))
-    if record.abort_requested and record.status == ACTIVE:
+    if record.abort_requested and record.status == RunStatus.RUNNING:
         facts.add_row("abort", Text(f"requested: {record.abort_requested}", style="red"))
     facts.add_row("step", str(record.step))
-    if record.status != "completed":
+    if record.status != RunStatus.COMPLETED:
         following = _next_nodes(events)
         if following:
             facts.add_row("next", following)
@@ -301,7 +302,7 @@ def format_abort(record: RunRecord, previous: str, now: float, *, gone: bool = F
     ``gone``: the owner holding the lease is known to have ended, so nobody will act on the
     request until the lease expires.
     """
-    if record.status == ACTIVE and record.abort_requested is not None:
+    if record.status == RunStatus.RUNNING and record.abort_requested is not None:
         if gone and record.lease_expires_at is not None:
             return (
                 f"abort requested, but run {record.run_id}'s owner {record.owner} has ended: "
@@ -314,7 +315,7 @@ def format_abort(record: RunRecord, previous: str, now: float, *, gone: bool = F
         )
     why = {
         _STALE: "its owner's lease had expired, so no process was running it",
-        ACTIVE: "no live owner",
+        RunStatus.RUNNING: "no live owner",
     }.get(previous, f"it was {previous}")
     return f"run {record.run_id} marked aborted at once ({why})"
 

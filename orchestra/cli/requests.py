@@ -16,7 +16,7 @@ from rich.text import Text
 
 from .._json import compact_json
 from ..safeguards.interrupts import Request
-from ..store.base import RequestRow
+from ..store.base import RequestKind, RequestRow
 from .format import format_age, format_ago
 
 __all__ = (
@@ -49,24 +49,25 @@ class Way:
     meaning: str
 
 
-_GO_ON_OR_STOP = {
-    "loop": (
+_GO_ON_OR_STOP: dict[str, tuple[Way, ...]] = {
+    RequestKind.LOOP: (
         Way("approve", "", "Continue()", "it is not a loop (or worth its cost): go on"),
         Way("reject", "--reason TEXT", "Abort(reason=...)", "stop the run"),
     ),
-    "before": (
+    RequestKind.BEFORE: (
         Way("approve", "", "Continue()", "go on: run the step"),
         Way("reject", "--reason TEXT", "Abort(reason=...)", "stop the run before it"),
     ),
-    "after": (
+    RequestKind.AFTER: (
         Way("approve", "", "Continue()", "go on from the step"),
         Way("reject", "--reason TEXT", "Abort(reason=...)", "stop the run after it"),
     ),
 }
 
-# how each kind of request is answered, first the way an example shows
+# how each kind of request is answered, first the way an example shows (keyed by RequestKind
+# members; looked up by a request's kind, which a hand-built request may hold as a bare value)
 _ANSWERS: dict[str, tuple[Way, ...]] = {
-    "approval": (
+    RequestKind.APPROVAL: (
         Way("approve", "", "Approve()", "let the call run, once, as asked"),
         Way("reject", "--reason TEXT", "Reject(reason=...)", "refuse it: the caller is told why"),
         Way(
@@ -76,10 +77,10 @@ _ANSWERS: dict[str, tuple[Way, ...]] = {
             "run it with these arguments instead (the whole set, checked against the tool)",
         ),
     ),
-    "question": (
+    RequestKind.QUESTION: (
         Way("answer", "--json JSON", "a value of its schema", "a value that fits the schema"),
     ),
-    "conflict": (
+    RequestKind.CONFLICT: (
         Way(
             "answer",
             "--json {example}",
@@ -87,7 +88,7 @@ _ANSWERS: dict[str, tuple[Way, ...]] = {
             "the keys of the calls that run, in this order; the others lose",
         ),
     ),
-    "in_doubt": (
+    RequestKind.IN_DOUBT: (
         Way(
             "resolve",
             "--done --result JSON",
@@ -163,19 +164,19 @@ def request_details(request: Request) -> str:
     approval) the exact call; for a question the answer's shape; for a conflict each call;
     otherwise the payload."""
     payload = request.payload
-    if request.kind == "in_doubt":
+    if request.kind == RequestKind.IN_DOUBT:
         call = format_call(str(payload.get("tool")), payload.get("arguments"))
         key = payload.get("idempotency_key")
         return f"{call}, idempotency key {key}" if key else call
-    if request.kind == "approval":
+    if request.kind == RequestKind.APPROVAL:
         call = format_call(str(payload.get("tool")), payload.get("arguments"))
         resources = ", ".join(payload.get("resources") or ())
         return f"{call} on {resources}" if resources else call
-    if request.kind == "question":
+    if request.kind == RequestKind.QUESTION:
         shape = f"answer: {format_schema(request.schema)}"
         problem = payload.get("problem")
         return f"{shape} ({problem})" if problem else shape
-    if request.kind == "conflict":
+    if request.kind == RequestKind.CONFLICT:
         return "\n".join(
             f"{call.get('key')}: {format_call(str(call.get('tool')), call.get('arguments'))}"
             for call in payload.get("calls") or ()
@@ -185,13 +186,13 @@ def request_details(request: Request) -> str:
 
 def _example(request: Request) -> str:
     """The example a way's options show, filled in from the request."""
-    if request.kind == "approval":
+    if request.kind == RequestKind.APPROVAL:
         return compact_json(request.payload.get("arguments") or {})
     return '{"run": [KEY, ...]}'
 
 
 def _placeholder(kind: str) -> str:
-    return "'{\"run\": [KEY, ...]}'" if kind == "conflict" else "JSON"
+    return "'{\"run\": [KEY, ...]}'" if kind == RequestKind.CONFLICT else "JSON"
 
 
 def _command(request: Request, way: Way, *, example: bool = True) -> str:
@@ -244,7 +245,7 @@ def format_recorded(request: Request, answer: Mapping[str, Any]) -> str:
     said = answer.get("answer")
     reason = answer.get("reason")
     call = format_call(str(payload.get("tool")), payload.get("arguments"))
-    if request.kind == "approval":
+    if request.kind == RequestKind.APPROVAL:
         if said == "approve":
             return f"approved {call}"
         if said == "reject":
@@ -252,14 +253,14 @@ def format_recorded(request: Request, answer: Mapping[str, Any]) -> str:
         if said == "edit":
             edited = format_call(str(payload.get("tool")), answer.get("arguments"))
             return f"approved {edited} (edited; it asked for {call})"
-    if request.kind in ("loop", "before", "after"):
+    if request.kind in (RequestKind.LOOP, RequestKind.BEFORE, RequestKind.AFTER):
         if said == "continue":
             return f"go on ({request.describe()})"
         if said == "abort":
             return f"stop the run: {reason}"
-    if request.kind == "question" and said == "value":
+    if request.kind == RequestKind.QUESTION and said == "value":
         return f"answered {payload.get('prompt')!r}: {compact_json(answer.get('value'))}"
-    if request.kind == "conflict" and said == "choose":
+    if request.kind == RequestKind.CONFLICT and said == "choose":
         chosen = [str(key) for key in answer.get("run") or ()]
         others = [
             str(c.get("key")) for c in payload.get("calls") or () if c.get("key") not in chosen
@@ -268,7 +269,7 @@ def format_recorded(request: Request, answer: Mapping[str, Any]) -> str:
         if not others:
             return ran
         return f"{ran}; {', '.join(others)} {'loses' if len(others) == 1 else 'lose'}"
-    if request.kind == "in_doubt":
+    if request.kind == RequestKind.IN_DOUBT:
         if said == "done":
             return f"{call} took effect, result {json.dumps(answer.get('result'))}"
         if said == "retry":

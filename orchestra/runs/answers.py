@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from .._json import compact_json
+from .._json import compact_json, loads_object
 from ..errors import AnswerError
 from ..events import RequestAnswered
 from ..safeguards.interrupts import (
@@ -26,15 +26,22 @@ from ..safeguards.interrupts import (
 )
 from ..state import describe_validation_error
 from ..store.base import (
+    LedgerStatus,
+    OperatorStore,
+    RequestKind,
     RequestRow,
+    RequestStatus,
     Store,
+    expired,
 )
+from ..tools import CallStatus
 
 if TYPE_CHECKING:
     from ..compile import Plan
     from ..tools import Tool
 
 __all__ = (
+    "CheckedAnswer",
     "answer_requests",
     "apply_answers",
     "check_answers",
@@ -44,7 +51,9 @@ __all__ = (
 
 
 @dataclass(frozen=True, slots=True)
-class _Checked:
+class CheckedAnswer:
+    """An answer found valid for its request: ``text`` is what is recorded (JSON)."""
+
     row: RequestRow
     answer: Any
     text: str
@@ -52,14 +61,17 @@ class _Checked:
     recorded: bool = False  # the same answer is recorded already
 
 
+_Checked = CheckedAnswer  # the name _check_approval still uses (it is being replaced)
+
+
 async def check_answers(
     app: Plan[Any] | None,
-    store: Store,
+    store: OperatorStore,
     run_id: str,
     answers: Mapping[str, Any],
     *,
     same_again: bool = False,
-) -> list[_Checked]:
+) -> list[CheckedAnswer]:
     """Check every answer against the run's open requests; change nothing.
 
     ``same_again``: an answer identical to the one already recorded for a request not used
@@ -80,16 +92,20 @@ async def check_answers(
     for request_id, answer in answers.items():
         row = rows.get(request_id)
         if row is None:
-            open_ids = ", ".join(r for r, v in rows.items() if v.status == "open") or "none"
+            open_ids = (
+                ", ".join(r for r, v in rows.items() if v.status is RequestStatus.OPEN) or "none"
+            )
             raise AnswerError(run_id, request_id, f"no such request (open: {open_ids})")
-        if row.status == "expired":
+        if row.status is RequestStatus.EXPIRED:
             raise AnswerError(run_id, request_id, "expired; it can no longer be answered")
-        if row.status not in ("open", "answered") or (row.status == "answered" and not same_again):
+        if row.status not in (RequestStatus.OPEN, RequestStatus.ANSWERED) or (
+            row.status is RequestStatus.ANSWERED and not same_again
+        ):
             raise AnswerError(run_id, request_id, "already answered; an answer is used once")
-        if row.status == "open" and row.expires_at is not None and row.expires_at <= now:
+        if row.status is RequestStatus.OPEN and expired(row.expires_at, now):
             raise AnswerError(run_id, request_id, "expired; it can no longer be answered")
         item = _check_one(app, run_id, row, answer)
-        if row.status == "answered":
+        if row.status is RequestStatus.ANSWERED:
             # the same answer again (a retried resume whose first try was refused after
             # recording it) is already there; another one is refused
             if row.answer != item.text:
@@ -103,30 +119,35 @@ _GO_ON = (Continue, Approve)
 _STOP = (Abort, Reject)
 
 
-def _check_one(app: Plan[Any] | None, run_id: str, row: RequestRow, answer: Any) -> _Checked:
+_BREAKS = (RequestKind.LOOP, RequestKind.BEFORE, RequestKind.AFTER)
+"""Requests that stop the run between steps (answered with go on or stop)."""
+
+
+def _check_one(app: Plan[Any] | None, run_id: str, row: RequestRow, answer: Any) -> CheckedAnswer:
     kind = row.kind
-    payload = _payload(row)
+    payload = loads_object(row.payload)
 
     def refuse(detail: str) -> AnswerError:
         return AnswerError(run_id, row.request_id, detail)
 
-    if kind in ("loop", "before", "after"):
+    if kind in _BREAKS:
         if isinstance(answer, _GO_ON):
-            return _Checked(row, answer, compact_json({"answer": "continue"}))
+            return CheckedAnswer(row, answer, compact_json({"answer": "continue"}))
         if isinstance(answer, _STOP):
-            return _Checked(row, answer, compact_json({"answer": "abort", "reason": answer.reason}))
-        what = "a suspected loop" if kind == "loop" else f"a breakpoint ({kind})"
+            text = compact_json({"answer": "abort", "reason": answer.reason})
+            return CheckedAnswer(row, answer, text)
+        what = "a suspected loop" if kind is RequestKind.LOOP else f"a breakpoint ({kind})"
         raise refuse(
             f"{what} is answered with Continue() (or Approve()) to go on, or Abort(reason) "
             f"(or Reject(reason)) to stop the run, got {answer!r:.80}"
         )
-    if kind == "approval":
+    if kind is RequestKind.APPROVAL:
         return _check_approval(app, row, payload, answer, refuse)
-    if kind == "question":
+    if kind is RequestKind.QUESTION:
         return _check_question(row, payload, answer, refuse)
-    if kind == "conflict":
+    if kind is RequestKind.CONFLICT:
         return _check_choice(row, payload, answer, refuse)
-    if kind != "in_doubt":
+    if kind is not RequestKind.IN_DOUBT:
         raise refuse(f"requests of kind {kind!r} are unknown")
     if not isinstance(answer, Done | Retry | Abort):
         raise refuse(
@@ -135,7 +156,7 @@ def _check_one(app: Plan[Any] | None, run_id: str, row: RequestRow, answer: Any)
         )
     if not isinstance(answer, Done):
         text = compact_json({"answer": type(answer).__name__.lower(), **_fields(answer)})
-        return _Checked(row, answer, text)
+        return CheckedAnswer(row, answer, text)
     tool = _tool(app, payload, refuse)
     try:
         result = tool.dump_result(answer.result)
@@ -146,15 +167,8 @@ def _check_one(app: Plan[Any] | None, run_id: str, row: RequestRow, answer: Any)
         ) from exc
     except (TypeError, ValueError) as exc:
         raise refuse(f"the result is not JSON data: {exc}") from exc
-    return _Checked(row, answer, compact_json({"answer": "done", "result": result}), result)
-
-
-def _payload(row: RequestRow) -> dict[str, Any]:
-    try:
-        payload = json.loads(row.payload)
-    except ValueError:
-        return {}
-    return payload if isinstance(payload, dict) else {}
+    text = compact_json({"answer": "done", "result": result})
+    return CheckedAnswer(row, answer, text, result)
 
 
 def _tool(app: Plan[Any] | None, payload: dict[str, Any], refuse: Any) -> Tool:
@@ -207,7 +221,9 @@ def _check_approval(
     return _Checked(row, answer, compact_json({"answer": "edit", "arguments": json_arguments}))
 
 
-def _check_question(row: RequestRow, payload: dict[str, Any], answer: Any, refuse: Any) -> _Checked:
+def _check_question(
+    row: RequestRow, payload: dict[str, Any], answer: Any, refuse: Any
+) -> CheckedAnswer:
     from ..safeguards.questions import check_answer
 
     if isinstance(answer, Approve | Reject | Edit | Choose | Continue | Abort | Done | Retry):
@@ -225,10 +241,12 @@ def _check_question(row: RequestRow, payload: dict[str, Any], answer: Any, refus
         text = json.dumps({"answer": "value", "value": value}, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise refuse(f"the answer is not JSON data: {exc}") from exc
-    return _Checked(row, answer, text)
+    return CheckedAnswer(row, answer, text)
 
 
-def _check_choice(row: RequestRow, payload: dict[str, Any], answer: Any, refuse: Any) -> _Checked:
+def _check_choice(
+    row: RequestRow, payload: dict[str, Any], answer: Any, refuse: Any
+) -> CheckedAnswer:
     if isinstance(answer, Choose):
         keys = list(answer.keys)
     elif isinstance(answer, Mapping) and isinstance(answer.get("run"), list):
@@ -244,14 +262,16 @@ def _check_choice(row: RequestRow, payload: dict[str, Any], answer: Any, refuse:
         raise refuse(
             f"choose calls of the conflict, each once: got {keys}; its calls are {', '.join(known)}"
         )
-    return _Checked(row, answer, compact_json({"answer": "choose", "run": keys}))
+    return CheckedAnswer(row, answer, compact_json({"answer": "choose", "run": keys}))
 
 
 def _fields(answer: Any) -> dict[str, Any]:
     return {"reason": answer.reason} if isinstance(answer, Abort) else {}
 
 
-async def record_answers(store: Store, run_id: str, checked: Sequence[_Checked]) -> None:
+async def record_answers(
+    store: OperatorStore, run_id: str, checked: Sequence[CheckedAnswer]
+) -> None:
     """Record checked answers, all or none, with a ``request_answered`` event each."""
     from ..runtime.recorder import event_row
 
@@ -274,12 +294,13 @@ async def record_answers(store: Store, run_id: str, checked: Sequence[_Checked])
     await store.record_answers(run_id, [(c.row.request_id, c.text) for c in checked], events)
 
 
-def new_answers(checked: Sequence[_Checked]) -> list[_Checked]:
+def new_answers(checked: Sequence[CheckedAnswer]) -> list[CheckedAnswer]:
+    """Leave out the answers that are recorded already."""
     return [item for item in checked if not item.recorded]
 
 
 async def answer_requests(
-    app: Plan[Any] | None, store: Store, run_id: str, answers: Mapping[str, Any]
+    app: Plan[Any] | None, store: OperatorStore, run_id: str, answers: Mapping[str, Any]
 ) -> list[RequestRow]:
     """Check and record answers without resuming the run (the CLI's answer verbs, and
     ``app.answer``); return the requests of the run still open."""
@@ -298,25 +319,30 @@ async def apply_answers(store: Store, run_id: str, epoch: int) -> str | None:
     by the step itself when it gets to them.) Applying twice, after a crash in between,
     changes nothing more."""
     stop = None
-    for row in await store.requests(run_id, statuses=("answered",)):
-        if row.kind not in ("in_doubt", "loop", "before", "after"):
+    for row in await store.requests(run_id, statuses=(RequestStatus.ANSWERED,)):
+        if row.kind is not RequestKind.IN_DOUBT and row.kind not in _BREAKS:
             continue
-        answer = json.loads(row.answer or "{}")
+        answer = loads_object(row.answer)
         said = answer.get("answer")
-        if row.kind == "in_doubt" and said in ("done", "retry"):
-            payload = _payload(row)
+        if row.kind is RequestKind.IN_DOUBT and said in ("done", "retry"):
+            payload = loads_object(row.payload)
             entries = await store.ledger(run_id, row.step)
             entry = next(
                 (e for e in entries if e.task == row.task and e.seq == payload.get("seq")), None
             )
             if entry is not None and said == "done":
-                done_outcome: dict[str, Any] = {"status": "ok", "result": answer.get("result")}
+                done_outcome: dict[str, Any] = {
+                    "status": CallStatus.OK,
+                    "result": answer.get("result"),
+                }
                 if payload.get("edited"):  # its caller is told the arguments were changed
                     done_outcome["edited_arguments"] = payload.get("arguments")
                 outcome = compact_json(done_outcome)
-                done = replace(entry, status="done", result=outcome, finished_at=time.time())
+                done = replace(
+                    entry, status=LedgerStatus.DONE, result=outcome, finished_at=time.time()
+                )
                 await store.put_ledger(run_id, epoch, done)
-            elif entry is not None and entry.status == "started":
+            elif entry is not None and entry.status is LedgerStatus.STARTED:
                 await store.delete_ledger(run_id, epoch, row.step, row.task, entry.seq)
         elif said == "abort":
             # the run stops here; what it stopped at is asked again by the next resume
@@ -324,6 +350,11 @@ async def apply_answers(store: Store, run_id: str, epoch: int) -> str | None:
             # nothing)
             stop = str(answer.get("reason") or "aborted by an operator's answer")
         await store.answer_request(
-            run_id, epoch, row.request_id, row.answer or "{}", status="used", expected="answered"
+            run_id,
+            epoch,
+            row.request_id,
+            row.answer or "{}",
+            status=RequestStatus.USED,
+            expected=RequestStatus.ANSWERED,
         )
     return stop

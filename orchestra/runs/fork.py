@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._json import compact_json
+from ..outcome import RunStatus
 from ..runtime.checkpoint import (
     load_joins,
     replay_json,
@@ -16,17 +17,14 @@ from ..runtime.checkpoint import (
 from ..store.base import (
     CheckpointRow,
     EventRow,
+    OperatorStore,
     RunRecord,
-    Store,
 )
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ("fork_run",)
 
 
-async def fork_run(store: Store, run_id: str, step: int, new_run_id: str) -> RunRecord:
+async def fork_run(store: OperatorStore, run_id: str, step: int, new_run_id: str) -> RunRecord:
     """Start a new run (status ``pending``) from the checkpoint of ``run_id`` at ``step``.
 
     Works from the stored JSON alone, so an operator can fork without importing the app;
@@ -39,7 +37,7 @@ async def fork_run(store: Store, run_id: str, step: int, new_run_id: str) -> Run
     record = replace(
         source,
         run_id=new_run_id,
-        status="pending",
+        status=RunStatus.PENDING,
         step=step,
         owner=None,
         epoch=0,

@@ -16,16 +16,21 @@ from ..runtime.checkpoint import (
     load_state,
     load_tasks,
 )
-from ..runtime.gateway import NOT_RUN
 from ..safeguards.budgets import loaded_budget, price_of, stored_budget
 from ..safeguards.interrupts import (
     Request,
     aborted,
 )
+from ..specs import NodeKind
 from ..store.base import (
     LedgerEntry,
+    LedgerKind,
+    LedgerStatus,
+    RequestKind,
+    RequestStatus,
     new_owner_id,
 )
+from ..tools import NOT_RUN
 
 if TYPE_CHECKING:
     from ..compile import Plan
@@ -53,14 +58,14 @@ async def prepare_resume(
 
     store = app.require_store()
     record = await store.get_run(run_id)
-    if record.status == "completed":
+    if record.status is RunStatus.COMPLETED:
         raise RunStatusError(run_id, record.status, "resume it")
     if record.structure_hash != app.structure_hash and not allow_graph_change:
         raise GraphChangedError(run_id, record.structure_hash, app.structure_hash)
     checked = new_answers(await check_answers(app, store, run_id, answers or {}, same_again=True))
     if checked:  # all or none, before the lease: a refused answer changes nothing
         await record_answers(store, run_id, checked)
-    if record.budget is not None and record.status != "running":
+    if record.budget is not None and record.status is not RunStatus.RUNNING:
         # the limits this resume runs under become the run's own (so `orchestra budget +N`
         # adds to what the run really has), recorded as a budget_raised event
         budget, agent_budgets = loaded_budget(record.budget, app.budget, app.agent_budgets)
@@ -77,7 +82,7 @@ async def prepare_resume(
         await store.finish_run(
             run_id,
             record.epoch,
-            status="failed",
+            status=RunStatus.FAILED,
             reason=None,
             error=f"could not apply the answers: {type(exc).__name__}: {exc}",
             usage=record.usage,
@@ -112,7 +117,7 @@ async def prepare_resume(
         await store.finish_run(
             run_id,
             record.epoch,
-            status="failed",
+            status=RunStatus.FAILED,
             reason=None,
             error=message,
             usage=record.usage,
@@ -149,8 +154,11 @@ async def prepare_resume(
     waiting = [
         Request.from_row(row)
         for row in rows
-        if row.kind in ("loop", "after")
-        and (row.status == "open" or (row.status == "used" and row.step == step and aborted(row)))
+        if row.kind in (RequestKind.LOOP, RequestKind.AFTER)
+        and (
+            row.status is RequestStatus.OPEN
+            or (row.status is RequestStatus.USED and row.step == step and aborted(row))
+        )
     ]
     if waiting and stop is None:
         execution.status, execution.pending = RunStatus.INTERRUPTED, waiting
@@ -178,10 +186,15 @@ def _meter_restored(
     nodes = {task.label: task.node for task in tasks}
     for entry in entries:
         node = nodes.get(entry.task)
-        if node is None or entry.task not in done or entry.status != "done" or not entry.result:
+        if (
+            node is None
+            or entry.task not in done
+            or entry.status is not LedgerStatus.DONE
+            or not entry.result
+        ):
             continue
         data = json.loads(entry.result)
-        if entry.kind == "model":
+        if entry.kind is LedgerKind.MODEL:
             usage = data.get("usage") or {}
             tokens_in, tokens_out = (
                 int(usage.get("input_tokens", 0)),
@@ -190,5 +203,5 @@ def _meter_restored(
             price = price_of(entry.name)
             cost = price.cost(tokens_in, tokens_out) if price else 0.0
             execution.meter.model(node, tokens_in, tokens_out, cost)
-        elif app.nodes[node].kind != "agent" and data.get("status") not in NOT_RUN:
+        elif app.nodes[node].kind is not NodeKind.AGENT and data.get("status") not in NOT_RUN:
             execution.meter.tool(node)

@@ -21,10 +21,10 @@ from .. import _faults
 from .._json import compact_json
 from ..errors import InvalidUpdateError, RunStoreError, StoreError
 from ..events import Event, NodeFinished, NodeStarted, StepCommitted
+from ..outcome import RunStatus
 from ..safeguards.budgets import stored_budget
 from ..state import FieldDelta
 from ..store.base import (
-    ACTIVE,
     STEP_EVENT_DEFAULTS,
     CheckpointRow,
     EventRow,
@@ -33,8 +33,8 @@ from ..store.base import (
     RequestRow,
     RequestStatus,
     RunRecord,
+    RunStore,
     StepCommit,
-    Store,
 )
 from .checkpoint import MemoryChange, dump_delta, dump_memory, dump_result, dump_state, dump_tasks
 from .tasks import Task, TaskResult
@@ -134,9 +134,10 @@ def _store_failures(run_id: str, step: int | None) -> Iterator[None]:
 
 
 class Recorder:
-    """Writes one run's history to a store, fenced by the run's lease epoch."""
+    """Writes one run's history to a store (the run contract), fenced by the run's lease
+    epoch."""
 
-    def __init__(self, store: Store, graph: Plan[Any], run_id: str, owner: str) -> None:
+    def __init__(self, store: RunStore, graph: Plan[Any], run_id: str, owner: str) -> None:
         self.store = store
         self.graph = graph
         self.run_id = run_id
@@ -166,7 +167,7 @@ class Recorder:
             graph=self.graph.name,
             structure_hash=self.graph.structure_hash,
             app_ref=self.graph.app_ref,
-            status=ACTIVE,
+            status=RunStatus.RUNNING,
             step=0,
             owner=self.owner,
             epoch=1,
@@ -271,7 +272,7 @@ class Recorder:
     async def finish(
         self,
         *,
-        status: str,
+        status: RunStatus | str,
         reason: str | None,
         error: str | None,
         usage: dict[str, Any],
@@ -280,6 +281,8 @@ class Recorder:
         requests: Sequence[Request] = (),
     ) -> None:
         """Record how the run ended and release its lease, with its open requests."""
+        # (a bare value while the executor passes str(status); a wrong one is a ValueError)
+        status = RunStatus(status)
         with _store_failures(self.run_id, step):
             await self.store.finish_run(
                 self.run_id,

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._json import loads_object, loads_or_text
 from ..store.base import RequestKind, RequestRow, RequestStatus, expired
 
 __all__ = (
@@ -61,7 +62,7 @@ class Request:
 
     id: str
     run_id: str
-    kind: RequestKind | str
+    kind: RequestKind
     step: int
     node: str
     payload: dict[str, Any]
@@ -124,13 +125,12 @@ class Request:
     def from_row(cls, row: RequestRow) -> Request:
         """Rebuild a request from its stored row (tolerating a payload that is not an
         object, so an operator can still see it)."""
-        payload = _loads(row.payload)
-        schema = _loads(row.schema)
+        payload = loads_or_text(row.payload)
+        schema = loads_or_text(row.schema)
         return cls(
             id=row.request_id,
             run_id=row.run_id,
-            # a kind this version does not know stays as its text: an operator still sees it
-            kind=_kind(row.kind),
+            kind=row.kind,  # as stored: a store reads back members
             step=row.step,
             node=row.task,
             payload=payload if isinstance(payload, dict) else {"payload": payload},
@@ -141,27 +141,27 @@ class Request:
 
     def describe(self) -> str:
         """Say in one line what the request asks."""
-        if self.kind == "in_doubt":
+        if self.kind == RequestKind.IN_DOUBT:
             return (
                 f"irreversible call {self.payload.get('tool')!r} by {self.node!r} at step "
                 f"{self.step} started but never reported a result: did it take effect?"
             )
-        if self.kind == "loop":
+        if self.kind == RequestKind.LOOP:
             return f"suspected loop after step {self.step}: {self.payload.get('message')}"
-        if self.kind == "approval":
+        if self.kind == RequestKind.APPROVAL:
             return (
                 f"{self.payload.get('effect', 'a')} call {self.payload.get('tool')!r} by "
                 f"{self.node!r} at step {self.step} needs approval"
             )
-        if self.kind == "question":
+        if self.kind == RequestKind.QUESTION:
             return f"{self.node!r} asks at step {self.step}: {self.payload.get('prompt')}"
-        if self.kind == "conflict":
+        if self.kind == RequestKind.CONFLICT:
             calls = self.payload.get("calls") or []
             return (
                 f"{len(calls)} calls at step {self.step} conflict over "
                 f"{', '.join(self.payload.get('resources') or [])}: choose which run"
             )
-        if self.kind in ("before", "after"):
+        if self.kind in (RequestKind.BEFORE, RequestKind.AFTER):
             nodes = ", ".join(self.payload.get("nodes") or [self.node])
             return f"breakpoint {self.kind} {nodes} at step {self.step}"
         return f"{self.kind} request from {self.node!r} at step {self.step}"
@@ -234,32 +234,10 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
-def _loads(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _kind(text: str) -> RequestKind | str:
-    try:
-        return RequestKind(text)
-    except ValueError:
-        return text
-
-
 def aborted(row: RequestRow) -> bool:
     """Tell whether a stored request was answered with an abort (the run stopped there: a
     later resume asks it again)."""
-    if row.answer is None:
-        return False
-    try:
-        answer = json.loads(row.answer)
-    except ValueError:
-        return False
-    return isinstance(answer, dict) and answer.get("answer") == "abort"
+    return loads_object(row.answer).get("answer") == "abort"
 
 
 def request_id(run_id: str, step: int, task: str, seq: int, kind: str, started: float = 0.0) -> str:

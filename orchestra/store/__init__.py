@@ -1,7 +1,9 @@
 """Run stores: where runs, checkpoints and events live.
 
-``SQLiteStore`` is the embedded default (``graph.compile(store="runs.db")``); ``MemoryStore``
-keeps the same contract in memory for tests.
+Two contracts: ``RunStore`` (what a run's owner writes and reads under its lease) and
+``OperatorStore`` (what an operator reads and does to runs); ``Store`` is both, and every
+store implements it. ``SQLiteStore`` is the embedded default (``graph.compile(store=
+"runs.db")``); ``MemoryStore`` keeps the same contracts in memory for tests.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from typing import Any
 
 from .base import CheckpointRow as CheckpointRow
 from .base import EventRow as EventRow
+from .base import OperatorStore as OperatorStore
 from .base import PendingWrite as PendingWrite
 from .base import RunRecord as RunRecord
+from .base import RunStore as RunStore
 from .base import Store as Store
 from .memory import MemoryStore as MemoryStore
 from .sqlite import SQLiteStore as SQLiteStore
@@ -21,8 +25,10 @@ __all__ = (
     "CheckpointRow",
     "EventRow",
     "MemoryStore",
+    "OperatorStore",
     "PendingWrite",
     "RunRecord",
+    "RunStore",
     "SQLiteStore",
     "Store",
     "as_store",

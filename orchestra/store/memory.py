@@ -1,8 +1,10 @@
-"""MemoryStore: the Store contract in process memory, for tests and examples.
+"""MemoryStore: both store contracts in process memory, for tests and examples.
 
 Same semantics as SQLiteStore (leases, epochs, fencing, stop-all), nothing survives the
 process. Checkpoints, deltas and snapshots are kept exactly as SQLiteStore keeps them, so
-tests of resume and forking exercise the same code.
+tests of resume and forking exercise the same code. Rows are kept with their kinds and
+statuses as enum members (a bare value is turned into its member as it comes in, and one that
+is not a member is refused like a damaged database row).
 """
 
 from __future__ import annotations
@@ -21,18 +23,23 @@ from ..errors import (
     StopAllActiveError,
     StoreError,
 )
+from ..outcome import RunStatus
 from .base import (
-    ACTIVE,
     CheckpointRow,
     EventRow,
     LedgerEntry,
+    LedgerKind,
+    LedgerStatus,
     PendingWrite,
+    RequestKind,
     RequestRow,
+    RequestStatus,
     RunRecord,
     StepCommit,
     budget_event,
     merge_events,
     refuse_unless_at_rest,
+    stored_member,
 )
 
 __all__ = ("MemoryStore",)
@@ -93,7 +100,7 @@ class MemoryStore:
     ) -> None:
         if record.run_id in self._runs:
             raise StoreError(f"run {record.run_id} already exists in {self.path}")
-        self._runs[record.run_id] = record
+        self._runs[record.run_id] = _run_row(record)
         self._checkpoints[record.run_id] = {checkpoint.step: _sized(checkpoint)}
         self._pending[record.run_id] = {}
         self._events[record.run_id] = list(events)
@@ -134,7 +141,7 @@ class MemoryStore:
         run_id: str,
         epoch: int,
         *,
-        status: str,
+        status: RunStatus,
         reason: str | None,
         error: str | None,
         usage: dict[str, Any],
@@ -146,15 +153,15 @@ class MemoryStore:
         for request in requests:
             # like SQLiteStore: open stays as it is, answered is asked again
             known = kept.get(request.request_id)
-            if known is None or known.status != "open":
-                kept[request.request_id] = request
-        if status == "completed":  # nothing is left to ask: what is still open is moot
+            if known is None or known.status is not RequestStatus.OPEN:
+                kept[request.request_id] = _request_row(request)
+        if status is RunStatus.COMPLETED:  # nothing is left to ask: what is still open is moot
             for request_id, row in list(kept.items()):
-                if row.status == "open":
-                    kept[request_id] = replace(row, status="closed")
+                if row.status is RequestStatus.OPEN:
+                    kept[request_id] = replace(row, status=RequestStatus.CLOSED)
         self._runs[run_id] = replace(
             record,
-            status=status,
+            status=stored_member(RunStatus, status, run_id=run_id, table="runs", column="status"),
             reason=reason,
             error=error,
             usage=dict(usage),
@@ -167,7 +174,7 @@ class MemoryStore:
 
     async def put_ledger(self, run_id: str, epoch: int, entry: LedgerEntry) -> None:
         self._fenced(run_id, epoch, entry.step)
-        self._ledger[run_id][(entry.step, entry.task, entry.seq)] = entry
+        self._ledger[run_id][(entry.step, entry.task, entry.seq)] = _ledger_entry(run_id, entry)
 
     async def delete_ledger(self, run_id: str, epoch: int, step: int, task: str, seq: int) -> None:
         self._fenced(run_id, epoch, step)
@@ -178,7 +185,10 @@ class MemoryStore:
         return [entries[k] for k in sorted(entries) if step is None or k[0] == step]
 
     async def requests(
-        self, run_id: str | None = None, *, statuses: Sequence[str] = ("open",)
+        self,
+        run_id: str | None = None,
+        *,
+        statuses: Sequence[RequestStatus] = (RequestStatus.OPEN,),
     ) -> list[RequestRow]:
         runs = [run_id] if run_id is not None else list(self._requests)
         rows = [
@@ -195,15 +205,16 @@ class MemoryStore:
         epoch: int,
         request_id: str,
         answer: str,
-        status: str = "answered",
-        expected: str = "open",
+        status: RequestStatus | str = RequestStatus.ANSWERED,
+        expected: RequestStatus = RequestStatus.OPEN,
     ) -> None:
+        new = stored_member(RequestStatus, status, run_id=run_id, table="requests", column="status")
         self._fenced(run_id, epoch, None)
         row = self._requests[run_id].get(request_id)
         if row is None or row.status != expected:
             raise StoreError(f"run {run_id} has no {expected} request {request_id}")
         self._requests[run_id][request_id] = replace(
-            row, status=status, answer=answer, answered_at=time.time()
+            row, status=new, answer=answer, answered_at=time.time()
         )
 
     async def record_answers(
@@ -217,11 +228,11 @@ class MemoryStore:
         kept = self._requests[run_id]
         for request_id, _ in answers:
             row = kept.get(request_id)
-            if row is None or row.status != "open":
+            if row is None or row.status is not RequestStatus.OPEN:
                 raise AnswerError(run_id, request_id, "no longer open (answered meanwhile)")
         for request_id, answer in answers:
             kept[request_id] = replace(
-                kept[request_id], status="answered", answer=answer, answered_at=now
+                kept[request_id], status=RequestStatus.ANSWERED, answer=answer, answered_at=now
             )
         self._events[run_id].extend(events)
 
@@ -236,7 +247,7 @@ class MemoryStore:
             owner=owner,
             epoch=record.epoch + 1,
             lease_expires_at=now + self.lease_seconds,
-            status=ACTIVE,
+            status=RunStatus.RUNNING,
             abort_requested=None,
             updated_at=now,
         )
@@ -245,7 +256,7 @@ class MemoryStore:
 
     async def renew(self, run_id: str, epoch: int, *, step: int, usage: dict[str, Any]) -> bool:
         record = self._runs.get(run_id)
-        if record is None or record.epoch != epoch or record.status != ACTIVE:
+        if record is None or record.epoch != epoch or record.status is not RunStatus.RUNNING:
             return False
         now = time.time()
         self._runs[run_id] = replace(
@@ -266,16 +277,16 @@ class MemoryStore:
         return self._runs[run_id]
 
     def _abort(self, record: RunRecord, reason: str, now: float) -> None:
-        if record.status == "completed":
+        if record.status is RunStatus.COMPLETED:
             raise RunStatusError(record.run_id, record.status, "abort it")
-        if record.status == "aborted":
+        if record.status is RunStatus.ABORTED:
             return  # already at rest as aborted: keep its reason and history
-        if record.status == ACTIVE and record.lease_live(now):
+        if record.status is RunStatus.RUNNING and record.lease_live(now):
             record = replace(record, abort_requested=reason)
         else:
             record = replace(
                 record,
-                status="aborted",
+                status=RunStatus.ABORTED,
                 reason=reason,
                 owner=None,
                 lease_expires_at=None,
@@ -296,7 +307,7 @@ class MemoryStore:
     async def stop_all(self, reason: str) -> list[str]:
         self._stop_all = reason
         now = time.time()
-        affected = [r for r in self._runs.values() if r.status == ACTIVE]
+        affected = [r for r in self._runs.values() if r.status is RunStatus.RUNNING]
         for record in affected:
             self._abort(record, reason, now)
         return [r.run_id for r in affected]
@@ -312,7 +323,7 @@ class MemoryStore:
         return self._get(run_id)
 
     async def list_runs(
-        self, *, statuses: Sequence[str] = (), limit: int | None = None
+        self, *, statuses: Sequence[RunStatus] = (), limit: int | None = None
     ) -> list[RunRecord]:
         runs = [
             self._get(r) for r in self._runs if not statuses or self._runs[r].status in statuses
@@ -349,7 +360,7 @@ class MemoryStore:
         ]
         return merge_events(self._events.get(run_id, ()), steps)
 
-    async def prune(self, *, older_than: float, statuses: Sequence[str]) -> int:
+    async def prune(self, *, older_than: float, statuses: Sequence[RunStatus]) -> int:
         doomed = [
             r.run_id
             for r in self._runs.values()
@@ -375,6 +386,35 @@ class MemoryStore:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _run_row(record: RunRecord) -> RunRecord:
+    """``record`` as kept: its status a member."""
+    status = stored_member(
+        RunStatus, record.status, run_id=record.run_id, table="runs", column="status"
+    )
+    return record if status is record.status else replace(record, status=status)
+
+
+def _request_row(row: RequestRow) -> RequestRow:
+    """``row`` as kept: its kind and status members."""
+    where = {"run_id": row.run_id, "table": "requests"}
+    kind = stored_member(RequestKind, row.kind, **where, column="kind")
+    status = stored_member(RequestStatus, row.status, **where, column="status")
+    if kind is row.kind and status is row.status:
+        return row
+    return replace(row, kind=kind, status=status)
+
+
+def _ledger_entry(run_id: str, entry: LedgerEntry) -> LedgerEntry:
+    """``entry`` as kept: its kind and status members."""
+    kind = stored_member(LedgerKind, entry.kind, run_id=run_id, table="ledger", column="kind")
+    status = stored_member(
+        LedgerStatus, entry.status, run_id=run_id, table="ledger", column="status"
+    )
+    if kind is entry.kind and status is entry.status:
+        return entry
+    return replace(entry, kind=kind, status=status)
 
 
 def _sized(row: CheckpointRow) -> CheckpointRow:

@@ -8,7 +8,18 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from .base import CheckpointRow, LedgerEntry, RequestRow, RunRecord
+from ..outcome import RunStatus
+from .base import (
+    CheckpointRow,
+    LedgerEntry,
+    LedgerKind,
+    LedgerStatus,
+    RequestKind,
+    RequestRow,
+    RequestStatus,
+    RunRecord,
+    stored_member,
+)
 
 MIGRATION_SET = "orchestra"
 KNOWN_MIGRATIONS = ("m001_initial", "m002_agents", "m003_budgets")
@@ -217,7 +228,7 @@ def record_from_row(row: Sequence[Any]) -> RunRecord:
         graph=row[1],
         structure_hash=row[2],
         app_ref=row[3],
-        status=row[4],
+        status=stored_member(RunStatus, row[4], run_id=row[0], table="runs", column="status"),
         step=row[5],
         owner=row[6],
         epoch=row[7],
@@ -248,15 +259,15 @@ def checkpoint_from_row(row: Sequence[Any]) -> CheckpointRow:
     )
 
 
-def ledger_from_row(row: Sequence[Any]) -> LedgerEntry:
+def ledger_from_row(run_id: str, row: Sequence[Any]) -> LedgerEntry:
     return LedgerEntry(
         step=row[0],
         task=row[1],
         seq=row[2],
-        kind=row[3],
+        kind=stored_member(LedgerKind, row[3], run_id=run_id, table="ledger", column="kind"),
         name=row[4],
         request_hash=row[5],
-        status=row[6],
+        status=stored_member(LedgerStatus, row[6], run_id=run_id, table="ledger", column="status"),
         result=row[7],
         created_at=row[8],
         finished_at=row[9],
@@ -269,10 +280,12 @@ def request_from_row(row: Sequence[Any]) -> RequestRow:
         request_id=row[1],
         step=row[2],
         task=row[3],
-        kind=row[4],
+        kind=stored_member(RequestKind, row[4], run_id=row[0], table="requests", column="kind"),
         payload=row[5],
         schema=row[6],
-        status=row[7],
+        status=stored_member(
+            RequestStatus, row[7], run_id=row[0], table="requests", column="status"
+        ),
         created_at=row[8],
         expires_at=row[9],
         answer=row[10],

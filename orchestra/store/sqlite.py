@@ -39,18 +39,20 @@ from ..errors import (
     StoreError,
     StoreFileError,
 )
+from ..outcome import RunStatus
 from .base import (
-    ACTIVE,
     CheckpointRow,
     EventRow,
     LedgerEntry,
     PendingWrite,
     RequestRow,
+    RequestStatus,
     RunRecord,
     StepCommit,
     budget_event,
     merge_events,
     refuse_unless_at_rest,
+    stored_member,
 )
 from .schema import (
     CHECKPOINT_COLUMNS,
@@ -363,7 +365,7 @@ class SQLiteStore:
         run_id: str,
         epoch: int,
         *,
-        status: str,
+        status: RunStatus,
         reason: str | None,
         error: str | None,
         usage: dict[str, Any],
@@ -388,15 +390,15 @@ class SQLiteStore:
             conn.executemany(
                 f"INSERT INTO requests ({REQUEST_COLUMNS}) "
                 f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                f"ON CONFLICT (run_id, request_id) DO UPDATE SET status = 'open', "
+                f"ON CONFLICT (run_id, request_id) DO UPDATE SET status = ?, "
                 f"answer = NULL, answered_at = NULL, created_at = excluded.created_at, "
-                f"expires_at = excluded.expires_at WHERE requests.status != 'open'",
-                [_request_values(r) for r in requests],
+                f"expires_at = excluded.expires_at WHERE requests.status != ?",
+                [(*_request_values(r), RequestStatus.OPEN, RequestStatus.OPEN) for r in requests],
             )
-            if status == "completed":  # nothing is left to ask: what is still open is moot
+            if status is RunStatus.COMPLETED:  # nothing is left to ask: what is still open is moot
                 conn.execute(
-                    "UPDATE requests SET status = 'closed' WHERE run_id = ? AND status = 'open'",
-                    (run_id,),
+                    "UPDATE requests SET status = ? WHERE run_id = ? AND status = ?",
+                    (RequestStatus.CLOSED, run_id, RequestStatus.OPEN),
                 )
 
     # -- ledger, requests -----------------------------------------------------------------
@@ -449,10 +451,13 @@ class SQLiteStore:
             params.append(step)
         with self._read() as conn:
             rows = conn.execute(sql + " ORDER BY step, task, seq", params).fetchall()
-        return [ledger_from_row(row) for row in rows]
+        return [ledger_from_row(run_id, row) for row in rows]
 
     async def requests(
-        self, run_id: str | None = None, *, statuses: Sequence[str] = ("open",)
+        self,
+        run_id: str | None = None,
+        *,
+        statuses: Sequence[RequestStatus] = (RequestStatus.OPEN,),
     ) -> list[RequestRow]:
         sql = f"SELECT {REQUEST_COLUMNS} FROM requests WHERE 1"
         params: list[Any] = []
@@ -475,9 +480,12 @@ class SQLiteStore:
         epoch: int,
         request_id: str,
         answer: str,
-        status: str = "answered",
-        expected: str = "open",
+        status: RequestStatus | str = RequestStatus.ANSWERED,
+        expected: RequestStatus = RequestStatus.OPEN,
     ) -> None:
+        status = stored_member(
+            RequestStatus, status, run_id=run_id, table="requests", column="status"
+        )
         with self._write() as conn:
             self._fence(conn, run_id, epoch, None)
             cursor = conn.execute(
@@ -499,9 +507,9 @@ class SQLiteStore:
             refuse_unless_at_rest(record, now, "answer its requests")
             for request_id, answer in answers:
                 cursor = conn.execute(
-                    "UPDATE requests SET status = 'answered', answer = ?, answered_at = ? "
-                    "WHERE run_id = ? AND request_id = ? AND status = 'open'",
-                    (answer, now, run_id, request_id),
+                    "UPDATE requests SET status = ?, answer = ?, answered_at = ? "
+                    "WHERE run_id = ? AND request_id = ? AND status = ?",
+                    (RequestStatus.ANSWERED, answer, now, run_id, request_id, RequestStatus.OPEN),
                 )
                 if cursor.rowcount != 1:  # the transaction rolls back: nothing recorded
                     raise AnswerError(run_id, request_id, "no longer open (answered meanwhile)")
@@ -516,7 +524,7 @@ class SQLiteStore:
             conn.execute(
                 "UPDATE runs SET owner = ?, epoch = epoch + 1, lease_expires_at = ?, "
                 "status = ?, abort_requested = NULL, updated_at = ? WHERE run_id = ?",
-                (owner, now + self.lease_seconds, ACTIVE, now, run_id),
+                (owner, now + self.lease_seconds, RunStatus.RUNNING, now, run_id),
             )
             return self._get(conn, run_id)
 
@@ -525,8 +533,16 @@ class SQLiteStore:
         with self._write() as conn:
             cursor = conn.execute(
                 "UPDATE runs SET lease_expires_at = ?, step = ?, usage = ?, updated_at = ? "
-                "WHERE run_id = ? AND epoch = ? AND status = 'running'",
-                (now + self.lease_seconds, step, json.dumps(usage), now, run_id, epoch),
+                "WHERE run_id = ? AND epoch = ? AND status = ?",
+                (
+                    now + self.lease_seconds,
+                    step,
+                    json.dumps(usage),
+                    now,
+                    run_id,
+                    epoch,
+                    RunStatus.RUNNING,
+                ),
             )
             return cursor.rowcount == 1
 
@@ -545,7 +561,7 @@ class SQLiteStore:
             return self._get(conn, run_id)
 
     def _abort(self, conn: sqlite3.Connection, record: RunRecord, reason: str, now: float) -> None:
-        if record.status == "completed":
+        if record.status is RunStatus.COMPLETED:
             raise RunStatusError(record.run_id, record.status, "abort it")
         event = EventRow(
             step=record.step,
@@ -553,9 +569,9 @@ class SQLiteStore:
             at=now,
             data=json.dumps({"reason": reason}),
         )
-        if record.status == "aborted":
+        if record.status is RunStatus.ABORTED:
             return  # already at rest as aborted: keep its reason and history
-        if record.status == ACTIVE and record.lease_live(now):
+        if record.status is RunStatus.RUNNING and record.lease_live(now):
             conn.execute(
                 "UPDATE runs SET abort_requested = ? WHERE run_id = ?", (reason, record.run_id)
             )
@@ -563,10 +579,10 @@ class SQLiteStore:
             # the epoch moves on: an owner whose lease lapsed (but that still runs) is
             # fenced off, so it cannot overwrite the abort with its own commits
             conn.execute(
-                "UPDATE runs SET status = 'aborted', reason = ?, owner = NULL, "
+                "UPDATE runs SET status = ?, reason = ?, owner = NULL, "
                 "lease_expires_at = NULL, abort_requested = NULL, updated_at = ?, "
                 "epoch = epoch + 1 WHERE run_id = ?",
-                (reason, now, record.run_id),
+                (RunStatus.ABORTED, reason, now, record.run_id),
             )
         self._insert_events(conn, record.run_id, [event])
 
@@ -578,7 +594,7 @@ class SQLiteStore:
                 (json.dumps({"reason": reason, "at": now}),),
             )
             rows = conn.execute(
-                f"SELECT {READ_COLUMNS} FROM runs WHERE status = ?", (ACTIVE,)
+                f"SELECT {READ_COLUMNS} FROM runs WHERE status = ?", (RunStatus.RUNNING,)
             ).fetchall()
             records = [record_from_row(row) for row in rows]
             for record in records:
@@ -618,7 +634,7 @@ class SQLiteStore:
         return record_from_row(row)
 
     async def list_runs(
-        self, *, statuses: Sequence[str] = (), limit: int | None = None
+        self, *, statuses: Sequence[RunStatus] = (), limit: int | None = None
     ) -> list[RunRecord]:
         sql = f"SELECT {READ_COLUMNS} FROM runs"
         params: list[Any] = []
@@ -711,7 +727,7 @@ class SQLiteStore:
         rows = [EventRow(step=r[0], kind=r[1], at=r[2], data=r[3]) for r in own]
         return merge_events(rows, steps)
 
-    async def prune(self, *, older_than: float, statuses: Sequence[str]) -> int:
+    async def prune(self, *, older_than: float, statuses: Sequence[RunStatus]) -> int:
         if not statuses:
             return 0
         marks = ", ".join("?" for _ in statuses)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -11,6 +12,7 @@ from typing import Any
 import anyio
 import pytest
 from helpers import LEASE, POLL
+from typing_extensions import get_protocol_members
 
 from orchestra.errors import (
     LeaseHeldError,
@@ -22,7 +24,7 @@ from orchestra.errors import (
 )
 from orchestra.runs.fork import fork_run
 from orchestra.runtime.checkpoint import replay_json
-from orchestra.store import MemoryStore, SQLiteStore, Store
+from orchestra.store import MemoryStore, OperatorStore, RunStore, SQLiteStore, Store
 from orchestra.store.base import (
     CheckpointRow,
     EventRow,
@@ -120,6 +122,11 @@ async def create(
     return record
 
 
+def protocol_members(protocol: type[Any]) -> set[str]:
+    """The names a protocol declares (with those of the protocols it extends)."""
+    return set(get_protocol_members(protocol))
+
+
 async def steps_of(store: Store, run_id: str) -> list[int]:
     return [row.step for row in await store.checkpoints(run_id)]
 
@@ -143,6 +150,41 @@ async def test_store_is_an_async_context_manager(make_store: Callable[..., Store
         assert store is made
         record = await create(store)
         assert await store.get_run("run-1") == record
+
+
+@pytest.mark.parametrize("contract", [RunStore, OperatorStore, Store])
+def test_store_implements_the_contract(
+    make_store: Callable[..., Store], contract: type[Any]
+) -> None:
+    """Each store is an instance of both contracts (and of their union), and has every
+    method of each with the protocol's parameters, in order, kinds and defaults."""
+    made = make_store()
+    assert isinstance(made, contract)
+    for name in protocol_members(contract):
+        wanted = getattr(contract, name, None)
+        if not callable(wanted):  # an attribute: present, set by the constructor
+            assert hasattr(made, name), name
+            continue
+        got = inspect.signature(getattr(type(made), name))
+        expected = inspect.signature(wanted)
+        assert [(p.name, p.kind, p.default) for p in got.parameters.values()] == [
+            (p.name, p.kind, p.default) for p in expected.parameters.values()
+        ], name
+        assert inspect.iscoroutinefunction(getattr(type(made), name)) == (
+            inspect.iscoroutinefunction(wanted)
+        ), name
+
+
+def test_store_contracts_split_the_store_between_them() -> None:
+    """Every member of Store is in exactly one of the two contracts, or in what they share
+    (where the store lives and its lifecycle)."""
+    run, operator = protocol_members(RunStore), protocol_members(OperatorStore)
+    shared = {"path", "aclose", "__aenter__", "__aexit__"}
+    assert run & operator == shared
+    assert run | operator == protocol_members(Store)
+
+
+# == the run contract (RunStore) ============================================================
 
 
 # -- create_run --------------------------------------------------------------------------
@@ -295,6 +337,16 @@ async def test_finish_run_with_a_stale_epoch_raises_lease_lost(store: Store) -> 
     assert await store.get_run("run-1") == record
 
 
+async def test_finish_run_stores_its_events(store: Store) -> None:
+    """The events given to finish_run are part of the run's events."""
+    await create(store)
+    done = EventRow(step=0, kind="run_finished", at=time.time(), data="{}")
+    await store.finish_run(
+        "run-1", 1, status="completed", reason=None, error=None, usage={}, events=[done]
+    )
+    assert await store.events("run-1") == [done]
+
+
 # -- acquire -----------------------------------------------------------------------------
 
 
@@ -386,13 +438,19 @@ async def test_renew_of_a_run_not_running_returns_false(store: Store, status: st
     assert await store.get_run("run-1") == record
 
 
-# -- request_abort -----------------------------------------------------------------------
+# -- abort_requested --------------------------------------------------------------------
 
 
 async def test_abort_requested_is_none_without_a_request(store: Store) -> None:
     """A run nobody asked to abort reads no abort reason."""
     await create(store)
     assert await store.abort_requested("run-1") is None
+
+
+# == the operator contract (OperatorStore) ===================================================
+
+
+# -- request_abort -----------------------------------------------------------------------
 
 
 async def test_request_abort_of_a_run_with_a_live_owner_asks_the_owner(store: Store) -> None:
@@ -645,16 +703,6 @@ async def test_events_merges_run_events_and_step_events_by_time(store: Store) ->
         "error": None,
     }
     assert json.loads(events[4].data) == {"status": "completed"}
-
-
-async def test_finish_run_stores_its_events(store: Store) -> None:
-    """The events given to finish_run are part of the run's events."""
-    await create(store)
-    done = EventRow(step=0, kind="run_finished", at=time.time(), data="{}")
-    await store.finish_run(
-        "run-1", 1, status="completed", reason=None, error=None, usage={}, events=[done]
-    )
-    assert await store.events("run-1") == [done]
 
 
 # -- fork --------------------------------------------------------------------------------

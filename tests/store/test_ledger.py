@@ -346,10 +346,18 @@ async def test_answer_request_records_the_answer(store: Store) -> None:
 
 
 async def test_answer_request_takes_the_status_to_record(store: Store) -> None:
-    """The status of an answered request can be given (e.g. rejected)."""
+    """The status of an answered request can be given (e.g. expired)."""
     epoch = await interrupted(store)
-    await store.answer_request("run-1", epoch, "req_1", '{"answer":"no"}', status="rejected")
-    assert [r.status for r in await store.requests("run-1", statuses=())] == ["rejected"]
+    await store.answer_request("run-1", epoch, "req_1", '{"answer":"no"}', status="expired")
+    assert [r.status for r in await store.requests("run-1", statuses=())] == ["expired"]
+
+
+async def test_answer_request_refuses_a_status_that_is_not_a_request_status(store: Store) -> None:
+    """A status that is not a RequestStatus is refused (StoreError naming it), not stored."""
+    epoch = await interrupted(store)
+    with pytest.raises(StoreError, match="'rejected'"):
+        await store.answer_request("run-1", epoch, "req_1", '{"answer":"no"}', status="rejected")
+    assert [r.status for r in await store.requests("run-1", statuses=())] == ["open"]
 
 
 async def test_answer_request_refuses_a_request_already_answered(store: Store) -> None:

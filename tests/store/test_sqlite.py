@@ -12,8 +12,19 @@ from pathlib import Path
 import pytest
 
 from orchestra.errors import StoreError, StoreFileError
+from orchestra.outcome import RunStatus
 from orchestra.store import SQLiteStore
-from orchestra.store.base import CheckpointRow, RunRecord, StepCommit
+from orchestra.store.base import (
+    CheckpointRow,
+    LedgerEntry,
+    LedgerKind,
+    LedgerStatus,
+    RequestKind,
+    RequestRow,
+    RequestStatus,
+    RunRecord,
+    StepCommit,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -307,3 +318,108 @@ async def test_sqlite_store_commits_through_one_store_are_seen_by_another(path: 
     finally:
         await owner.aclose()
         await reader.aclose()
+
+
+# -- values that are not members of their enums -----------------------------------------------
+
+
+async def damaged(path: Path) -> SQLiteStore:
+    """A store with one run that stopped with an open request and one ledger entry."""
+    store = SQLiteStore(path, lease_seconds=LEASE, poll_seconds=POLL)
+    await store.create_run(run_record(), checkpoint(0, "start"), [])
+    now = time.time()
+    entry = LedgerEntry(
+        step=1,
+        task="billing",
+        seq=0,
+        kind=LedgerKind.TOOL,
+        name="refund",
+        request_hash="h",
+        status=LedgerStatus.STARTED,
+        result=None,
+        created_at=now,
+    )
+    await store.put_ledger("run-1", 1, entry)
+    row = RequestRow(
+        run_id="run-1",
+        request_id="req_1",
+        step=1,
+        task="billing",
+        kind=RequestKind.IN_DOUBT,
+        payload="{}",
+        schema=None,
+        status=RequestStatus.OPEN,
+        created_at=now,
+    )
+    await store.finish_run(
+        "run-1",
+        1,
+        status=RunStatus.INTERRUPTED,
+        reason=None,
+        error=None,
+        usage={},
+        events=[],
+        requests=[row],
+    )
+    return store
+
+
+def edit(path: Path, sql: str) -> None:
+    """Change the file behind the store's back, as a person with sqlite3 would."""
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute(sql)
+    conn.close()
+
+
+async def test_sqlite_store_reads_back_enum_members(path: Path) -> None:
+    """Stored statuses and kinds come back as members of their enums."""
+    store = await damaged(path)
+    try:
+        assert (await store.get_run("run-1")).status is RunStatus.INTERRUPTED
+        [row] = await store.requests("run-1")
+        assert row.kind is RequestKind.IN_DOUBT
+        assert row.status is RequestStatus.OPEN
+        [entry] = await store.ledger("run-1")
+        assert entry.kind is LedgerKind.TOOL
+        assert entry.status is LedgerStatus.STARTED
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize(
+    ("sql", "read", "named"),
+    [
+        ("UPDATE runs SET status = 'sleeping'", "get_run", "table runs holds status 'sleeping'"),
+        ("UPDATE runs SET status = 'sleeping'", "list_runs", "table runs holds status 'sleeping'"),
+        (
+            "UPDATE requests SET status = 'maybe'",
+            "requests",
+            "table requests holds status 'maybe'",
+        ),
+        ("UPDATE requests SET kind = 'vote'", "requests", "table requests holds kind 'vote'"),
+        ("UPDATE ledger SET status = 'halfway'", "ledger", "table ledger holds status 'halfway'"),
+        ("UPDATE ledger SET kind = 'rpc'", "ledger", "table ledger holds kind 'rpc'"),
+    ],
+)
+async def test_sqlite_store_refuses_a_stored_value_that_is_not_a_member(
+    path: Path, sql: str, read: str, named: str
+) -> None:
+    """A status or kind edited into the file (or written by a newer orchestra) is a
+    StoreError naming the run, the table and the value, never a bare ValueError."""
+    store = await damaged(path)
+    await store.aclose()
+    edit(path, sql)
+    store = SQLiteStore(path, lease_seconds=LEASE, poll_seconds=POLL)
+    try:
+        calls = {
+            "get_run": lambda: store.get_run("run-1"),
+            "list_runs": lambda: store.list_runs(),
+            "requests": lambda: store.requests("run-1", statuses=()),
+            "ledger": lambda: store.ledger("run-1"),
+        }
+        with pytest.raises(StoreError, match=f"run run-1: {named}") as caught:
+            await calls[read]()
+        assert not isinstance(caught.value, ValueError)
+    finally:
+        await store.aclose()
