@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..specs import END, START, EdgeSpec, NodeSpec, RetryPolicy, RouteSpec
+from ..specs import END, START, EdgeSpec, NodeKind, NodeSpec, RetryPolicy, RouteSpec
 
 __all__ = ("Cycle", "Link", "cycles", "node_problems", "reference_problems", "structure_problems")
 
@@ -27,7 +27,7 @@ def node_problems(node: NodeSpec) -> list[str]:
     elif "[" in name or "]" in name:
         # "worker[2]" names the third Send task of node "worker" in events and checkpoints
         problems.append(f"node name {name!r} may not contain '[' or ']'")
-    if node.kind == "agent":
+    if node.kind is NodeKind.AGENT:
         pass  # checked against the state by compile (Agent.problems)
     elif node.fn is None:
         problems.append(f"node {name!r} has no function; add_node('{name}', fn)")
@@ -45,7 +45,7 @@ def node_problems(node: NodeSpec) -> list[str]:
         or node.timeout <= 0
     ):
         problems.append(f"node {name!r}: timeout must be a positive number, got {node.timeout!r}")
-    if node.kind != "agent":
+    if node.kind is not NodeKind.AGENT:
         problems.extend(tool_problems(name, node.tools))
     if node.retry is not None and not isinstance(node.retry, RetryPolicy):
         problems.append(
@@ -310,7 +310,7 @@ def cycles(
         exits = tuple(
             link for name in ordered for link in leaving[name] if link.target not in members
         )
-        agents = tuple(name for name in ordered if nodes[name].kind == "agent")
+        agents = tuple(name for name in ordered if nodes[name].kind is NodeKind.AGENT)
         found.append(Cycle(nodes=ordered, links=hops, exits=exits, agents=agents))
     found.sort(key=lambda cycle: [rank(name) for name in cycle.nodes])
     return found

@@ -48,6 +48,7 @@ from ..outcome import RunOutcome, RunStatus, Usage
 from ..safeguards.budgets import Budget, BudgetStop, Spend
 from ..safeguards.interrupts import Request, StepInterrupted
 from ..safeguards.loops import LoopWatch
+from ..specs import NodeKind
 from ..store.base import RequestKind
 from ..tools import Effect
 from .act import ActPhase
@@ -159,7 +160,7 @@ class Execution:
             events=self._events,
         )
         self.pending: list[Request] = []
-        self._agents = any(node.kind == "agent" for node in graph.nodes.values())
+        self._agents = any(node.kind is NodeKind.AGENT for node in graph.nodes.values())
         # tasks of the step in flight that a failure of the step leaves kept (not re-run)
         self._kept: set[str] = set()
         self.state_guard = StateGuard(run_id, state, self.budget, self._budget_warned)
@@ -332,7 +333,7 @@ class Execution:
                 stored["loop_watch"] = self.loops.watch.snapshot(self.step, self.state)
             try:
                 await self.recorder.finish(
-                    status=str(status),
+                    status=status,
                     reason=self.reason,
                     error=str(error) if error else None,
                     usage=stored,
@@ -361,7 +362,7 @@ class Execution:
         stopped on a loop (an operator who lets it go on has it watched afresh)."""
         if status in (RunStatus.COMPLETED, RunStatus.LOOP_DETECTED):
             return False
-        return not any(request.kind == "loop" for request in self.pending)
+        return not any(request.kind is RequestKind.LOOP for request in self.pending)
 
     async def poll_store(self) -> bool:
         """Check for an abort and renew the lease; return True if the run must stop

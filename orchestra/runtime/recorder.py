@@ -272,7 +272,7 @@ class Recorder:
     async def finish(
         self,
         *,
-        status: RunStatus | str,
+        status: RunStatus,
         reason: str | None,
         error: str | None,
         usage: dict[str, Any],
@@ -281,8 +281,6 @@ class Recorder:
         requests: Sequence[Request] = (),
     ) -> None:
         """Record how the run ended and release its lease, with its open requests."""
-        # (a bare value while the executor passes str(status); a wrong one is a ValueError)
-        status = RunStatus(status)
         with _store_failures(self.run_id, step):
             await self.store.finish_run(
                 self.run_id,
