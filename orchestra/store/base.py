@@ -21,17 +21,28 @@ reads rows and refuses a value that is not one with a :class:`StoreError`. Imple
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
-import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, Protocol, Self, TypeVar, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
-from ..errors import LeaseHeldError, RunStatusError, StoreError
 from ..outcome import RunStatus
+from .records import STEP_EVENT_DEFAULTS as STEP_EVENT_DEFAULTS
+from .records import CheckpointRow as CheckpointRow
+from .records import EventRow as EventRow
+from .records import LedgerEntry as LedgerEntry
+from .records import LedgerKind as LedgerKind
+from .records import LedgerStatus as LedgerStatus
+from .records import PendingWrite as PendingWrite
+from .records import RequestKind as RequestKind
+from .records import RequestRow as RequestRow
+from .records import RequestStatus as RequestStatus
+from .records import RunRecord as RunRecord
+from .records import StepCommit as StepCommit
+from .records import budget_event as budget_event
+from .records import expired as expired
+from .records import merge_events as merge_events
+from .records import new_owner_id as new_owner_id
+from .records import new_run_id as new_run_id
+from .records import stored_member as stored_member
 
 __all__ = (
     "STEP_EVENT_DEFAULTS",
@@ -56,211 +67,6 @@ __all__ = (
     "new_run_id",
     "stored_member",
 )
-
-
-def new_run_id() -> str:
-    """Return a new random run id (16 hex digits)."""
-    return secrets.token_hex(8)
-
-
-def new_owner_id() -> str:
-    """Name this process as a run owner: host, pid and a random tag."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-class RequestStatus(StrEnum):
-    """Where a request stands: ``open`` until answered, then ``answered``; ``used`` once a
-    resume applied it (in-doubt calls, breakpoints, loops); ``expired`` if nobody answered it
-    in time; ``closed`` if the run completed without asking it again."""
-
-    OPEN = "open"
-    ANSWERED = "answered"
-    USED = "used"
-    EXPIRED = "expired"
-    CLOSED = "closed"
-
-
-class RequestKind(StrEnum):
-    """What a request asks a person (see :mod:`orchestra.safeguards.interrupts`)."""
-
-    APPROVAL = "approval"
-    QUESTION = "question"
-    CONFLICT = "conflict"
-    BEFORE = "before"
-    AFTER = "after"
-    LOOP = "loop"
-    IN_DOUBT = "in_doubt"
-
-
-class LedgerStatus(StrEnum):
-    """A ledger entry is ``started`` (an irreversible call, written before it runs) or
-    ``done`` (its result is recorded)."""
-
-    STARTED = "started"
-    DONE = "done"
-
-
-class LedgerKind(StrEnum):
-    """What a ledger entry records: a model call, a tool call, or an arbitration decision."""
-
-    MODEL = "model"
-    TOOL = "tool"
-    ARBITRATION = "arbitration"
-
-
-def expired(expires_at: float | None, now: float) -> bool:
-    """Tell whether something that expires at ``expires_at`` (None: never) has, at ``now``."""
-    return expires_at is not None and expires_at <= now
-
-
-_MemberT = TypeVar("_MemberT", bound=StrEnum)
-
-
-def stored_member(
-    enum: type[_MemberT], value: object, *, run_id: str, table: str, column: str
-) -> _MemberT:
-    """Return the member of ``enum`` a store holds as ``value``; a value that is not one (a
-    row edited by hand, or written by a newer orchestra) is a StoreError naming the run, the
-    table, the column and the value."""
-    if isinstance(value, enum):
-        return value
-    if isinstance(value, str):
-        try:
-            return enum(value)
-        except ValueError:
-            pass
-    known = ", ".join(member.value for member in enum)
-    raise StoreError(
-        f"run {run_id}: table {table} holds {column} {value!r}, which is not a "
-        f"{enum.__name__} ({known})"
-    )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RunRecord:
-    """One run as stored."""
-
-    run_id: str
-    graph: str
-    structure_hash: str
-    app_ref: str | None
-    status: RunStatus
-    step: int
-    owner: str | None
-    epoch: int
-    lease_expires_at: float | None
-    created_at: float
-    updated_at: float
-    usage: dict[str, Any] = field(default_factory=dict)
-    reason: str | None = None
-    error: str | None = None
-    abort_requested: str | None = None
-    parent_run_id: str | None = None
-    parent_step: int | None = None
-    budget: dict[str, Any] | None = None
-    """The limits the run runs under: ``{"run": {...}, "agents": {name: {...}}}``, each a
-    ``Budget.to_dict()``; None for a run stored before budgets were."""
-
-    def lease_live(self, now: float) -> bool:
-        """Tell whether an owner holds an unexpired lease at time ``now``."""
-        return (
-            self.owner is not None
-            and self.lease_expires_at is not None
-            and self.lease_expires_at > now
-        )
-
-
-@dataclass(slots=True, kw_only=True)
-class CheckpointRow:
-    """One step's checkpoint: a snapshot (full state JSON) or a delta, the next tasks, the
-    step's events (a JSON array) and the run's usage after it, so a step is one row.
-    ``size`` is the byte length of the snapshot or delta."""
-
-    step: int
-    snapshot: str | None
-    delta: str | None
-    tasks: str
-    created_at: float
-    events: str | None = None
-    usage: str | None = None
-    size: int = 0
-    memory: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PendingWrite:
-    """A finished task of a step that has not committed yet."""
-
-    step: int
-    task: str
-    result: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LedgerEntry:
-    """One model or tool call of a step, keyed by (step, task, seq).
-
-    ``status`` is ``started`` (an irreversible tool call, written before it runs) or
-    ``done`` (``result`` holds the call's outcome as JSON). ``request_hash`` fingerprints
-    what was asked, so a replay that asks something else is caught.
-    """
-
-    step: int
-    task: str
-    seq: int
-    # `| str` while the runtime's ledger (runtime/ledger.py) builds entries from bare
-    # values; every store reads back members
-    kind: LedgerKind | str
-    name: str
-    request_hash: str
-    status: LedgerStatus | str
-    result: str | None
-    created_at: float
-    finished_at: float | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RequestRow:
-    """A request for a human: an in-doubt call, an approval, a question.
-
-    ``payload`` and ``answer`` are JSON; ``schema`` the JSON schema of a valid answer.
-    ``status`` is ``open`` until answered, then ``answered``; ``used`` once a resume has
-    applied it (in-doubt calls, breakpoints, loops); ``expired`` if it was not answered in
-    time; ``closed`` if the run completed without asking it again (a step that took
-    another path).
-    """
-
-    run_id: str
-    request_id: str
-    step: int
-    task: str
-    kind: RequestKind
-    payload: str
-    schema: str | None
-    # `| str` while the gateway marks a copy expired with the bare value; every store reads
-    # back members
-    status: RequestStatus | str
-    created_at: float
-    expires_at: float | None = None
-    answer: str | None = None
-    answered_at: float | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EventRow:
-    step: int | None
-    kind: str
-    at: float
-    data: str
-
-
-@dataclass(slots=True, kw_only=True)
-class StepCommit:
-    """Everything one step writes, in one transaction: the checkpoint (with its events)."""
-
-    step: int
-    checkpoint: CheckpointRow
-    had_pending: bool = False
 
 
 class _StoreHandle(Protocol):
@@ -488,53 +294,3 @@ class OperatorStore(_StoreHandle, Protocol):
 class Store(RunStore, OperatorStore, Protocol):
     """Both contracts: what every store implements, and what an operation that spans them
     takes (a resume reads and answers like an operator, then runs like an owner)."""
-
-
-def budget_event(
-    record: RunRecord, budget: dict[str, Any], reason: str | None, now: float
-) -> EventRow:
-    """Check that ``record``'s budget may change at ``now``; return the event recording it."""
-    if record.status is RunStatus.COMPLETED:
-        raise RunStatusError(record.run_id, record.status, "raise its budget")
-    if record.status is RunStatus.RUNNING and record.lease_live(now):
-        assert record.owner is not None
-        assert record.lease_expires_at is not None
-        raise LeaseHeldError(record.run_id, record.owner, record.lease_expires_at - now)
-    data = {"before": record.budget, "after": budget, "reason": reason}
-    return EventRow(step=record.step, kind="budget_raised", at=now, data=json.dumps(data))
-
-
-# fields the recorder leaves out of step events when they hold these values
-STEP_EVENT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "node_finished": {"task": 0, "attempts": 1, "error": None},
-    "node_retried": {"task": 0},
-}
-
-
-def merge_events(own: Sequence[EventRow], steps: Sequence[tuple[int, str, str]]) -> list[EventRow]:
-    """Merge a run's own events with the step events kept in its checkpoints (``(step,
-    events, tasks)`` rows), by step then time."""
-    rows = list(own)
-    for step, text, tasks in steps:
-        for item in json.loads(text):
-            kind = item.pop("event")
-            at = item.pop("at")
-            data = {"step": step, **STEP_EVENT_DEFAULTS.get(kind, {}), **item}
-            if kind == "step_committed" and "next" not in data:
-                # not stored twice: the row's tasks are the step's next tasks
-                data["next"] = [task["label"] for task in json.loads(tasks)]
-            rows.append(EventRow(step=step, kind=kind, at=at, data=json.dumps(data)))
-    # by step first: clocks of different processes (a resume elsewhere) may disagree
-    rows.sort(key=lambda r: (r.step if r.step is not None else -1, r.at))
-    return rows
-
-
-def refuse_unless_at_rest(record: RunRecord, now: float, doing: str) -> None:
-    """Refuse to ``doing`` a run that completed or that a live process owns (what both a
-    resume and an answer are refused for)."""
-    if record.status is RunStatus.COMPLETED:
-        raise RunStatusError(record.run_id, record.status, doing)
-    if record.lease_live(now):
-        assert record.owner is not None
-        assert record.lease_expires_at is not None
-        raise LeaseHeldError(record.run_id, record.owner, record.lease_expires_at - now)

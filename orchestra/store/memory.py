@@ -24,7 +24,7 @@ from ..errors import (
     StoreError,
 )
 from ..outcome import RunStatus
-from .base import (
+from .records import (
     CheckpointRow,
     EventRow,
     LedgerEntry,

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..outcome import RunStatus
-from .base import (
+from .records import (
     CheckpointRow,
     LedgerEntry,
     LedgerKind,
