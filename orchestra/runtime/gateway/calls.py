@@ -55,10 +55,12 @@ class CallOutcome:
         return self.status == CallStatus.OK
 
     def to_json(self) -> str:
+        # stored as its value (a plain string: an enum member costs pydantic-core a slow path)
+        status = str(self.status)
         data: dict[str, Any] = (
-            {"status": CallStatus.OK.value, "result": self.value}
+            {"status": status, "result": self.value}
             if self.ok
-            else {"status": self.status, "error": self.error}
+            else {"status": status, "error": self.error}
         )
         if self.edited is not None:
             data["edited_arguments"] = self.edited
@@ -80,7 +82,7 @@ class CallOutcome:
     def to_message(self) -> Message:
         """The tool message an agent sees next turn: data, with the tool as its source."""
         data: dict[str, Any] = (
-            {"result": self.value} if self.ok else {"error": self.error, "status": self.status}
+            {"result": self.value} if self.ok else {"error": self.error, "status": str(self.status)}
         )
         if self.edited is not None:
             data["note"] = "an operator changed the arguments before approving the call"

@@ -281,7 +281,7 @@ class CallRunner:
                 node=item.caller.label,
                 tool=outcome.tool,
                 call_id=outcome.call_id,
-                status=outcome.status,
+                status=str(outcome.status),  # the event holds the value, as stored
                 duration=duration,
                 error=outcome.error,
                 replayed=outcome.replayed,
