@@ -16,15 +16,25 @@ from enum import StrEnum
 from typing import Any, get_type_hints
 
 import anyio
-from pydantic import BaseModel, ConfigDict, TypeAdapter, create_model
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
 from pydantic_core import to_jsonable_python
 
 from ._json import compact_json
+from .errors import ToolArgumentsError
 from .models.base import ToolSpec
 from .specs import Effect as Effect
 from .state import describe_validation_error as describe_validation_error
 
-__all__ = ("NOT_RUN", "CallStatus", "Effect", "Tool", "ToolContext", "tool", "tool_map")
+__all__ = (
+    "NOT_RUN",
+    "CallStatus",
+    "CheckedArguments",
+    "Effect",
+    "Tool",
+    "ToolContext",
+    "tool",
+    "tool_map",
+)
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_RESULT_BYTES = 64 * 1024
@@ -55,6 +65,17 @@ NOT_RUN = frozenset(
     }
 )
 """Statuses of calls that never ran (not counted as tool calls)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckedArguments:
+    """Arguments a tool accepts (:meth:`Tool.check_arguments`): ``arguments`` as the tool
+    gets them, ``json`` their JSON form (what is recorded, hashed and shown to people) and
+    ``resources`` the resource keys a call with them touches."""
+
+    arguments: dict[str, Any]
+    json: dict[str, Any]
+    resources: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,6 +148,37 @@ class Tool:
         """
         model = self.arguments.model_validate(dict(arguments))
         return {name: getattr(model, name) for name in type(model).model_fields}
+
+    def check_arguments(self, arguments: object) -> CheckedArguments:
+        """Check arguments (a model's, or an operator's ``Edit``) the one way every caller
+        does: a JSON object, valid against the schema, that the resources function accepts.
+
+        Raises :class:`~orchestra.errors.ToolArgumentsError`, whose ``detail`` says what is
+        wrong; the caller turns it into a refusal (the call is not made, the answer is not
+        taken).
+        """
+        if not isinstance(arguments, Mapping):
+            raise ToolArgumentsError(
+                self.name, f"arguments must be a JSON object, got {type(arguments).__name__}"
+            )
+        try:
+            model = self.arguments.model_validate(dict(arguments))
+        except ValidationError as exc:
+            raise ToolArgumentsError(
+                self.name, describe_validation_error(exc, "arguments")
+            ) from exc
+        json_arguments = model.model_dump(mode="json")
+        try:
+            resources = self.resource_keys(json_arguments)
+        except Exception as exc:  # the user's resources function: its caller is told
+            raise ToolArgumentsError(
+                self.name, f"the tool's resources function failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        return CheckedArguments(
+            arguments={name: getattr(model, name) for name in type(model).model_fields},
+            json=json_arguments,
+            resources=resources,
+        )
 
     def resource_keys(self, arguments: Mapping[str, Any]) -> frozenset[str]:
         """The resources a call with these (validated, JSON-form) arguments touches."""

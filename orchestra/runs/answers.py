@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from .._json import compact_json, loads_object
-from ..errors import AnswerError
+from ..errors import AnswerError, ToolArgumentsError
 from ..events import RequestAnswered
 from ..safeguards.interrupts import (
     Abort,
@@ -59,9 +59,6 @@ class CheckedAnswer:
     text: str
     result: Any = None
     recorded: bool = False  # the same answer is recorded already
-
-
-_Checked = CheckedAnswer  # the name _check_approval still uses (it is being replaced)
 
 
 async def check_answers(
@@ -187,11 +184,13 @@ def _check_approval(
     payload: dict[str, Any],
     answer: Any,
     refuse: Any,
-) -> _Checked:
+) -> CheckedAnswer:
     if isinstance(answer, Approve):
-        return _Checked(row, answer, compact_json({"answer": "approve"}))
+        return CheckedAnswer(row, answer, compact_json({"answer": "approve"}))
     if isinstance(answer, Reject):
-        return _Checked(row, answer, compact_json({"answer": "reject", "reason": answer.reason}))
+        return CheckedAnswer(
+            row, answer, compact_json({"answer": "reject", "reason": answer.reason})
+        )
     if not isinstance(answer, Edit):
         raise refuse(
             f"an approval is answered with Approve(), Reject(reason=...) or "
@@ -204,21 +203,10 @@ def _check_approval(
         )
     tool = _tool(app, payload, refuse)
     try:
-        arguments = tool.validate(answer.arguments)
-        json_arguments = tool.arguments.model_validate(arguments).model_dump(mode="json")
-    except ValidationError as exc:
-        raise refuse(
-            f"the edited arguments do not fit tool {tool.name!r}: "
-            f"{describe_validation_error(exc, 'arguments')}"
-        ) from exc
-    try:
-        tool.resource_keys(json_arguments)
-    except Exception as exc:  # the user's resources function refuses them
-        raise refuse(
-            f"the tool's resources function fails on the edited arguments: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-    return _Checked(row, answer, compact_json({"answer": "edit", "arguments": json_arguments}))
+        checked = tool.check_arguments(answer.arguments)
+    except ToolArgumentsError as exc:
+        raise refuse(f"the edited arguments do not fit tool {tool.name!r}: {exc.detail}") from exc
+    return CheckedAnswer(row, answer, compact_json({"answer": "edit", "arguments": checked.json}))
 
 
 def _check_question(

@@ -21,18 +21,20 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .. import _faults
-from .._json import compact_json
+from .._json import compact_json, loads_object
 from .._logging import get_logger
 from ..errors import LedgerMismatchError
-from ..store.base import LedgerEntry
+from ..specs import Effect
+from ..store.base import LedgerEntry, LedgerKind, LedgerStatus
+from ..tools import CallStatus
 
 if TYPE_CHECKING:
     from .recorder import Recorder
 
-__all__ = ("Ledger", "fingerprint")
+__all__ = ("ARBITER", "Ledger", "fingerprint")
 
-STARTED = "started"
-DONE = "done"
+ARBITER = "@arbiter"
+"""The task the act phase's arbitration decisions are recorded under."""
 
 
 def fingerprint(value: Any) -> str:
@@ -53,7 +55,9 @@ class Ledger:
         self.read_only: Callable[[str], bool] = lambda name: False
 
     def _harmless(self, entry: LedgerEntry) -> bool:
-        return entry.kind == "model" or (entry.kind == "tool" and self.read_only(entry.name))
+        return entry.kind == LedgerKind.MODEL or (
+            entry.kind == LedgerKind.TOOL and self.read_only(entry.name)
+        )
 
     def entries(self, step: int, task: str) -> list[LedgerEntry]:
         """The entries of one task of a step, in position order."""
@@ -115,7 +119,9 @@ class Ledger:
         self, step: int, task: str, seq: int, *, kind: str, name: str, request_hash: str
     ) -> LedgerEntry:
         """Record, durably, that an irreversible call is about to run."""
-        entry = _new(step, task, seq, kind, name, request_hash, STARTED, None, finished=False)
+        entry = _new(
+            step, task, seq, kind, name, request_hash, LedgerStatus.STARTED, None, finished=False
+        )
         await self._put(entry)
         if _faults.ACTIVE:
             _faults.reach("after_call_started", step)
@@ -135,9 +141,13 @@ class Ledger:
     ) -> LedgerEntry:
         """Record a completed call's result (JSON), durably."""
         if started is not None:
-            entry = replace(started, status=DONE, result=result, finished_at=time.time())
+            entry = replace(
+                started, status=LedgerStatus.DONE, result=result, finished_at=time.time()
+            )
         else:
-            entry = _new(step, task, seq, kind, name, request_hash, DONE, result, finished=True)
+            entry = _new(
+                step, task, seq, kind, name, request_hash, LedgerStatus.DONE, result, finished=True
+            )
         await self._put(entry)
         if _faults.ACTIVE:
             _faults.reach("after_call_recorded", step)
@@ -154,9 +164,11 @@ class Ledger:
         becomes in doubt, for an operator to settle. ``effect(tool name)`` is the tool's
         effect (None: unknown)."""
         entries = [e for k, e in self._entries.items() if k[0] == step]
-        keep = {e.task for e in entries if e.kind == "tool" and effect(e.name) != "read"}
+        keep = {
+            e.task for e in entries if e.kind == LedgerKind.TOOL and effect(e.name) != Effect.READ
+        }
         if keep:  # calls with effects ran as arbitration decided: a re-run decides the same
-            keep.add("@arbiter")
+            keep.add(ARBITER)
         keep.update(finished)
         for entry in entries:
             key = (entry.step, entry.task, entry.seq)
@@ -165,12 +177,14 @@ class Ledger:
                     await self.recorder.delete_ledger(entry)
                 del self._entries[key]
             elif (
-                entry.kind == "tool"
-                and effect(entry.name) in ("irreversible", None)
-                and entry.status == DONE
-                and '"status":"error"' in (entry.result or "")
+                entry.kind == LedgerKind.TOOL
+                and effect(entry.name) in (Effect.IRREVERSIBLE, None)
+                and entry.status == LedgerStatus.DONE
+                and loads_object(entry.result).get("status") == CallStatus.ERROR
             ):
-                await self._put(replace(entry, status=STARTED, result=None, finished_at=None))
+                await self._put(
+                    replace(entry, status=LedgerStatus.STARTED, result=None, finished_at=None)
+                )
 
     def forget(self, step: int) -> None:
         """Drop the in-memory entries of a committed step (the store keeps them)."""

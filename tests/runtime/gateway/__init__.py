@@ -1,0 +1,1 @@
+"""Tests of orchestra.runtime.gateway."""
