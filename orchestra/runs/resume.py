@@ -4,7 +4,8 @@ execution that continues it."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import GraphChangedError, OrchestraError, RunStatusError, StoreError
@@ -23,20 +24,23 @@ from ..safeguards.interrupts import (
 )
 from ..specs import NodeKind
 from ..store.base import (
+    CheckpointRow,
     LedgerEntry,
     LedgerKind,
     LedgerStatus,
     RequestKind,
+    RequestRow,
     RequestStatus,
+    RunRecord,
+    Store,
     new_owner_id,
 )
 from ..tools import NOT_RUN
+from .answers import apply_answers, check_answers, new_answers, record_answers
 
 if TYPE_CHECKING:
     from ..compile import Plan
     from ..runtime.executor import Execution
-
-from .answers import apply_answers, check_answers, new_answers, record_answers
 
 __all__ = ("prepare_resume",)
 
@@ -57,109 +61,42 @@ async def prepare_resume(
     from ..runtime.recorder import Recorder
 
     store = app.require_store()
-    record = await store.get_run(run_id)
-    if record.status is RunStatus.COMPLETED:
-        raise RunStatusError(run_id, record.status, "resume it")
-    if record.structure_hash != app.structure_hash and not allow_graph_change:
-        raise GraphChangedError(run_id, record.structure_hash, app.structure_hash)
+    record = await _resumable(app, store, run_id, allow_graph_change)
     checked = new_answers(await check_answers(app, store, run_id, answers or {}, same_again=True))
     if checked:  # all or none, before the lease: a refused answer changes nothing
         await record_answers(store, run_id, checked)
-    if record.budget is not None and record.status is not RunStatus.RUNNING:
-        # the limits this resume runs under become the run's own (so `orchestra budget +N`
-        # adds to what the run really has), recorded as a budget_raised event
-        budget, agent_budgets = loaded_budget(record.budget, app.budget, app.agent_budgets)
-        effective = stored_budget(budget, agent_budgets)
-        if effective != record.budget:
-            record = await store.set_budget(
-                run_id, effective, reason="raised to the limits of the app resuming it"
-            )
+    record = await _adopt_limits(app, store, record)
     owner = new_owner_id()
     record = await store.acquire(run_id, owner)
     try:
         stop = await apply_answers(store, run_id, record.epoch)
     except Exception as exc:
-        await store.finish_run(
-            run_id,
-            record.epoch,
-            status=RunStatus.FAILED,
-            reason=None,
-            error=f"could not apply the answers: {type(exc).__name__}: {exc}",
-            usage=record.usage,
-            events=[],
-        )
+        await _fail(store, record, f"could not apply the answers: {type(exc).__name__}: {exc}")
         raise
-    try:
-        chain = await store.checkpoint_chain(run_id)
-        state = load_state(app.schema, chain)
-        memory = load_memory(chain)
-        joins = load_joins(chain)
-        tasks = load_tasks(chain[-1].tasks)
-        missing = sorted({t.node for t in tasks} - set(app.nodes))
-        if missing:
-            raise StoreError(
-                f"run {run_id} is due to run {', '.join(map(repr, missing))} next, which this "
-                f"graph does not have"
-            )
-        step = chain[-1].step
-        pending = await store.pending_writes(run_id, step + 1)
-        usage = json.loads(chain[-1].usage) if chain[-1].usage else {}
-        # a step discarded by the deadline, or a crash, leaves the run row's totals higher
-        for key in ("tasks", "wall_seconds"):
-            usage[key] = max(usage.get(key, 0), record.usage.get(key, 0))
-        done = {write.task: load_result(write.result) for write in pending}
-        entries = await store.ledger(run_id, step + 1)
-        rows = await store.requests(run_id, statuses=())
-        # the requests of the step to run (approvals, questions, conflicts, a breakpoint)
-        requests = {row.request_id: row for row in rows if row.step == step + 1}
-    except Exception as exc:
-        message = f"could not load the run to resume it: {type(exc).__name__}: {exc}"
-        await store.finish_run(
-            run_id,
-            record.epoch,
-            status=RunStatus.FAILED,
-            reason=None,
-            error=message,
-            usage=record.usage,
-            events=[],
-        )
-        if isinstance(exc, OrchestraError):
-            raise
-        raise StoreError(f"run {run_id}: {message}") from exc
-    recorder = Recorder(store, app, run_id, owner).resumed(record, chain)
+    loaded = await _load(app, store, record)
     budget, agent_budgets = app.budget, dict(app.agent_budgets)
     if record.budget is not None:  # the run's own limits, as `orchestra budget` left them
         budget, agent_budgets = loaded_budget(record.budget, app.budget, app.agent_budgets)
     execution = Execution(
         app,
-        state,
+        loaded.state,
         run_id=run_id,
-        recorder=recorder,
-        step=step,
-        tasks=tasks,
-        restored=done,
-        usage=usage,
-        memory=memory,
-        joins=joins,
+        recorder=Recorder(store, app, run_id, owner).resumed(record, loaded.chain),
+        step=loaded.step,
+        tasks=loaded.tasks,
+        restored=loaded.restored,
+        usage=loaded.usage,
+        memory=loaded.memory,
+        joins=loaded.joins,
         budget=budget,
         agent_budgets=agent_budgets,
         events=False,
-        requests=requests,
+        requests={row.request_id: row for row in loaded.rows if row.step == loaded.step + 1},
         loop_watch=record.usage.get("loop_watch"),
     )
-    execution.ledger.preload(entries)
-    _meter_restored(app, execution, tasks, done, entries)
-    # a suspected loop or a breakpoint after a step waits for its answer: a resume
-    # without one asks again and runs nothing
-    waiting = [
-        Request.from_row(row)
-        for row in rows
-        if row.kind in (RequestKind.LOOP, RequestKind.AFTER)
-        and (
-            row.status is RequestStatus.OPEN
-            or (row.status is RequestStatus.USED and row.step == step and aborted(row))
-        )
-    ]
+    execution.ledger.preload(loaded.entries)
+    _meter_restored(app, execution, loaded.tasks, loaded.restored, loaded.entries)
+    waiting = _waiting(loaded.rows, loaded.step)
     if waiting and stop is None:
         execution.status, execution.pending = RunStatus.INTERRUPTED, waiting
         execution.reason = (
@@ -169,6 +106,113 @@ async def prepare_resume(
     if stop is not None:
         execution.status, execution.reason = RunStatus.ABORTED, stop
     return execution
+
+
+async def _resumable(
+    app: Plan[Any], store: Store, run_id: str, allow_graph_change: bool
+) -> RunRecord:
+    """The stored run, if this app may resume it (not completed, the same structure)."""
+    record = await store.get_run(run_id)
+    if record.status is RunStatus.COMPLETED:
+        raise RunStatusError(run_id, record.status, "resume it")
+    if record.structure_hash != app.structure_hash and not allow_graph_change:
+        raise GraphChangedError(run_id, record.structure_hash, app.structure_hash)
+    return record
+
+
+async def _adopt_limits(app: Plan[Any], store: Store, record: RunRecord) -> RunRecord:
+    """Make the limits this resume runs under the run's own (so ``orchestra budget +N`` adds
+    to what the run really has), recorded as a budget_raised event."""
+    if record.budget is None or record.status is RunStatus.RUNNING:
+        return record
+    budget, agent_budgets = loaded_budget(record.budget, app.budget, app.agent_budgets)
+    effective = stored_budget(budget, agent_budgets)
+    if effective == record.budget:
+        return record
+    return await store.set_budget(
+        record.run_id, effective, reason="raised to the limits of the app resuming it"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    """What a resume reads back: the last checkpoint and the step in flight's records."""
+
+    chain: list[CheckpointRow]
+    state: Any
+    memory: dict[str, Any]
+    joins: Any
+    tasks: list[Any]
+    step: int
+    usage: dict[str, Any]
+    restored: dict[str, Any]  # the step in flight's finished tasks (pending writes)
+    entries: list[LedgerEntry]  # the step in flight's ledger
+    rows: list[RequestRow]  # every request of the run
+
+
+async def _load(app: Plan[Any], store: Store, record: RunRecord) -> _Loaded:
+    """Read the run back; a run that cannot be loaded is marked failed, saying why."""
+    run_id = record.run_id
+    try:
+        chain = await store.checkpoint_chain(run_id)
+        tasks = load_tasks(chain[-1].tasks)
+        missing = sorted({t.node for t in tasks} - set(app.nodes))
+        if missing:
+            raise StoreError(
+                f"run {run_id} is due to run {', '.join(map(repr, missing))} next, which this "
+                f"graph does not have"
+            )
+        step = chain[-1].step
+        usage = json.loads(chain[-1].usage) if chain[-1].usage else {}
+        # a step discarded by the deadline, or a crash, leaves the run row's totals higher
+        for key in ("tasks", "wall_seconds"):
+            usage[key] = max(usage.get(key, 0), record.usage.get(key, 0))
+        pending = await store.pending_writes(run_id, step + 1)
+        return _Loaded(
+            chain=chain,
+            state=load_state(app.schema, chain),
+            memory=load_memory(chain),
+            joins=load_joins(chain),
+            tasks=tasks,
+            step=step,
+            usage=usage,
+            restored={write.task: load_result(write.result) for write in pending},
+            entries=await store.ledger(run_id, step + 1),
+            rows=await store.requests(run_id, statuses=()),
+        )
+    except Exception as exc:
+        message = f"could not load the run to resume it: {type(exc).__name__}: {exc}"
+        await _fail(store, record, message)
+        if isinstance(exc, OrchestraError):
+            raise
+        raise StoreError(f"run {run_id}: {message}") from exc
+
+
+async def _fail(store: Store, record: RunRecord, error: str) -> None:
+    """Mark the run failed under the lease this resume took, saying what went wrong."""
+    await store.finish_run(
+        record.run_id,
+        record.epoch,
+        status=RunStatus.FAILED,
+        reason=None,
+        error=error,
+        usage=record.usage,
+        events=[],
+    )
+
+
+def _waiting(rows: Sequence[RequestRow], step: int) -> list[Request]:
+    """A suspected loop or a breakpoint after a step waits for its answer: a resume without
+    one asks again and runs nothing."""
+    return [
+        Request.from_row(row)
+        for row in rows
+        if row.kind in (RequestKind.LOOP, RequestKind.AFTER)
+        and (
+            row.status is RequestStatus.OPEN
+            or (row.status is RequestStatus.USED and row.step == step and aborted(row))
+        )
+    ]
 
 
 def _meter_restored(

@@ -7,13 +7,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OrchestraError
+from ..specs import NO_PAYLOAD as NO_PAYLOAD  # one sentinel: tasks started by an edge
 from ..specs import Send
 
 if TYPE_CHECKING:
     from ..models.base import Message, ToolCall
-
-NO_PAYLOAD: Any = type("NoPayload", (), {"__repr__": lambda self: "NO_PAYLOAD"})()
-"""Marks a task started by an edge: its input is the run state, not a Send payload."""
 
 
 @dataclass(slots=True)
