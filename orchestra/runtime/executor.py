@@ -163,7 +163,9 @@ class Execution:
         self._agents = any(node.kind is NodeKind.AGENT for node in graph.nodes.values())
         # tasks of the step in flight that a failure of the step leaves kept (not re-run)
         self._kept: set[str] = set()
-        self.state_guard = StateGuard(run_id, state, self.budget, self._budget_warned)
+        guard = StateGuard(run_id, state, self.budget, self._budget_warned)
+        # none without caps or a size budget: the barrier skips it
+        self.state_guard = guard if guard.active else None
         # the step at which the step budget's soft threshold is reached (warned once)
         steps = self.budget.steps
         self._soft_due = (
@@ -407,7 +409,7 @@ class Execution:
                     await self.recorder.discard_pending(step)
                     self._kept.clear()
                 raise
-        if deltas and self.state_guard.active:
+        if deltas and self.state_guard is not None:
             state, deltas = self.state_guard.check(state, deltas, tasks, results, step)
         joins = dict(self.joins) if self._agents else None
         following = await next_tasks(self.graph, self.run_id, state, tasks, results, step, joins)
