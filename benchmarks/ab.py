@@ -40,7 +40,10 @@ def run(tree: Path, script: str, args: list[str]) -> list[dict]:
     )
     if done.returncode != 0:
         raise SystemExit(f"{tree}: {script} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout)["results"]
+    # (a script may log a line to stdout before its JSON: the JSON starts at a lone "{")
+    text = done.stdout
+    start = 0 if text.startswith("{") else text.find("\n{") + 1
+    return json.loads(text[start:])["results"]
 
 
 def key(row: dict) -> tuple[str, str]:
