@@ -8,6 +8,7 @@ what the log says never disagree.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -146,6 +147,15 @@ class ConflictArbitrated(Event):
     replayed: bool = False
 
 
+class ApprovalDecision(StrEnum):
+    """What became of a held call at its approval."""
+
+    APPROVED = "approved"
+    EDITED = "edited"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
 @dataclass(slots=True, kw_only=True)
 class ApprovalDecided(Event):
     """A held call met its approval: ``decision`` is ``approved``, ``edited``,
@@ -157,7 +167,7 @@ class ApprovalDecided(Event):
     tool: str
     call_id: str
     request_id: str
-    decision: str
+    decision: ApprovalDecision
     reason: str | None = None
 
 

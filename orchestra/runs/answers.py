@@ -16,6 +16,7 @@ from ..errors import AnswerError, ToolArgumentsError
 from ..events import RequestAnswered
 from ..safeguards.interrupts import (
     Abort,
+    AnswerKind,
     Approve,
     Choose,
     Continue,
@@ -129,9 +130,9 @@ def _check_one(app: Plan[Any] | None, run_id: str, row: RequestRow, answer: Any)
 
     if kind in _BREAKS:
         if isinstance(answer, _GO_ON):
-            return CheckedAnswer(row, answer, compact_json({"answer": "continue"}))
+            return CheckedAnswer(row, answer, compact_json({"answer": AnswerKind.CONTINUE}))
         if isinstance(answer, _STOP):
-            text = compact_json({"answer": "abort", "reason": answer.reason})
+            text = compact_json({"answer": AnswerKind.ABORT, "reason": answer.reason})
             return CheckedAnswer(row, answer, text)
         what = "a suspected loop" if kind is RequestKind.LOOP else f"a breakpoint ({kind})"
         raise refuse(
@@ -152,7 +153,9 @@ def _check_one(app: Plan[Any] | None, run_id: str, row: RequestRow, answer: Any)
             f"got {answer!r:.80}"
         )
     if not isinstance(answer, Done):
-        text = compact_json({"answer": type(answer).__name__.lower(), **_fields(answer)})
+        text = compact_json(
+            {"answer": AnswerKind(type(answer).__name__.lower()), **_fields(answer)}
+        )
         return CheckedAnswer(row, answer, text)
     tool = _tool(app, payload, refuse)
     try:
@@ -164,7 +167,7 @@ def _check_one(app: Plan[Any] | None, run_id: str, row: RequestRow, answer: Any)
         ) from exc
     except (TypeError, ValueError) as exc:
         raise refuse(f"the result is not JSON data: {exc}") from exc
-    text = compact_json({"answer": "done", "result": result})
+    text = compact_json({"answer": AnswerKind.DONE, "result": result})
     return CheckedAnswer(row, answer, text, result)
 
 
@@ -186,10 +189,10 @@ def _check_approval(
     refuse: Any,
 ) -> CheckedAnswer:
     if isinstance(answer, Approve):
-        return CheckedAnswer(row, answer, compact_json({"answer": "approve"}))
+        return CheckedAnswer(row, answer, compact_json({"answer": AnswerKind.APPROVE}))
     if isinstance(answer, Reject):
         return CheckedAnswer(
-            row, answer, compact_json({"answer": "reject", "reason": answer.reason})
+            row, answer, compact_json({"answer": AnswerKind.REJECT, "reason": answer.reason})
         )
     if not isinstance(answer, Edit):
         raise refuse(
@@ -206,7 +209,9 @@ def _check_approval(
         checked = tool.check_arguments(answer.arguments)
     except ToolArgumentsError as exc:
         raise refuse(f"the edited arguments do not fit tool {tool.name!r}: {exc.detail}") from exc
-    return CheckedAnswer(row, answer, compact_json({"answer": "edit", "arguments": checked.json}))
+    return CheckedAnswer(
+        row, answer, compact_json({"answer": AnswerKind.EDIT, "arguments": checked.json})
+    )
 
 
 def _check_question(
@@ -226,7 +231,7 @@ def _check_question(
     except ValueError as exc:
         raise refuse(str(exc)) from exc
     try:
-        text = json.dumps({"answer": "value", "value": value}, separators=(",", ":"))
+        text = json.dumps({"answer": AnswerKind.VALUE, "value": value}, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise refuse(f"the answer is not JSON data: {exc}") from exc
     return CheckedAnswer(row, answer, text)
@@ -250,7 +255,7 @@ def _check_choice(
         raise refuse(
             f"choose calls of the conflict, each once: got {keys}; its calls are {', '.join(known)}"
         )
-    return CheckedAnswer(row, answer, compact_json({"answer": "choose", "run": keys}))
+    return CheckedAnswer(row, answer, compact_json({"answer": AnswerKind.CHOOSE, "run": keys}))
 
 
 def _fields(answer: Any) -> dict[str, Any]:
@@ -312,13 +317,13 @@ async def apply_answers(store: Store, run_id: str, epoch: int) -> str | None:
             continue
         answer = loads_object(row.answer)
         said = answer.get("answer")
-        if row.kind is RequestKind.IN_DOUBT and said in ("done", "retry"):
+        if row.kind is RequestKind.IN_DOUBT and said in (AnswerKind.DONE, AnswerKind.RETRY):
             payload = loads_object(row.payload)
             entries = await store.ledger(run_id, row.step)
             entry = next(
                 (e for e in entries if e.task == row.task and e.seq == payload.get("seq")), None
             )
-            if entry is not None and said == "done":
+            if entry is not None and said == AnswerKind.DONE:
                 done_outcome: dict[str, Any] = {
                     "status": CallStatus.OK,
                     "result": answer.get("result"),
@@ -332,7 +337,7 @@ async def apply_answers(store: Store, run_id: str, epoch: int) -> str | None:
                 await store.put_ledger(run_id, epoch, done)
             elif entry is not None and entry.status is LedgerStatus.STARTED:
                 await store.delete_ledger(run_id, epoch, row.step, row.task, entry.seq)
-        elif said == "abort":
+        elif said == AnswerKind.ABORT:
             # the run stops here; what it stopped at is asked again by the next resume
             # (a used abort is asked again: a crash before the abort is recorded loses
             # nothing)

@@ -23,6 +23,7 @@ from ..errors import InvalidUpdateError, RunStoreError, StoreError
 from ..events import Event, NodeFinished, NodeStarted, StepCommitted
 from ..outcome import RunStatus
 from ..safeguards.budgets import stored_budget
+from ..safeguards.interrupts import AnswerKind
 from ..state import FieldDelta
 from ..store.base import (
     STEP_EVENT_DEFAULTS,
@@ -323,6 +324,6 @@ class Recorder:
                 self.run_id,
                 self.epoch,
                 row.request_id,
-                '{"answer":"expired"}',
+                compact_json({"answer": AnswerKind.EXPIRED}),
                 status=RequestStatus.EXPIRED,
             )

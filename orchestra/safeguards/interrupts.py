@@ -29,6 +29,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from .._json import loads_object, loads_or_text
@@ -37,6 +38,7 @@ from ..store.base import RequestKind, RequestRow, RequestStatus, expired
 __all__ = (
     "Abort",
     "Answer",
+    "AnswerKind",
     "Approve",
     "Choose",
     "Continue",
@@ -167,6 +169,21 @@ class Request:
         return f"{self.kind} request from {self.node!r} at step {self.step}"
 
 
+class AnswerKind(StrEnum):
+    """What a recorded answer says (the ``answer`` field of its stored JSON)."""
+
+    DONE = "done"
+    RETRY = "retry"
+    ABORT = "abort"
+    CONTINUE = "continue"
+    APPROVE = "approve"
+    REJECT = "reject"
+    EDIT = "edit"
+    VALUE = "value"
+    CHOOSE = "choose"
+    EXPIRED = "expired"  # nobody answered in time (written by the run, not a person)
+
+
 @dataclass(frozen=True, slots=True)
 class Done:
     """The in-doubt call did take effect; ``result`` is what it returned (validated against
@@ -237,7 +254,7 @@ def _dumps(value: Any) -> str:
 def aborted(row: RequestRow) -> bool:
     """Tell whether a stored request was answered with an abort (the run stopped there: a
     later resume asks it again)."""
-    return loads_object(row.answer).get("answer") == "abort"
+    return loads_object(row.answer).get("answer") == AnswerKind.ABORT
 
 
 def request_id(run_id: str, step: int, task: str, seq: int, kind: str, started: float = 0.0) -> str:

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 from ..._json import loads_object
 from ...context import Caller
 from ...errors import RequestExpiredError, ToolArgumentsError
-from ...events import ApprovalDecided
+from ...events import ApprovalDecided, ApprovalDecision
 from ...models.base import ToolCall
-from ...safeguards.interrupts import Request, StepInterrupted, request_id
+from ...safeguards.interrupts import AnswerKind, Request, StepInterrupted, request_id
 from ...store.base import RequestKind, RequestStatus, expired
 from ...tools import CallStatus
 from ..ledger import fingerprint
@@ -103,7 +103,7 @@ class ApprovalStep:
         row = self.requests.get(self._approval_id(item))
         if row is not None and row.status == RequestStatus.ANSWERED:
             answer = loads_object(row.answer)
-            if answer.get("answer") == "edit":
+            if answer.get("answer") == AnswerKind.EDIT:
                 return answer.get("arguments")
         return None
 
@@ -169,23 +169,23 @@ class ApprovalStep:
         kind = answer.get("answer")
         reason = None
         if row.status == RequestStatus.EXPIRED:
-            decision = "expired"
+            decision = ApprovalDecision.EXPIRED
             reason = "its approval request expired unanswered"
-        elif kind == "reject":
-            decision = "rejected"
+        elif kind == AnswerKind.REJECT:
+            decision = ApprovalDecision.REJECTED
             reason = str(answer.get("reason") or "rejected by an operator")
-        elif kind == "edit":
-            decision = "edited"
+        elif kind == AnswerKind.EDIT:
+            decision = ApprovalDecision.EDITED
             try:
                 checked = tool.check_arguments(answer.get("arguments") or {})
             except ToolArgumentsError as exc:  # the tool changed since the answer was checked
-                decision = "rejected"
+                decision = ApprovalDecision.REJECTED
                 reason = f"the edited arguments no longer fit the tool: {exc.detail}"
             else:
                 item.use(checked)
                 item.edited = item.json_arguments
         else:
-            decision = "approved"
+            decision = ApprovalDecision.APPROVED
         if reason is not None:
             item.outcome = CallOutcome(
                 call.id, tool.name, CallStatus.REJECTED, error=f"{reason}; the call was not made"
