@@ -17,7 +17,6 @@ from .compile import Plan, price_problems
 from .events import Event
 from .outcome import RunOutcome
 from .safeguards.budgets import Budget
-from .store.base import new_run_id
 
 if TYPE_CHECKING:
     from .runtime.executor import Execution
@@ -68,7 +67,7 @@ class CompiledGraph(Plan[StateT]):
     ) -> Execution:
         from .runtime.executor import Execution
         from .runtime.recorder import Recorder
-        from .store.base import new_owner_id
+        from .store.base import new_owner_id, new_run_id
 
         if run_id is not None and (not isinstance(run_id, str) or not run_id.strip()):
             raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")

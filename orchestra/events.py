@@ -8,8 +8,9 @@ what the log says never disagree.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from .kinds import ApprovalDecision
 
 if TYPE_CHECKING:
     from .outcome import RunOutcome
@@ -145,15 +146,6 @@ class ConflictArbitrated(Event):
     run: tuple[str, ...]
     lost: str
     replayed: bool = False
-
-
-class ApprovalDecision(StrEnum):
-    """What became of a held call at its approval."""
-
-    APPROVED = "approved"
-    EDITED = "edited"
-    REJECTED = "rejected"
-    EXPIRED = "expired"
 
 
 @dataclass(slots=True, kw_only=True)

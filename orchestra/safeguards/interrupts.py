@@ -30,10 +30,13 @@ import json
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._json import loads_object, loads_or_text
-from ..store.base import RequestKind, RequestRow, RequestStatus, expired
+from ..kinds import RequestKind, RequestStatus, expired
+
+if TYPE_CHECKING:
+    from ..store.records import RequestRow
 
 __all__ = (
     "Abort",
@@ -110,6 +113,8 @@ class Request:
 
     def to_row(self) -> RequestRow:
         """The stored form of the request (open)."""
+        from ..store.records import RequestRow
+
         return RequestRow(
             run_id=self.run_id,
             request_id=self.id,

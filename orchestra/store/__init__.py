@@ -9,6 +9,7 @@ store implements it. ``SQLiteStore`` is the embedded default (``graph.compile(st
 from __future__ import annotations
 
 import os
+import typing as _typing
 from typing import Any
 
 from .base import CheckpointRow as CheckpointRow
@@ -18,8 +19,10 @@ from .base import PendingWrite as PendingWrite
 from .base import RunRecord as RunRecord
 from .base import RunStore as RunStore
 from .base import Store as Store
-from .memory import MemoryStore as MemoryStore
-from .sqlite import SQLiteStore as SQLiteStore
+
+if _typing.TYPE_CHECKING:
+    from .memory import MemoryStore as MemoryStore
+    from .sqlite import SQLiteStore as SQLiteStore
 
 __all__ = (
     "CheckpointRow",
@@ -38,7 +41,26 @@ __all__ = (
 def as_store(store: Any) -> Store:
     """Return ``store`` as a Store: a path (str or PathLike) becomes a SQLiteStore."""
     if isinstance(store, str | os.PathLike):
+        from .sqlite import SQLiteStore
+
         return SQLiteStore(store)
     if isinstance(store, Store):
         return store
     raise TypeError(f"store must be a path or a Store, got {type(store).__name__}")
+
+
+# the implementations (sqlite3, threads) load on first use: the records and contracts that
+# every layer speaks of do not need them
+_LAZY = {"MemoryStore": "memory", "SQLiteStore": "sqlite"}
+
+if not _typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'orchestra.store' has no attribute {name!r}")
+        from importlib import import_module
+
+        value = getattr(import_module(f".{module}", __name__), name)
+        globals()[name] = value
+        return value

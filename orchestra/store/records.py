@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
 from ..errors import LeaseHeldError, RunStatusError, StoreError
+from ..kinds import LedgerKind, LedgerStatus, RequestKind, RequestStatus, expired
 from ..outcome import RunStatus
 
 __all__ = (
@@ -45,52 +45,9 @@ def new_run_id() -> str:
 
 def new_owner_id() -> str:
     """Name this process as a run owner: host, pid and a random tag."""
+    import socket  # (with select and selectors: loaded when a run first needs an owner)
+
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-class RequestStatus(StrEnum):
-    """Where a request stands: ``open`` until answered, then ``answered``; ``used`` once a
-    resume applied it (in-doubt calls, breakpoints, loops); ``expired`` if nobody answered it
-    in time; ``closed`` if the run completed without asking it again."""
-
-    OPEN = "open"
-    ANSWERED = "answered"
-    USED = "used"
-    EXPIRED = "expired"
-    CLOSED = "closed"
-
-
-class RequestKind(StrEnum):
-    """What a request asks a person (see :mod:`orchestra.safeguards.interrupts`)."""
-
-    APPROVAL = "approval"
-    QUESTION = "question"
-    CONFLICT = "conflict"
-    BEFORE = "before"
-    AFTER = "after"
-    LOOP = "loop"
-    IN_DOUBT = "in_doubt"
-
-
-class LedgerStatus(StrEnum):
-    """A ledger entry is ``started`` (an irreversible call, written before it runs) or
-    ``done`` (its result is recorded)."""
-
-    STARTED = "started"
-    DONE = "done"
-
-
-class LedgerKind(StrEnum):
-    """What a ledger entry records: a model call, a tool call, or an arbitration decision."""
-
-    MODEL = "model"
-    TOOL = "tool"
-    ARBITRATION = "arbitration"
-
-
-def expired(expires_at: float | None, now: float) -> bool:
-    """Tell whether something that expires at ``expires_at`` (None: never) has, at ``now``."""
-    return expires_at is not None and expires_at <= now
 
 
 _MemberT = TypeVar("_MemberT", bound=StrEnum)

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from ..._json import loads_object
 from ...context import Caller
 from ...errors import RequestExpiredError, ToolArgumentsError
-from ...events import ApprovalDecided, ApprovalDecision
+from ...events import ApprovalDecided
+from ...kinds import ApprovalDecision
 from ...models.base import ToolCall
 from ...safeguards.interrupts import AnswerKind, Request, StepInterrupted, request_id
 from ...store.base import RequestKind, RequestStatus, expired
