@@ -22,9 +22,9 @@ from ..runs.answers import answer_requests, check_answers
 from ..safeguards.interrupts import Abort, Approve, Done, Edit, Reject, Request, Retry
 from ..store.base import RequestKind, RequestRow, RequestStatus, RunRecord
 from .control import check_resumable, report_resumed, resume_loaded
-from .database import Settings, _db_path, _json_option, _run, find_run, open_store
+from .database import Settings, db_path, find_run, json_option, open_store, run
 from .loading import AppLoadError, load_app
-from .output import _echo_json, _print
+from .output import echo_json, print_renderables
 from .requests import (
     answer_commands,
     format_recorded,
@@ -58,7 +58,7 @@ JSON = _JSON()
 
 @click.command()
 @click.option("--run", "run_id", metavar="RUN", help="Only this run's requests.")
-@_json_option
+@json_option
 @click.pass_obj
 def pending(settings: Settings, run_id: str | None, as_json: bool) -> None:
     """List the open requests of every run (or one): what each asks and how old it is.
@@ -74,11 +74,11 @@ def pending(settings: Settings, run_id: str | None, as_json: bool) -> None:
             rows = await store.requests(None if record is None else record.run_id)
             return record, rows
 
-    record, rows = _run(work)
+    record, rows = run(work)
     now = time.time()
     requests = [stored_request(row) for row in rows]
     if as_json:
-        _echo_json([request_json(request, now) for request in requests])
+        echo_json([request_json(request, now) for request in requests])
         return
     where = f"run {record.run_id}" if record is not None else str(settings.db)
     if not requests:
@@ -86,7 +86,7 @@ def pending(settings: Settings, run_id: str | None, as_json: bool) -> None:
         return
     count = len(requests)
     title = f"{count} open request{'' if count == 1 else 's'} in {where}"
-    _print(requests_table(requests, now, title=title, runs=record is None))
+    print_renderables(requests_table(requests, now, title=title, runs=record is None))
     live = [request for request in requests if not request.expired(now)]
     if len(live) < len(requests):
         click.echo(
@@ -332,7 +332,7 @@ def _answer(
     allow_graph_change: bool,
 ) -> None:
     """Check and record one answer; say what is still open; resume if asked to."""
-    path = _db_path(settings)
+    path = db_path(settings)
 
     async def work() -> tuple[
         Request, dict[str, Any], list[Request], RunRecord, RunOutcome[Any] | None
@@ -377,7 +377,7 @@ def _answer(
             )
         return request, said, [stored_request(r) for r in still], record, outcome
 
-    request, said, still, record, outcome = _run(work)
+    request, said, still, record, outcome = run(work)
     if outcome is not None:
         report_resumed(settings, outcome, record.step)
         return

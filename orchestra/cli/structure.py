@@ -6,7 +6,7 @@ import click
 
 from .graphs import check_graph, report_json, report_lines
 from .loading import load_app
-from .output import _echo_json
+from .output import echo_json
 
 __all__ = ("graph_group",)
 
@@ -38,7 +38,7 @@ def check(app_ref: str, limit: int, as_json: bool) -> None:
     """
     report = check_graph(load_app(app_ref), app_ref, limit=limit)
     if as_json:
-        _echo_json(report_json(report))
+        echo_json(report_json(report))
         return
     for line in report_lines(report):
         click.echo(line)
