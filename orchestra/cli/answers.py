@@ -22,7 +22,7 @@ from ..safeguards.interrupts import Request
 from ..store.base import RequestRow, RequestStatus, RunRecord
 from .control import check_resumable, report_resumed, resume_loaded
 from .database import Settings, db_path, find_run, json_option, open_store, run
-from .loading import AppLoadError, load_app
+from .loading import AppLoadError, app_reference, load_app
 from .output import echo_json, print_renderables
 from .requests import format_recorded, request_json, requests_table, stored_request, verbs_hint
 from .verbs import (
@@ -339,12 +339,10 @@ def _load(
     """Load the run's app (``--app``, or the reference stored with the run). When it cannot
     be loaded: an error saying what ``need``s it, or (``need`` None: the answer can be
     checked without it) a note on stderr."""
-    ref = app_ref or record.app_ref
-    if ref is None:
-        problem = (
-            f"run {record.run_id} has no stored app reference (its graph was not a "
-            f"module-level attribute); pass --app module:attribute"
-        )
+    try:
+        ref = app_reference(record, app_ref)
+    except AppLoadError as exc:
+        problem = exc.message
     else:
         try:
             return load_app(ref, stored=app_ref is None), ref

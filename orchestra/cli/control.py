@@ -34,7 +34,7 @@ from .database import (
     run_id_argument,
 )
 from .format import format_age, format_outcome_error, format_resumed
-from .loading import load_app, resume_store
+from .loading import app_reference, load_app, resume_store
 from .output import echo_json
 from .records import format_abort, owner_gone, run_status
 
@@ -80,12 +80,7 @@ def resume(settings: Settings, run_id: str, app_ref: str | None, allow_graph_cha
             record = await find_run(store, run_id)
             stopped = await store.stop_all_reason()
         check_resumable(record, stopped)
-        ref = app_ref or record.app_ref
-        if ref is None:
-            raise click.ClickException(
-                f"run {record.run_id} has no stored app reference (its graph was not a "
-                f"module-level attribute); pass --app module:attribute"
-            )
+        ref = app_reference(record, app_ref)
         app = load_app(ref, stored=app_ref is None)
         outcome = await resume_loaded(app, ref, path, record, allow_graph_change=allow_graph_change)
         return outcome, record.step
