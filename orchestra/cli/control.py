@@ -33,7 +33,7 @@ from .database import (
     run,
     run_id_argument,
 )
-from .format import format_age, format_outcome_error, format_resumed
+from .format import format_age, format_outcome_error, format_resumed, format_stopped
 from .loading import app_reference, load_app, resume_store
 from .output import echo_json
 from .records import format_abort, owner_gone, run_status
@@ -185,10 +185,7 @@ def abort(settings: Settings, run_id: str, reason: str, wait: bool, timeout: flo
                         f"run {record.run_id} is still running after {timeout:g}s: its owner "
                         f"has not stopped it (`orchestra show {record.run_id}` tells more)"
                     )
-                problem = f": {record.reason}" if record.reason else ""
-                click.echo(
-                    f"run {record.run_id} stopped at step {record.step}: {record.status}{problem}"
-                )
+                click.echo(format_stopped(record.run_id, record.step, record.status, record.reason))
 
     run(work)
 

@@ -44,6 +44,7 @@ __all__ = (
     "format_outcome_error",
     "format_resumed",
     "format_state",
+    "format_stopped",
     "format_timestamp",
     "parse_duration",
     "plain_value",
@@ -103,8 +104,13 @@ def format_outcome_error(outcome: RunOutcome[Any]) -> str | None:
         return None
     if outcome.error is not None:
         return format_error(outcome.error)
-    reason = f": {outcome.stop_reason}" if outcome.stop_reason else ""
-    return f"run {outcome.run_id} stopped at step {outcome.steps}: {outcome.status}{reason}"
+    return format_stopped(outcome.run_id, outcome.steps, outcome.status, outcome.stop_reason)
+
+
+def format_stopped(run_id: str, step: int, status: RunStatus, reason: str | None) -> str:
+    """Say where a run stopped, and why: ``run R stopped at step 3: aborted: too slow``."""
+    why = f": {reason}" if reason else ""
+    return f"run {run_id} stopped at step {step}: {status}{why}"
 
 
 def plain_value(key: str, value: Any) -> str:
