@@ -266,9 +266,7 @@ def _answer(
     """Check and record one answer; say what is still open; resume if asked to."""
     path = db_path(settings)
 
-    async def work() -> tuple[
-        Request, dict[str, Any], list[Request], RunRecord, RunOutcome[Any] | None
-    ]:
+    async def work() -> tuple[str, list[Request], RunRecord, RunOutcome[Any] | None]:
         async with open_store(settings) as store:
             record = await find_run(store, run_id)
             rows = await store.requests(record.run_id, statuses=())
@@ -297,23 +295,22 @@ def _answer(
             still = await answer_requests(app, store, record.run_id, {request.id: given})
             rows = await store.requests(record.run_id, statuses=())
         said = next(loads_object(r.answer) for r in rows if r.request_id == request.id)
+        recorded = f"run {record.run_id}, request {request.id}: {format_recorded(request, said)}"
         outcome = None
         if resume:
             assert app is not None
             assert ref is not None
-            click.echo(
-                f"run {record.run_id}, request {request.id}: {format_recorded(request, said)}"
-            )
+            click.echo(recorded)
             outcome = await resume_loaded(
                 app, ref, path, record, allow_graph_change=allow_graph_change
             )
-        return request, said, [stored_request(r) for r in still], record, outcome
+        return recorded, [stored_request(r) for r in still], record, outcome
 
-    request, said, still, record, outcome = run(work)
+    recorded, still, record, outcome = run(work)
     if outcome is not None:
         report_resumed(settings, outcome, record.step)
         return
-    click.echo(f"run {record.run_id}, request {request.id}: {format_recorded(request, said)}")
+    click.echo(recorded)
     for line in _next_step(record.run_id, still):
         click.echo(line)
 
