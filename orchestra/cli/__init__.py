@@ -28,12 +28,12 @@ import click
 from .._version import __version__
 from . import answers, control, demo, inspection, maintenance, structure
 from .database import Settings
-from .output import _Group, logging_configured
+from .output import Group, logging_configured
 
 __all__ = ("main",)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(
     __version__, "-V", "--version", prog_name="orchestra", message="%(prog)s %(version)s"
 )

@@ -2,14 +2,13 @@
 
 Each answer verb checks its answer (against the request's schema, or the tool's) with the
 run's app, records it (all or nothing: a refused answer changes nothing) and says what is
-still open; ``--resume`` then resumes the run as ``orchestra resume`` does.
+still open; ``--resume`` then resumes the run as ``orchestra resume`` does. What each verb
+answers, built from its options, is :mod:`.verbs`.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -19,46 +18,30 @@ from ..app import CompiledGraph
 from ..errors import GraphChangedError
 from ..outcome import RunOutcome
 from ..runs.answers import answer_requests, check_answers
-from ..safeguards.interrupts import Abort, Approve, Done, Edit, Reject, Request, Retry
-from ..store.base import RequestKind, RequestRow, RequestStatus, RunRecord
+from ..safeguards.interrupts import Request
+from ..store.base import RequestRow, RequestStatus, RunRecord
 from .control import check_resumable, report_resumed, resume_loaded
-from .database import Settings, _db_path, _json_option, _run, find_run, open_store
-from .loading import AppLoadError, load_app
-from .output import _echo_json, _print
-from .requests import (
-    answer_commands,
-    format_recorded,
-    request_json,
-    requests_table,
-    stored_request,
-    verbs_hint,
+from .database import Settings, db_path, find_run, json_option, open_store, run
+from .loading import AppLoadError, app_reference, load_app
+from .output import echo_json, print_renderables
+from .requests import format_recorded, request_json, requests_table, stored_request, verbs_hint
+from .verbs import (
+    JSON,
+    Verb,
+    answer_for,
+    answer_verb,
+    approve_verb,
+    edit_verb,
+    reject_verb,
+    resolve_verb,
 )
 
 __all__ = ("answer", "approve", "edit", "pending", "reject", "resolve")
 
 
-class _JSON(click.ParamType):
-    """An option whose value is JSON text (bad JSON is a usage error, like a bad number)."""
-
-    name = "JSON"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if not isinstance(value, str):
-            return value
-        try:
-            return json.loads(value)
-        except ValueError as exc:
-            # a bare word was most likely meant as a string
-            quote = "; a string needs its quotes, e.g. '\"yes\"'" if value[:1].isalpha() else ""
-            self.fail(f"{value!r:.80} is not JSON: {exc}{quote}", param, ctx)
-
-
-JSON = _JSON()
-
-
 @click.command()
 @click.option("--run", "run_id", metavar="RUN", help="Only this run's requests.")
-@_json_option
+@json_option
 @click.pass_obj
 def pending(settings: Settings, run_id: str | None, as_json: bool) -> None:
     """List the open requests of every run (or one): what each asks and how old it is.
@@ -74,11 +57,11 @@ def pending(settings: Settings, run_id: str | None, as_json: bool) -> None:
             rows = await store.requests(None if record is None else record.run_id)
             return record, rows
 
-    record, rows = _run(work)
+    record, rows = run(work)
     now = time.time()
     requests = [stored_request(row) for row in rows]
     if as_json:
-        _echo_json([request_json(request, now) for request in requests])
+        echo_json([request_json(request, now) for request in requests])
         return
     where = f"run {record.run_id}" if record is not None else str(settings.db)
     if not requests:
@@ -86,7 +69,7 @@ def pending(settings: Settings, run_id: str | None, as_json: bool) -> None:
         return
     count = len(requests)
     title = f"{count} open request{'' if count == 1 else 's'} in {where}"
-    _print(requests_table(requests, now, title=title, runs=record is None))
+    print_renderables(requests_table(requests, now, title=title, runs=record is None))
     live = [request for request in requests if not request.expired(now)]
     if len(live) < len(requests):
         click.echo(
@@ -104,20 +87,6 @@ def pending(settings: Settings, run_id: str | None, as_json: bool) -> None:
 
 
 # -- the answer verbs -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Verb:
-    """What one answer verb gives: its answer, the kinds of request it answers, and
-    whether checking the answer needs the run's app (without it: a note, checked anyway)."""
-
-    name: str
-    answer: Any
-    kinds: tuple[RequestKind, ...]
-    needs_app: bool
-
-
-_GO_ON_OR_STOP = (RequestKind.APPROVAL, RequestKind.LOOP, RequestKind.BEFORE, RequestKind.AFTER)
 
 
 def _request_arguments(command: Any) -> Any:
@@ -161,7 +130,7 @@ def approve(
     Also lets a run stopped at a breakpoint or a suspected loop go on. The answer is
     recorded; `orchestra resume RUN` (or --resume) continues the run.
     """
-    verb = _Verb(name="approve", answer=Approve(), kinds=_GO_ON_OR_STOP, needs_app=False)
+    verb = approve_verb()
     _answer(settings, run_id, request_id, verb, app_ref, resume, allow_graph_change)
 
 
@@ -183,7 +152,7 @@ def reject(
 
     For a breakpoint or a suspected loop: stop the run (status aborted).
     """
-    verb = _Verb(name="reject", answer=Reject(reason), kinds=_GO_ON_OR_STOP, needs_app=False)
+    verb = reject_verb(reason)
     _answer(settings, run_id, request_id, verb, app_ref, resume, allow_graph_change)
 
 
@@ -213,14 +182,7 @@ def edit(
     is loaded for it); the agent is told its call was changed. E.g.
     `orchestra edit RUN REQ --args '{"order_id": "42", "amount": 20}'`.
     """
-    if not isinstance(arguments, dict):
-        raise click.BadParameter(
-            f"the call's arguments are a JSON object (name: value), got {type(arguments).__name__}",
-            param_hint="'--args'",
-        )
-    verb = _Verb(
-        name="edit", answer=Edit(arguments=arguments), kinds=(RequestKind.APPROVAL,), needs_app=True
-    )
+    verb = edit_verb(arguments)
     _answer(settings, run_id, request_id, verb, app_ref, resume, allow_graph_change)
 
 
@@ -251,12 +213,7 @@ def answer(
     `--json '{"carrier": "ups", "days": 2}'`, `--json '"yes"'`. A conflict takes the keys
     of the calls that run, in order: `--json '{"run": ["billing#1"]}'`; the others lose.
     """
-    verb = _Verb(
-        name="answer",
-        answer=value,
-        kinds=(RequestKind.QUESTION, RequestKind.CONFLICT),
-        needs_app=True,
-    )
+    verb = answer_verb(value)
     _answer(settings, run_id, request_id, verb, app_ref, resume, allow_graph_change)
 
 
@@ -293,32 +250,7 @@ def resolve(
     (it took effect; --result is what it returned), --retry (it did not: run it again) or
     --abort (stop the run; also stops a run at a breakpoint or a suspected loop).
     """
-    chosen = [name for name, on in (("--done", done), ("--retry", retry), ("--abort", abort)) if on]
-    if len(chosen) != 1:
-        got = f" (got {' and '.join(chosen)})" if chosen else ""
-        raise click.UsageError(f"give one of --done, --retry or --abort{got}")
-    if result is not None and not done:
-        raise click.UsageError("--result goes with --done")
-    if reason is not None and not abort:
-        raise click.UsageError("--reason goes with --abort")
-    if done:
-        verb = _Verb(
-            name="resolve --done",
-            answer=Done(result),
-            kinds=(RequestKind.IN_DOUBT,),
-            needs_app=True,
-        )
-    elif retry:
-        verb = _Verb(
-            name="resolve --retry", answer=Retry(), kinds=(RequestKind.IN_DOUBT,), needs_app=False
-        )
-    else:
-        verb = _Verb(
-            name="resolve --abort",
-            answer=Abort(reason) if reason is not None else Abort(),
-            kinds=(RequestKind.IN_DOUBT, RequestKind.LOOP, RequestKind.BEFORE, RequestKind.AFTER),
-            needs_app=False,
-        )
+    verb = resolve_verb(done=done, result=result, retry=retry, abort=abort, reason=reason)
     _answer(settings, run_id, request_id, verb, app_ref, resume, allow_graph_change)
 
 
@@ -326,17 +258,15 @@ def _answer(
     settings: Settings,
     run_id: str,
     request_id: str,
-    verb: _Verb,
+    verb: Verb,
     app_ref: str | None,
     resume: bool,
     allow_graph_change: bool,
 ) -> None:
     """Check and record one answer; say what is still open; resume if asked to."""
-    path = _db_path(settings)
+    path = db_path(settings)
 
-    async def work() -> tuple[
-        Request, dict[str, Any], list[Request], RunRecord, RunOutcome[Any] | None
-    ]:
+    async def work() -> tuple[str, list[Request], RunRecord, RunOutcome[Any] | None]:
         async with open_store(settings) as store:
             record = await find_run(store, run_id)
             rows = await store.requests(record.run_id, statuses=())
@@ -352,7 +282,7 @@ def _answer(
                 await check_answers(None, store, record.run_id, {known: verb.answer})
         assert row is not None
         request = stored_request(row)
-        given = _answer_for(verb, request)
+        given = answer_for(verb, request)
         if resume:  # refused before anything is recorded
             check_resumable(record, stopped)
         need = "this answer is checked with" if verb.needs_app else "--resume needs"
@@ -365,23 +295,22 @@ def _answer(
             still = await answer_requests(app, store, record.run_id, {request.id: given})
             rows = await store.requests(record.run_id, statuses=())
         said = next(loads_object(r.answer) for r in rows if r.request_id == request.id)
+        recorded = f"run {record.run_id}, request {request.id}: {format_recorded(request, said)}"
         outcome = None
         if resume:
             assert app is not None
             assert ref is not None
-            click.echo(
-                f"run {record.run_id}, request {request.id}: {format_recorded(request, said)}"
-            )
+            click.echo(recorded)
             outcome = await resume_loaded(
                 app, ref, path, record, allow_graph_change=allow_graph_change
             )
-        return request, said, [stored_request(r) for r in still], record, outcome
+        return recorded, [stored_request(r) for r in still], record, outcome
 
-    request, said, still, record, outcome = _run(work)
+    recorded, still, record, outcome = run(work)
     if outcome is not None:
         report_resumed(settings, outcome, record.step)
         return
-    click.echo(f"run {record.run_id}, request {request.id}: {format_recorded(request, said)}")
+    click.echo(recorded)
     for line in _next_step(record.run_id, still):
         click.echo(line)
 
@@ -401,48 +330,16 @@ def _find_request(rows: list[RequestRow], request_id: str) -> RequestRow | None:
     return matches[0] if matches else None
 
 
-def _answer_for(verb: _Verb, request: Request) -> Any:
-    """Refuse a verb that does not answer this kind of request (naming the ones that do);
-    return the answer, shaped for the request."""
-    if request.kind not in verb.kinds:
-        commands = answer_commands(request, example=False)
-        quoted = [f"`{c}`" for c in commands]
-        listed = (
-            ", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else "".join(quoted)
-        )
-        how = f"answer it with {listed}" if commands else "this version cannot answer it"
-        article = "an" if request.kind[:1] in ("a", "e", "i", "o", "u") else "a"
-        raise click.ClickException(
-            f"`orchestra {verb.name}` does not answer request {request.id} of run "
-            f"{request.run_id}: it is {article} {request.kind} request ({request.describe()}); "
-            f"{how}"
-        )
-    if request.kind == RequestKind.CONFLICT:
-        value = verb.answer
-        keys = [str(call.get("key")) for call in request.payload.get("calls") or ()]
-        if not (
-            isinstance(value, dict) and set(value) == {"run"} and isinstance(value["run"], list)
-        ):
-            raise click.ClickException(
-                f"run {request.run_id}, request {request.id}: a conflict is answered with "
-                f"--json '{{\"run\": [KEY, ...]}}', the keys of the calls that run in order "
-                f"(its calls: {', '.join(keys)}), got {json.dumps(value):.80}"
-            )
-    return verb.answer
-
-
 def _load(
     record: RunRecord, app_ref: str | None, *, need: str | None
 ) -> tuple[CompiledGraph[Any] | None, str | None]:
     """Load the run's app (``--app``, or the reference stored with the run). When it cannot
     be loaded: an error saying what ``need``s it, or (``need`` None: the answer can be
     checked without it) a note on stderr."""
-    ref = app_ref or record.app_ref
-    if ref is None:
-        problem = (
-            f"run {record.run_id} has no stored app reference (its graph was not a "
-            f"module-level attribute); pass --app module:attribute"
-        )
+    try:
+        ref = app_reference(record, app_ref)
+    except AppLoadError as exc:
+        problem = exc.message
     else:
         try:
             return load_app(ref, stored=app_ref is None), ref

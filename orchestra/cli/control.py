@@ -26,16 +26,16 @@ from .budgets import (
 )
 from .database import (
     Settings,
-    _db_path,
-    _json_option,
-    _run,
-    _run_id_argument,
+    db_path,
     find_run,
+    json_option,
     open_store,
+    run,
+    run_id_argument,
 )
-from .format import format_age, format_outcome_error, format_resumed
-from .loading import load_app, resume_store
-from .output import _echo_json
+from .format import format_age, format_outcome_error, format_resumed, format_stopped
+from .loading import app_reference, load_app, resume_store
+from .output import echo_json
 from .records import format_abort, owner_gone, run_status
 
 __all__ = (
@@ -51,7 +51,7 @@ __all__ = (
 
 
 @click.command()
-@_run_id_argument
+@run_id_argument
 @click.option(
     "--app",
     "app_ref",
@@ -72,7 +72,7 @@ def resume(settings: Settings, run_id: str, app_ref: str | None, allow_graph_cha
     directory the app ran in) or from --app, bound to --db, and resumed. A crashed run's
     lease must expire first. Exits 1 unless the run completes.
     """
-    path = _db_path(settings)
+    path = db_path(settings)
 
     async def work() -> tuple[RunOutcome[Any], int]:
         # the store refuses all of these too; checking first keeps the app unimported
@@ -80,17 +80,12 @@ def resume(settings: Settings, run_id: str, app_ref: str | None, allow_graph_cha
             record = await find_run(store, run_id)
             stopped = await store.stop_all_reason()
         check_resumable(record, stopped)
-        ref = app_ref or record.app_ref
-        if ref is None:
-            raise click.ClickException(
-                f"run {record.run_id} has no stored app reference (its graph was not a "
-                f"module-level attribute); pass --app module:attribute"
-            )
+        ref = app_reference(record, app_ref)
         app = load_app(ref, stored=app_ref is None)
         outcome = await resume_loaded(app, ref, path, record, allow_graph_change=allow_graph_change)
         return outcome, record.step
 
-    outcome, from_step = _run(work)
+    outcome, from_step = run(work)
     report_resumed(settings, outcome, from_step)
 
 
@@ -152,7 +147,7 @@ def _refuse_live_owner(record: RunRecord, now: float) -> None:
 
 
 @click.command()
-@_run_id_argument
+@run_id_argument
 @click.option("--reason", required=True, help="Why: recorded with the run and its events.")
 @click.option("--wait", is_flag=True, help="Wait until the run has stopped; print its status.")
 @click.option(
@@ -190,12 +185,9 @@ def abort(settings: Settings, run_id: str, reason: str, wait: bool, timeout: flo
                         f"run {record.run_id} is still running after {timeout:g}s: its owner "
                         f"has not stopped it (`orchestra show {record.run_id}` tells more)"
                     )
-                problem = f": {record.reason}" if record.reason else ""
-                click.echo(
-                    f"run {record.run_id} stopped at step {record.step}: {record.status}{problem}"
-                )
+                click.echo(format_stopped(record.run_id, record.step, record.status, record.reason))
 
-    _run(work)
+    run(work)
 
 
 async def wait_until_stopped(
@@ -223,14 +215,14 @@ def stop_all(settings: Settings, reason: str, release: bool, yes: bool) -> None:
     Until `orchestra stop-all --release`, starting or resuming any run on this database
     fails with a clear error. Runs stopped this way can be resumed after the release.
     """
-    path = _db_path(settings)
+    path = db_path(settings)
     if release:
 
         async def lift() -> bool:
             async with open_store(settings) as store:
                 return await store.release_stop_all()
 
-        was = _run(lift)
+        was = run(lift)
         click.echo(
             "stop-all released: runs may start again" if was else "stop-all was not in force"
         )
@@ -256,7 +248,7 @@ def stop_all(settings: Settings, reason: str, release: bool, yes: bool) -> None:
                 results.append((await store.get_run(run_id), status, gone))
             return results
 
-    results = _run(work)
+    results = run(work)
     now = time.time()
     click.echo(
         f"stop-all in force ({reason}): {len(results)} running "
@@ -287,7 +279,7 @@ def _budget_options(command: Any) -> Any:
 
 
 @click.command()
-@_run_id_argument
+@run_id_argument
 @_budget_options
 @click.option(
     "--agent",
@@ -295,7 +287,7 @@ def _budget_options(command: Any) -> Any:
     help="Change this agent's own budget instead of the run's.",
 )
 @click.option("--reason", help="Why: recorded with the run's events.")
-@_json_option
+@json_option
 @click.pass_obj
 def budget(
     settings: Settings,
@@ -337,9 +329,9 @@ def budget(
                 record = await store.set_budget(record.run_id, stored, reason=reason)
             return record, changed, result
 
-    record, changed, result = _run(work)
+    record, changed, result = run(work)
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "run_id": record.run_id,
                 "agent": agent,

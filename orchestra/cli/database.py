@@ -19,7 +19,16 @@ from ..errors import RunNotFoundError
 from ..store.base import OperatorStore, RunRecord
 from ..store.sqlite import SQLiteStore
 
-__all__ = ("Settings", "find_run", "open_database", "open_store")
+__all__ = (
+    "Settings",
+    "db_path",
+    "find_run",
+    "json_option",
+    "open_database",
+    "open_store",
+    "run",
+    "run_id_argument",
+)
 
 T = TypeVar("T")
 
@@ -32,7 +41,8 @@ class Settings:
     verbose: bool = False
 
 
-def _db_path(settings: Settings) -> Path:
+def db_path(settings: Settings) -> Path:
+    """Return the ``--db`` path, or fail (one line) when it is not given or does not exist."""
     if settings.db is None:
         raise click.ClickException("no run database: pass --db PATH or set ORCHESTRA_DB")
     if not settings.db.exists():
@@ -55,7 +65,7 @@ async def open_store(settings: Settings) -> AsyncIterator[OperatorStore]:
 async def open_database(settings: Settings) -> AsyncIterator[SQLiteStore]:
     """Open the ``--db`` file as a SQLiteStore, for what only the file has (its size,
     VACUUM, the integrity check, the schema version)."""
-    store = SQLiteStore(_db_path(settings))
+    store = SQLiteStore(db_path(settings))
     try:
         store.conn  # noqa: B018 - open now, so a bad file fails before anything else
         yield store
@@ -63,7 +73,8 @@ async def open_database(settings: Settings) -> AsyncIterator[SQLiteStore]:
         await store.aclose()
 
 
-def _run(fn: Callable[[], Awaitable[T]]) -> T:
+def run(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a command's async work to completion and return its result."""
     return anyio.run(fn)
 
 
@@ -86,5 +97,5 @@ async def find_run(store: OperatorStore, run_id: str) -> RunRecord:
         ) from None
 
 
-_run_id_argument = click.argument("run_id", metavar="RUN")
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead.")
+run_id_argument = click.argument("run_id", metavar="RUN")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead.")

@@ -31,6 +31,7 @@ from ..events import (
 from ..outcome import RunOutcome, RunStatus
 
 __all__ = (
+    "STORED_STYLE",
     "ProgressView",
     "StepRow",
     "format_age",
@@ -43,8 +44,10 @@ __all__ = (
     "format_outcome_error",
     "format_resumed",
     "format_state",
+    "format_stopped",
     "format_timestamp",
     "parse_duration",
+    "plain_value",
     "progress_table",
     "summary_panel",
 )
@@ -58,7 +61,7 @@ _STATUS_STYLE = {
     RunStatus.LOOP_DETECTED: "yellow",
     RunStatus.FAILED: "red",
 }
-_STORED_STYLE = {str(status): style for status, style in _STATUS_STYLE.items()}
+STORED_STYLE = {str(status): style for status, style in _STATUS_STYLE.items()}
 _SECONDS_FIELDS = frozenset({"duration", "delay"})
 _UNPRINTED = frozenset({"run_id", "at", "outcome"})
 _KIND_WIDTH = 15
@@ -101,11 +104,17 @@ def format_outcome_error(outcome: RunOutcome[Any]) -> str | None:
         return None
     if outcome.error is not None:
         return format_error(outcome.error)
-    reason = f": {outcome.stop_reason}" if outcome.stop_reason else ""
-    return f"run {outcome.run_id} stopped at step {outcome.steps}: {outcome.status}{reason}"
+    return format_stopped(outcome.run_id, outcome.steps, outcome.status, outcome.stop_reason)
 
 
-def _plain_value(key: str, value: Any) -> str:
+def format_stopped(run_id: str, step: int, status: RunStatus, reason: str | None) -> str:
+    """Say where a run stopped, and why: ``run R stopped at step 3: aborted: too slow``."""
+    why = f": {reason}" if reason else ""
+    return f"run {run_id} stopped at step {step}: {status}{why}"
+
+
+def plain_value(key: str, value: Any) -> str:
+    """Return an event field's value as ``key=value`` prints it: seconds, lists, quoted text."""
     if key in _SECONDS_FIELDS and isinstance(value, int | float):
         return f"{value:.2f}s"
     if isinstance(value, list | tuple):
@@ -131,7 +140,7 @@ def format_event(event: Event) -> str:
             continue
         if (key, value) in (("task", 0), ("attempts", 1)):
             continue
-        parts.append(f"{key}={_plain_value(key, value)}")
+        parts.append(f"{key}={plain_value(key, value)}")
     kind = event.kind
     if isinstance(event, RunFinished) and event.outcome is not None:
         parts.append(f"wall={format_duration(event.outcome.usage.wall_seconds)}")

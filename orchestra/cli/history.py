@@ -15,7 +15,7 @@ from .._json import loads_object, loads_or_text
 from ..store.base import CheckpointRow, EventRow
 from ..tools import CallStatus
 from .budgets import format_budget_diff
-from .format import _STORED_STYLE, _plain_value, format_duration, format_nodes, format_timestamp
+from .format import STORED_STYLE, format_duration, format_nodes, format_timestamp, plain_value
 from .requests import format_answer, format_call
 
 __all__ = (
@@ -24,6 +24,7 @@ __all__ = (
     "checkpoint_info",
     "checkpoint_json",
     "checkpoints_table",
+    "event_data",
     "timeline",
     "timeline_table",
 )
@@ -42,7 +43,8 @@ class TimelineEntry:
     style: str = ""
 
 
-def _event_data(row: EventRow) -> dict[str, Any]:
+def event_data(row: EventRow) -> dict[str, Any]:
+    """Return a stored event's data as a dict (data that is not an object, under ``data``)."""
     data = loads_or_text(row.data)
     return data if isinstance(data, dict) else {"data": data}
 
@@ -65,7 +67,7 @@ def _run_event_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
             step=data.get("steps", step),
             what=f"run {status}",
             notes=str(data.get("error") or data.get("reason") or ""),
-            style=f"bold {_STORED_STYLE.get(status, '')}".strip(),
+            style=f"bold {STORED_STYLE.get(status, '')}".strip(),
         )
     if row.kind == "abort_requested":
         return TimelineEntry(
@@ -102,7 +104,7 @@ def _run_event_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
             what=f"forked from {data.get('from_run')} at step {data.get('from_step')}",
             style="bold",
         )
-    notes = " ".join(f"{k}={_plain_value(k, v)}" for k, v in data.items() if k != "step")
+    notes = " ".join(f"{k}={plain_value(k, v)}" for k, v in data.items() if k != "step")
     return TimelineEntry(at=row.at, step=step, what=row.kind, notes=notes)
 
 
@@ -224,7 +226,7 @@ def timeline(events: Sequence[EventRow]) -> list[TimelineEntry]:
     entries: list[TimelineEntry] = []
     steps: dict[int, _StepEvents] = {}
     for row in events:
-        data = _event_data(row)
+        data = event_data(row)
         if row.kind in ("model_called", "tool_called"):
             entries.append(_call_entry(row, data))
             continue

@@ -11,17 +11,17 @@ from rich.text import Text
 
 from ..outcome import RunStatus
 from ..store.base import CheckpointRow, EventRow, RequestRow, RunRecord
-from .database import Settings, _json_option, _run, _run_id_argument, find_run, open_store
+from .database import Settings, find_run, json_option, open_store, run, run_id_argument
 from .format import format_bytes
 from .history import (
-    _event_data,
     checkpoint_info,
     checkpoint_json,
     checkpoints_table,
+    event_data,
     timeline,
     timeline_table,
 )
-from .output import _echo_json, _print
+from .output import echo_json, print_renderables
 from .records import RUN_STATUSES, format_stop_all, owner_gone, run_json, run_summary, runs_table
 from .requests import answer_hint, request_json, requests_table, stored_request
 
@@ -43,7 +43,7 @@ __all__ = ("checkpoints", "runs", "show")
     show_default=True,
     help="Show at most this many runs, newest first.",
 )
-@_json_option
+@json_option
 @click.pass_obj
 def runs(settings: Settings, statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
     """List runs, newest first: status, step, age and who owns them.
@@ -58,7 +58,7 @@ def runs(settings: Settings, statuses: tuple[str, ...], limit: int, as_json: boo
             records = await store.list_runs(statuses=wanted, limit=limit + 1)
             return records, await store.stop_all_reason()
 
-    records, stopped = _run(work)
+    records, stopped = run(work)
     now = time.time()
     more = len(records) > limit
     records = records[:limit]
@@ -66,20 +66,20 @@ def runs(settings: Settings, statuses: tuple[str, ...], limit: int, as_json: boo
         click.echo(f"Warning: {format_stop_all(stopped)}", err=True)
     gone = {r.owner for r in records if r.owner is not None and owner_gone(r.owner)}
     if as_json:
-        _echo_json([run_json(r, now, gone=r.owner in gone) for r in records])
+        echo_json([run_json(r, now, gone=r.owner in gone) for r in records])
         return
     if not records:
         which = f" with status {' or '.join(statuses)}" if statuses else ""
         click.echo(f"no runs{which} in {settings.db}")
         return
-    _print(runs_table(records, now, gone=gone))
+    print_renderables(runs_table(records, now, gone=gone))
     if more:
         click.echo(f"(newest {limit} shown; --limit shows more)")
 
 
 @click.command()
-@_run_id_argument
-@_json_option
+@run_id_argument
+@json_option
 @click.pass_obj
 def show(settings: Settings, run_id: str, as_json: bool) -> None:
     """Show a run: status, owner, usage, open requests and a timeline of its steps, model
@@ -91,19 +91,19 @@ def show(settings: Settings, run_id: str, as_json: bool) -> None:
             events = await store.events(record.run_id)
             return record, events, await store.requests(record.run_id)
 
-    record, events, rows = _run(work)
+    record, events, rows = run(work)
     now = time.time()
     gone = owner_gone(record.owner)
     entries = timeline(events)
     requests = [stored_request(row) for row in rows]
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "run": run_json(record, now, gone=gone),
                 "requests": [request_json(request) for request in requests],
                 "timeline": [asdict(entry) for entry in entries],
                 "events": [
-                    {"step": e.step, "kind": e.kind, "at": e.at, "data": _event_data(e)}
+                    {"step": e.step, "kind": e.kind, "at": e.at, "data": event_data(e)}
                     for e in events
                 ],
             }
@@ -113,7 +113,7 @@ def show(settings: Settings, run_id: str, as_json: bool) -> None:
     if requests:
         hint = answer_hint(record.run_id, requests, record.app_ref)
         waiting = [requests_table(requests, now), NewLine(), Text("\n".join(hint)), NewLine()]
-    _print(
+    print_renderables(
         run_summary(record, events, now, gone=gone),
         "",
         *waiting,
@@ -122,8 +122,8 @@ def show(settings: Settings, run_id: str, as_json: bool) -> None:
 
 
 @click.command()
-@_run_id_argument
-@_json_option
+@run_id_argument
+@json_option
 @click.pass_obj
 def checkpoints(settings: Settings, run_id: str, as_json: bool) -> None:
     """List a run's checkpoints: kind, size, changed fields, next tasks."""
@@ -133,11 +133,11 @@ def checkpoints(settings: Settings, run_id: str, as_json: bool) -> None:
             record = await find_run(store, run_id)
             return record, await store.checkpoints(record.run_id)
 
-    record, rows = _run(work)
+    record, rows = run(work)
     infos = [checkpoint_info(row) for row in rows]
     if as_json:
-        _echo_json([checkpoint_json(info) for info in infos])
+        echo_json([checkpoint_json(info) for info in infos])
         return
     total = sum(info.size for info in infos)
-    _print(checkpoints_table(infos))
+    print_renderables(checkpoints_table(infos))
     click.echo(f"{len(infos)} checkpoints of run {record.run_id}, {format_bytes(total)} in all")

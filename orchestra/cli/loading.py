@@ -15,14 +15,27 @@ import click
 
 from ..app import CompiledGraph
 from ..graph import Graph
+from ..store.base import RunRecord
 from ..store.sqlite import SQLiteStore
 from .format import format_error
 
-__all__ = ("AppLoadError", "load_app", "resume_store")
+__all__ = ("AppLoadError", "app_reference", "load_app", "resume_store")
 
 
 class AppLoadError(click.ClickException):
     """The app of a run cannot be imported (a CLI error: one line, exit code 1)."""
+
+
+def app_reference(record: RunRecord, app_ref: str | None) -> str:
+    """Return the app reference a run command loads: ``--app``, else the one stored with
+    the run (an AppLoadError when there is neither)."""
+    ref = app_ref or record.app_ref
+    if ref is None:
+        raise AppLoadError(
+            f"run {record.run_id} has no stored app reference (its graph was not a "
+            f"module-level attribute); pass --app module:attribute"
+        )
+    return ref
 
 
 def load_app(ref: str, *, stored: bool = False) -> CompiledGraph[Any]:

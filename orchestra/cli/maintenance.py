@@ -13,16 +13,16 @@ from ..runs.fork import fork_run
 from ..store.base import RunRecord
 from ..store.base import new_run_id as _new_run_id
 from ..store.sqlite import SQLiteStore
-from .database import Settings, _run, _run_id_argument, find_run, open_database, open_store
+from .database import Settings, find_run, open_database, open_store, run, run_id_argument
 from .format import format_age, format_bytes, parse_duration
-from .output import _print
+from .output import print_renderables
 from .records import RUN_STATUSES, format_prune, format_run_counts, runs_table
 
 __all__ = ("check", "db_group", "fork", "prune", "vacuum")
 
 
 @click.command()
-@_run_id_argument
+@run_id_argument
 @click.option(
     "--step",
     type=click.IntRange(min=0),
@@ -49,7 +49,7 @@ def fork(settings: Settings, run_id: str, step: int, new_run_id: str | None) -> 
                 )
             return await fork_run(store, record.run_id, step, new_run_id or _new_run_id())
 
-    record = _run(work)
+    record = run(work)
     click.echo(
         f"forked run {record.parent_run_id} at step {step} into {record.run_id} "
         f"(status {record.status})"
@@ -110,14 +110,14 @@ def prune(
             runs = await store.list_runs(statuses=wanted)
             return [r for r in runs if r.updated_at < cutoff]
 
-    doomed = _run(candidates)
+    doomed = run(candidates)
     if not doomed:
         click.echo(f"no runs to prune ({which})")
         return
     count = f"{len(doomed)} run{'' if len(doomed) == 1 else 's'}"
     if dry_run:
         click.echo(f"would delete {count} ({which}):")
-        _print(runs_table(doomed, time.time()))
+        print_renderables(runs_table(doomed, time.time()))
         return
     if not yes:
         click.confirm(f"Delete {count} ({which}) from {settings.db}?", abort=True)
@@ -131,7 +131,7 @@ def prune(
             checkpointed = vacuum(store)
             return format_prune(removed, before, store.file_size(), checkpointed=checkpointed)
 
-    click.echo(_run(work))
+    click.echo(run(work))
 
 
 def vacuum(store: SQLiteStore) -> bool:
@@ -170,7 +170,7 @@ def check(settings: Settings) -> None:
                 store.file_size(),
             )
 
-    version, integrity, stopped, records, size = _run(work)
+    version, integrity, stopped, records, size = run(work)
     now = time.time()
     click.echo(f"database   {settings.db} ({format_bytes(size)})")
     click.echo(f"schema     {version}")

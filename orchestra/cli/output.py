@@ -30,7 +30,14 @@ from ..outcome import RunOutcome
 from .database import Settings
 from .format import ProgressView, format_error, format_event, format_state, summary_panel
 
-__all__ = ("logging_configured", "watch_live", "watch_plain")
+__all__ = (
+    "Group",
+    "echo_json",
+    "logging_configured",
+    "print_renderables",
+    "watch_live",
+    "watch_plain",
+)
 
 
 async def watch_plain(events: AsyncIterator[Event], echo: Callable[[str], None]) -> RunOutcome[Any]:
@@ -145,7 +152,7 @@ def logging_configured(*, verbose: bool) -> Iterator[None]:
             structlog.reset_defaults()
 
 
-class _Group(click.Group):
+class Group(click.Group):
     """A command group that reports any error as one line on stderr and exits with 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -190,7 +197,8 @@ def _console() -> Console:
     return console
 
 
-def _print(*renderables: RenderableType) -> None:
+def print_renderables(*renderables: RenderableType) -> None:
+    """Print rich renderables (tables, panels) to stdout; off a terminal, unpadded."""
     console = _console()
     if console.is_terminal:
         console.print(*renderables)
@@ -201,5 +209,6 @@ def _print(*renderables: RenderableType) -> None:
     click.echo("\n".join(line.rstrip() for line in capture.get().splitlines()))
 
 
-def _echo_json(data: Any) -> None:
+def echo_json(data: Any) -> None:
+    """Print ``data`` as indented JSON."""
     click.echo(json.dumps(data, indent=2, ensure_ascii=False))

@@ -19,7 +19,7 @@ from ..outcome import RunStatus
 from ..store.base import EventRow, RunRecord
 from .budgets import budget_used, format_budget
 from .format import (
-    _STORED_STYLE,
+    STORED_STYLE,
     format_age,
     format_ago,
     format_bytes,
@@ -27,7 +27,7 @@ from .format import (
     format_nodes,
     format_timestamp,
 )
-from .history import _event_data
+from .history import event_data
 
 __all__ = (
     "RUN_STATUSES",
@@ -177,7 +177,7 @@ def run_json(record: RunRecord, now: float, *, gone: bool = False) -> dict[str, 
 def _status_text(status: str) -> Text:
     if status in (_STALE, "running (owner gone)"):
         return Text(status, style="bold red")
-    return Text(status, style=_STORED_STYLE.get(status.split(" ")[0], ""))
+    return Text(status, style=STORED_STYLE.get(status.split(" ")[0], ""))
 
 
 def _tokens(record: RunRecord) -> int:
@@ -241,7 +241,7 @@ def _next_nodes(events: Sequence[EventRow]) -> str:
     following: Sequence[str] = ()
     for row in events:
         if row.kind in ("run_started", "step_committed"):
-            following = _event_data(row).get("next") or ()
+            following = event_data(row).get("next") or ()
     return format_nodes(following)
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
+from .database import json_option
 from .graphs import check_graph, report_json, report_lines
 from .loading import load_app
-from .output import _echo_json
+from .output import echo_json
 
 __all__ = ("graph_group",)
 
@@ -28,7 +29,7 @@ def graph_group() -> None:
     show_default=True,
     help="List at most this many cycles.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead.")
+@json_option
 def check(app_ref: str, limit: int, as_json: bool) -> None:
     """List the graph's size, every cycle with its ways out, and the runtime loop guard.
 
@@ -38,7 +39,7 @@ def check(app_ref: str, limit: int, as_json: bool) -> None:
     """
     report = check_graph(load_app(app_ref), app_ref, limit=limit)
     if as_json:
-        _echo_json(report_json(report))
+        echo_json(report_json(report))
         return
     for line in report_lines(report):
         click.echo(line)
