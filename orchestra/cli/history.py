@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .._json import loads_object, loads_or_text
+from ..kinds import ApprovalDecision
 from ..store.base import CheckpointRow, EventRow
 from ..tools import CallStatus
 from .budgets import format_budget_diff
@@ -125,7 +126,10 @@ def _approval_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
     )
 
 
-_DECISIONS = {"edited": "approved with changed arguments", "expired": "not approved in time"}
+_DECISIONS: dict[str, str] = {
+    ApprovalDecision.EDITED: "approved with changed arguments",
+    ApprovalDecision.EXPIRED: "not approved in time",
+}
 
 
 def _arbitration_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:

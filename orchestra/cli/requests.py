@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .._json import compact_json
-from ..safeguards.interrupts import Request
+from ..safeguards.interrupts import AnswerKind, Request
 from ..store.base import RequestKind, RequestRow
 from .format import format_age, format_ago
 
@@ -226,15 +226,15 @@ def format_answer(answer: Mapping[str, Any]) -> str:
     ``approve``, ``reject: too much``, ``value {"days":2}``, ``done, result "ok"``."""
     said = str(answer.get("answer", "?"))
     reason = answer.get("reason")
-    if said in ("abort", "reject") and reason:
+    if said in (AnswerKind.ABORT, AnswerKind.REJECT) and reason:
         return f"{said}: {reason}"
-    if said == "done":
+    if said == AnswerKind.DONE:
         return f"done, result {json.dumps(answer.get('result'), ensure_ascii=False)}"
-    if said == "edit":
+    if said == AnswerKind.EDIT:
         return f"edit, arguments {compact_json(answer.get('arguments'))}"
-    if said == "value":
+    if said == AnswerKind.VALUE:
         return f"value {compact_json(answer.get('value'))}"
-    if said == "choose":
+    if said == AnswerKind.CHOOSE:
         return f"choose {', '.join(map(str, answer.get('run') or ())) or 'none'}"
     return said
 
@@ -246,21 +246,21 @@ def format_recorded(request: Request, answer: Mapping[str, Any]) -> str:
     reason = answer.get("reason")
     call = format_call(str(payload.get("tool")), payload.get("arguments"))
     if request.kind == RequestKind.APPROVAL:
-        if said == "approve":
+        if said == AnswerKind.APPROVE:
             return f"approved {call}"
-        if said == "reject":
+        if said == AnswerKind.REJECT:
             return f"rejected {call}: {reason}"
-        if said == "edit":
+        if said == AnswerKind.EDIT:
             edited = format_call(str(payload.get("tool")), answer.get("arguments"))
             return f"approved {edited} (edited; it asked for {call})"
     if request.kind in (RequestKind.LOOP, RequestKind.BEFORE, RequestKind.AFTER):
-        if said == "continue":
+        if said == AnswerKind.CONTINUE:
             return f"go on ({request.describe()})"
-        if said == "abort":
+        if said == AnswerKind.ABORT:
             return f"stop the run: {reason}"
-    if request.kind == RequestKind.QUESTION and said == "value":
+    if request.kind == RequestKind.QUESTION and said == AnswerKind.VALUE:
         return f"answered {payload.get('prompt')!r}: {compact_json(answer.get('value'))}"
-    if request.kind == RequestKind.CONFLICT and said == "choose":
+    if request.kind == RequestKind.CONFLICT and said == AnswerKind.CHOOSE:
         chosen = [str(key) for key in answer.get("run") or ()]
         others = [
             str(c.get("key")) for c in payload.get("calls") or () if c.get("key") not in chosen
@@ -270,11 +270,11 @@ def format_recorded(request: Request, answer: Mapping[str, Any]) -> str:
             return ran
         return f"{ran}; {', '.join(others)} {'loses' if len(others) == 1 else 'lose'}"
     if request.kind == RequestKind.IN_DOUBT:
-        if said == "done":
+        if said == AnswerKind.DONE:
             return f"{call} took effect, result {json.dumps(answer.get('result'))}"
-        if said == "retry":
+        if said == AnswerKind.RETRY:
             return f"{call} did not take effect: it runs again on resume"
-        if said == "abort":
+        if said == AnswerKind.ABORT:
             return f"stop the run: {reason}"
     return format_answer(answer)
 
