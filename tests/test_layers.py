@@ -79,3 +79,10 @@ def test_layers_scan_sees_every_kind_of_import() -> None:
     graph = import_graph()
     assert graph.has_edge("orchestra.app", "orchestra.runtime.drivers")  # in-function import
     assert graph.has_edge("orchestra.runtime.executor", "orchestra.compile")  # TYPE_CHECKING
+
+
+def test_layers_module_sizes() -> None:
+    """No module is over 600 lines, and only the executor is over 450."""
+    sizes = {module_name(p): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {m: n for m, n in sizes.items() if n > 600} == {}
+    assert sorted(m for m, n in sizes.items() if n > 450) in ([], ["orchestra.runtime.executor"])
