@@ -46,6 +46,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .kinds import CallStatus
+
 __all__ = (
     "AgentOutputError",
     "AgentTurnsError",
@@ -176,28 +178,28 @@ class ToolDeniedError(ToolCallError):
     """The tool is not on the calling node's or agent's allowlist; it did not run."""
 
     def __init__(self, tool: str, detail: str) -> None:
-        super().__init__(tool, "denied", detail)
+        super().__init__(tool, CallStatus.DENIED, detail)
 
 
 class ToolArgumentsError(ToolCallError):
     """The arguments do not validate against the tool's schema; it did not run."""
 
     def __init__(self, tool: str, detail: str) -> None:
-        super().__init__(tool, "invalid_arguments", detail)
+        super().__init__(tool, CallStatus.INVALID_ARGUMENTS, detail)
 
 
 class ToolRejectedError(ToolCallError):
     """An operator rejected the call (``Reject``), or its approval expired; it did not run."""
 
     def __init__(self, tool: str, detail: str) -> None:
-        super().__init__(tool, "rejected", detail)
+        super().__init__(tool, CallStatus.REJECTED, detail)
 
 
 class ToolConflictError(ToolCallError):
     """Arbitration let another call have the call's resources; it did not run."""
 
     def __init__(self, tool: str, detail: str) -> None:
-        super().__init__(tool, "conflict", detail)
+        super().__init__(tool, CallStatus.CONFLICT, detail)
 
 
 class RequestExpiredError(OrchestraError):

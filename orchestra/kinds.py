@@ -6,7 +6,9 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = (
+    "NOT_RUN",
     "ApprovalDecision",
+    "CallStatus",
     "LedgerKind",
     "LedgerStatus",
     "RequestKind",
@@ -67,3 +69,30 @@ class ApprovalDecision(StrEnum):
     EDITED = "edited"
     REJECTED = "rejected"
     EXPIRED = "expired"
+
+
+class CallStatus(StrEnum):
+    """What became of one tool call (``ok``, or why it has no result)."""
+
+    OK = "ok"
+    DENIED = "denied"  # not on the caller's allowlist: never run
+    INVALID_ARGUMENTS = "invalid_arguments"  # did not fit the schema: never run
+    REJECTED = "rejected"  # an operator rejected it: never run
+    CONFLICT = "conflict"  # lost an arbitration: never run
+    IN_DOUBT = "in_doubt"  # started, and nobody knows whether it took effect
+    ERROR = "error"  # the tool raised
+    TIMEOUT = "timeout"  # no result within the tool's timeout
+    INVALID_RESULT = "invalid_result"  # the result did not fit the return type
+    TOO_LARGE = "too_large"  # the result was over the tool's size cap
+
+
+NOT_RUN = frozenset(
+    {
+        CallStatus.DENIED,
+        CallStatus.INVALID_ARGUMENTS,
+        CallStatus.IN_DOUBT,
+        CallStatus.REJECTED,
+        CallStatus.CONFLICT,
+    }
+)
+"""Statuses of calls that never ran (not counted as tool calls)."""

@@ -12,7 +12,6 @@ import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, get_type_hints
 
 import anyio
@@ -21,6 +20,8 @@ from pydantic_core import to_jsonable_python
 
 from ._json import compact_json
 from .errors import ToolArgumentsError
+from .kinds import NOT_RUN as NOT_RUN
+from .kinds import CallStatus as CallStatus
 from .models.base import ToolSpec
 from .specs import Effect as Effect
 from .state import describe_validation_error as describe_validation_error
@@ -38,33 +39,6 @@ __all__ = (
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_RESULT_BYTES = 64 * 1024
-
-
-class CallStatus(StrEnum):
-    """What became of one tool call (``ok``, or why it has no result)."""
-
-    OK = "ok"
-    DENIED = "denied"  # not on the caller's allowlist: never run
-    INVALID_ARGUMENTS = "invalid_arguments"  # did not fit the schema: never run
-    REJECTED = "rejected"  # an operator rejected it: never run
-    CONFLICT = "conflict"  # lost an arbitration: never run
-    IN_DOUBT = "in_doubt"  # started, and nobody knows whether it took effect
-    ERROR = "error"  # the tool raised
-    TIMEOUT = "timeout"  # no result within the tool's timeout
-    INVALID_RESULT = "invalid_result"  # the result did not fit the return type
-    TOO_LARGE = "too_large"  # the result was over the tool's size cap
-
-
-NOT_RUN = frozenset(
-    {
-        CallStatus.DENIED,
-        CallStatus.INVALID_ARGUMENTS,
-        CallStatus.IN_DOUBT,
-        CallStatus.REJECTED,
-        CallStatus.CONFLICT,
-    }
-)
-"""Statuses of calls that never ran (not counted as tool calls)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -162,12 +136,15 @@ class Tool:
                 self.name, f"arguments must be a JSON object, got {type(arguments).__name__}"
             )
         try:
-            model = self.arguments.model_validate(dict(arguments))
+            validated = self.validate(arguments)
+            # the JSON form (what is hashed, recorded and shown) is the validated arguments'
+            # own dump, validated again, as it has always been: a stored run's request hashes
+            # stay the same
+            json_arguments = self.arguments.model_validate(validated).model_dump(mode="json")
         except ValidationError as exc:
             raise ToolArgumentsError(
                 self.name, describe_validation_error(exc, "arguments")
             ) from exc
-        json_arguments = model.model_dump(mode="json")
         try:
             resources = self.resource_keys(json_arguments)
         except Exception as exc:  # the user's resources function: its caller is told
@@ -175,7 +152,7 @@ class Tool:
                 self.name, f"the tool's resources function failed: {type(exc).__name__}: {exc}"
             ) from exc
         return CheckedArguments(
-            arguments={name: getattr(model, name) for name in type(model).model_fields},
+            arguments=validated,
             json=json_arguments,
             resources=resources,
         )

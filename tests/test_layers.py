@@ -54,10 +54,13 @@ def import_graph() -> nx.DiGraph:
     return graph
 
 
+LINT = "from importlinter.cli import lint_imports; exit(lint_imports(no_cache=True))"
+
+
 def test_layers_contract_is_kept() -> None:
     """import-linter's layers contract (pyproject.toml) passes."""
     result = subprocess.run(
-        [sys.executable, "-c", "from importlinter.cli import lint_imports; exit(lint_imports())"],
+        [sys.executable, "-c", LINT],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import to_json, to_jsonable_python
+from pydantic_core import to_jsonable_python
 
+from .._json import compact_json
 from ..models.base import Message, ToolCall
 from ..specs import NO_PAYLOAD, Send
 from ..state import FieldDelta, StateSchema
@@ -22,7 +23,6 @@ from ..store.base import CheckpointRow
 from .tasks import Task, TaskResult
 
 __all__ = (
-    "compact_json",
     "dump_delta",
     "dump_result",
     "dump_state",
@@ -32,11 +32,6 @@ __all__ = (
     "load_tasks",
     "replay_json",
 )
-
-
-def compact_json(value: Any) -> str:
-    """Serialize to compact JSON (anything pydantic-core cannot serialize becomes str)."""
-    return to_json(value, fallback=str).decode()
 
 
 _PLAIN = (int, str, bool, type(None))

@@ -579,7 +579,8 @@ class Execution:
             "tasks": self.tasks_run if tasks is None else tasks,
             "wall_seconds": round(self._elapsed(), 6),
         }
-        usage.update(self.meter.stored())
+        if self.meter.called:
+            usage.update(self.meter.stored())
         return usage
 
     def _emit(self, event: Event, buffer: list[Event], level: str = "debug") -> None:

@@ -23,7 +23,7 @@ from ..models.base import Message
 from ..outcome import RunStatus
 from ..safeguards.budgets import Budget, BudgetStop, StateSize
 from ..safeguards.caps import field_caps
-from ..safeguards.interrupts import Request, aborted
+from ..safeguards.interrupts import Request, aborted, request_id
 from ..safeguards.loops import Detection, LoopWatch
 from ..specs import NO_PAYLOAD, Effect
 from ..state import FieldDelta
@@ -71,17 +71,8 @@ def breakpoint_halt(
     nodes = sorted({t.node for t in tasks if t.node in marked})
     if not nodes:
         return None
-    request = Request.new(
-        run_id=run_id,
-        kind=where,
-        step=step,
-        node=", ".join(nodes),
-        payload={"nodes": nodes, "tasks": [t.label for t in (tasks if before else ready)]},
-        task=where,
-        seq=0,
-        identity=f"{where}:{','.join(nodes)}",
-    )
-    row = requests.get(request.id)
+    identity = f"{where}:{','.join(nodes)}"
+    row = requests.get(request_id(run_id, step, where, 0, identity))
     if row is not None and row.status != RequestStatus.OPEN and not aborted(row):
         return None  # answered: go on
     if row is not None and row.status == RequestStatus.OPEN:  # asked again: as stored
@@ -90,6 +81,16 @@ def breakpoint_halt(
             f"breakpoint {where} {row.task} at step {step}",
             (Request.from_row(row),),
         )
+    request = Request.new(
+        run_id=run_id,
+        kind=where,
+        step=step,
+        node=", ".join(nodes),
+        payload={"nodes": nodes, "tasks": [t.label for t in (tasks if before else ready)]},
+        task=where,
+        seq=0,
+        identity=identity,
+    )
     return Halt(
         RunStatus.INTERRUPTED, f"breakpoint {where} {', '.join(nodes)} at step {step}", (request,)
     )

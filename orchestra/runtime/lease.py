@@ -34,10 +34,6 @@ class LeaseWatch:
         # per step, and short steps must still be checked and renewed on time
         self.polled_at = self.renewed_at = time.monotonic()
 
-    @property
-    def poll_seconds(self) -> float:
-        return self.recorder.store.poll_seconds
-
     def due(self) -> bool:
         """Whether a poll is due (one per ``poll_seconds``)."""
         return time.monotonic() - self.polled_at >= self.recorder.store.poll_seconds

@@ -75,7 +75,7 @@ class Ledger:
         task: str,
         seq: int,
         *,
-        kind: str,
+        kind: LedgerKind,
         name: str,
         request_hash: str,
         harmless: bool = False,
@@ -116,7 +116,7 @@ class Ledger:
         return entry
 
     async def start(
-        self, step: int, task: str, seq: int, *, kind: str, name: str, request_hash: str
+        self, step: int, task: str, seq: int, *, kind: LedgerKind, name: str, request_hash: str
     ) -> LedgerEntry:
         """Record, durably, that an irreversible call is about to run."""
         entry = _new(
@@ -133,7 +133,7 @@ class Ledger:
         task: str,
         seq: int,
         *,
-        kind: str,
+        kind: LedgerKind,
         name: str,
         request_hash: str,
         result: str,
@@ -154,11 +154,11 @@ class Ledger:
         return entry
 
     async def release_failed(
-        self, step: int, effect: Callable[[str], str | None], finished: Iterable[str] = ()
+        self, step: int, effect: Callable[[str], str | None], kept: Iterable[str] = ()
     ) -> None:
         """Forget the calls of a step that failed, so that a resume makes them again (a bad
         model answer is asked again, not replayed), except in tasks that will not run again
-        (``finished``: their pending writes are kept, and their calls count in the usage) and
+        (``kept``: their pending writes are kept, and their calls count in the usage) and
         tasks that called a tool with an effect: those keep every entry (the call happened,
         and what led to it must replay the same), and an irreversible call that raised
         becomes in doubt, for an operator to settle. ``effect(tool name)`` is the tool's
@@ -169,7 +169,7 @@ class Ledger:
         }
         if keep:  # calls with effects ran as arbitration decided: a re-run decides the same
             keep.add(ARBITER)
-        keep.update(finished)
+        keep.update(kept)
         for entry in entries:
             key = (entry.step, entry.task, entry.seq)
             if entry.task not in keep:
@@ -202,10 +202,10 @@ def _new(
     step: int,
     task: str,
     seq: int,
-    kind: str,
+    kind: LedgerKind,
     name: str,
     request_hash: str,
-    status: str,
+    status: LedgerStatus,
     result: str | None,
     *,
     finished: bool,

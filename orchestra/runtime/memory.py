@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = ("conversation_key", "hold_conversation", "mid_visit", "remember")
 
+_AGENT = NodeKind.AGENT  # (a module global: cheaper per task than the enum's attribute)
+
 
 def conversation_key(node: str, label: str, payload: Any) -> str:
     """Where a task's conversation is kept: one per agent for visits started by edges or
@@ -81,7 +83,7 @@ def hold_conversation(messages: list[Message], cap: Cap, run_id: str, label: str
 
 def mid_visit(plan: Plan[Any], memory: Mapping[str, list[Message]], task: Task) -> bool:
     """Tell whether an agent's task is between turns (its tool results wait for it)."""
-    if plan.nodes[task.node].kind is not NodeKind.AGENT:
+    if plan.nodes[task.node].kind is not _AGENT:
         return False
     history = memory.get(conversation_key(task.node, task.label, task.payload))
     if not history:
@@ -104,7 +106,7 @@ def remember(
     added: dict[str, list[Message]] = {}
     dropped: list[str] = []
     for task, result in zip(tasks, results, strict=True):
-        if result.messages is None and plan.nodes[task.node].kind is not NodeKind.AGENT:
+        if result.messages is None and plan.nodes[task.node].kind is not _AGENT:
             continue
         key = conversation_key(task.node, task.label, task.payload)
         if result.messages:

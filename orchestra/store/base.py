@@ -159,8 +159,7 @@ class RunStore(_StoreHandle, Protocol):
         epoch: int,
         request_id: str,
         answer: str,
-        # `| str` while the executor expires a request with the bare value
-        status: RequestStatus | str = RequestStatus.ANSWERED,
+        status: RequestStatus = RequestStatus.ANSWERED,
         expected: RequestStatus = RequestStatus.OPEN,
     ) -> None:
         """Move a request from status ``expected`` to ``status`` with ``answer`` (the owner

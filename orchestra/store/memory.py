@@ -205,7 +205,7 @@ class MemoryStore:
         epoch: int,
         request_id: str,
         answer: str,
-        status: RequestStatus | str = RequestStatus.ANSWERED,
+        status: RequestStatus = RequestStatus.ANSWERED,
         expected: RequestStatus = RequestStatus.OPEN,
     ) -> None:
         new = stored_member(RequestStatus, status, run_id=run_id, table="requests", column="status")

@@ -145,12 +145,10 @@ class LedgerEntry:
     step: int
     task: str
     seq: int
-    # `| str` while the runtime's ledger (runtime/ledger.py) builds entries from bare
-    # values; every store reads back members
-    kind: LedgerKind | str
+    kind: LedgerKind
     name: str
     request_hash: str
-    status: LedgerStatus | str
+    status: LedgerStatus
     result: str | None
     created_at: float
     finished_at: float | None = None
@@ -174,9 +172,7 @@ class RequestRow:
     kind: RequestKind
     payload: str
     schema: str | None
-    # `| str` while the gateway marks a copy expired with the bare value; every store reads
-    # back members
-    status: RequestStatus | str
+    status: RequestStatus
     created_at: float
     expires_at: float | None = None
     answer: str | None = None

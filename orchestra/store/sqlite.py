@@ -215,7 +215,7 @@ class SQLiteStore(SQLiteOperations):
         epoch: int,
         request_id: str,
         answer: str,
-        status: RequestStatus | str = RequestStatus.ANSWERED,
+        status: RequestStatus = RequestStatus.ANSWERED,
         expected: RequestStatus = RequestStatus.OPEN,
     ) -> None:
         status = stored_member(

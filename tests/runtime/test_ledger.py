@@ -8,9 +8,12 @@ from typing import Any
 import pytest
 from helpers import streamed
 
-from orchestra import END, START, Graph, NodeContext, RetryPolicy, RunStatus, tool
+from orchestra import END, START, Effect, Graph, NodeContext, RetryPolicy, RunStatus, tool
 from orchestra.events import ToolCalled
+from orchestra.kinds import LedgerKind, LedgerStatus
+from orchestra.runtime.ledger import Ledger
 from orchestra.store import Store
+from orchestra.store.records import LedgerEntry
 from runtime.gateway.graphs import S, one_node
 
 pytestmark = pytest.mark.anyio
@@ -118,3 +121,33 @@ async def test_gateway_resume_runs_a_failed_tool_call_again(store: Store) -> Non
     second = await app.resume("r1")
     assert second.status is RunStatus.COMPLETED
     assert calls == [1, 1]
+
+
+# -- a failed step's calls ----------------------------------------------------------------
+
+
+async def _released(result: str) -> LedgerEntry:
+    """An irreversible call recorded with ``result``, then its step failed."""
+    ledger = Ledger("r1")
+    await ledger.finish(
+        1, "pay", 1, kind=LedgerKind.TOOL, name="refund", request_hash="h", result=result
+    )
+    await ledger.release_failed(1, lambda name: Effect.IRREVERSIBLE)
+    entry = ledger.entries(1, "pay")[0]
+    return entry
+
+
+async def test_ledger_release_failed_puts_an_irreversible_error_in_doubt() -> None:
+    """An irreversible call that raised may have taken effect: it becomes in doubt."""
+    entry = await _released('{"status":"error","error":"RuntimeError: boom"}')
+    assert entry.status is LedgerStatus.STARTED
+    assert entry.result is None
+
+
+async def test_ledger_release_failed_keeps_a_result_that_only_mentions_an_error() -> None:
+    """An irreversible call that succeeded stays done even when its result holds the text
+    "status":"error" (the call's own status is read, not searched for in the text)."""
+    result = '{"status":"ok","result":{"status":"error","note":"upstream said so"}}'
+    entry = await _released(result)
+    assert entry.status is LedgerStatus.DONE
+    assert entry.result == result
