@@ -149,7 +149,7 @@ class ApprovalStep:
             },
             task=caller.label,
             seq=item.seq,
-            identity=f"approval:{item.request_hash}",
+            identity=_approval_identity(item),
             schema=dict(tool.spec().parameters),
             expires_in=policy.for_caller(caller.node).expires_after,
         )
@@ -159,7 +159,7 @@ class ApprovalStep:
         tool and the arguments as proposed)."""
         caller = item.caller
         return request_id(
-            self.run_id, caller.step, caller.label, item.seq, f"approval:{item.request_hash}"
+            self.run_id, caller.step, caller.label, item.seq, _approval_identity(item)
         )
 
     def _apply(self, item: PlannedCall, row: RequestRow) -> None:
@@ -263,3 +263,8 @@ def _needs_approval(policy: Approvals, item: PlannedCall) -> bool:
         return policy.needs(item.caller.node, item.tool, item.json_arguments)
     except Exception:  # the user's rule failed: the safe answer is to ask
         return True
+
+
+def _approval_identity(item: PlannedCall) -> str:
+    """What an approval request asks: this tool with these arguments (their hash)."""
+    return f"approval:{item.request_hash}"

@@ -258,10 +258,12 @@ class ArbitrationStep:
         return None
 
     def unlock(self, held: Held) -> None:
+        """Release the resource locks a node's call held."""
         self.locks.release(held)
 
 
 def _conflict_digest(conflict: Conflict) -> str:
+    """A conflict's identity: its policy and its calls (what a re-run must decide alike)."""
     return fingerprint(
         {
             "policy": conflict.policy,

@@ -52,9 +52,11 @@ class CallOutcome:
 
     @property
     def ok(self) -> bool:
+        """Whether the call ran and its result is valid."""
         return self.status == CallStatus.OK
 
     def to_json(self) -> str:
+        """The outcome as the ledger records it (what a replay reads back)."""
         # stored as its value (a plain string: an enum member costs pydantic-core a slow path)
         status = str(self.status)
         data: dict[str, Any] = (
@@ -68,6 +70,7 @@ class CallOutcome:
 
     @classmethod
     def from_json(cls, call_id: str, tool: str, text: str) -> CallOutcome:
+        """Read a recorded outcome back (a replay)."""
         data = json.loads(text)
         return cls(
             call_id=call_id,
@@ -91,6 +94,7 @@ class CallOutcome:
         return Message(role="tool", name=self.tool, tool_call_id=self.call_id, content=content)
 
     def raise_for_status(self) -> None:
+        """Raise the error a node's ``ctx.call_tool`` gets for a call without a result."""
         if self.status == CallStatus.DENIED:
             raise ToolDeniedError(self.tool, self.error or "")
         if self.status == CallStatus.INVALID_ARGUMENTS:
