@@ -34,6 +34,7 @@ __all__ = (
     "merge_events",
     "new_owner_id",
     "new_run_id",
+    "refuse_unless_at_rest",
     "stored_member",
 )
 
