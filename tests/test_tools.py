@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import anyio
 import pytest
 from helpers import Order
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from orchestra import (
     END,
@@ -615,3 +615,17 @@ async def test_tool_context_of_send_tasks_names_each_task() -> None:
         ("work[0]", "r1/1/work[0]/0"),
         ("work[1]", "r1/1/work[1]/0"),
     ]
+
+
+def test_tool_check_arguments_json_form_is_the_validated_arguments_validated_again() -> None:
+    """The JSON form (hashed, recorded, shown) comes from validating the validated arguments
+    again, as stored runs' request hashes were made, even for a validator that is not
+    idempotent; the tool itself gets the arguments validated once."""
+
+    @tool
+    async def scale(n: Annotated[int, AfterValidator(lambda v: v * 100)]) -> int:
+        return n
+
+    checked = scale.check_arguments({"n": 3})
+    assert checked.arguments == {"n": 300}
+    assert checked.json == {"n": 30000}  # what 78dcffd's gateway hashed for this call

@@ -122,7 +122,9 @@ def _approval_entry(row: EventRow, data: Mapping[str, Any]) -> TimelineEntry:
         step=data.get("step", row.step),
         what=what,
         notes=notes,
-        style="bold" if decision in ("approved", "edited") else "yellow",
+        style="bold"
+        if decision in (ApprovalDecision.APPROVED, ApprovalDecision.EDITED)
+        else "yellow",
     )
 
 

@@ -153,9 +153,8 @@ def _check_one(app: Plan[Any] | None, run_id: str, row: RequestRow, answer: Any)
             f"got {answer!r:.80}"
         )
     if not isinstance(answer, Done):
-        text = compact_json(
-            {"answer": AnswerKind(type(answer).__name__.lower()), **_fields(answer)}
-        )
+        said = AnswerKind.RETRY if isinstance(answer, Retry) else AnswerKind.ABORT
+        text = compact_json({"answer": said, **_fields(answer)})
         return CheckedAnswer(row, answer, text)
     tool = _tool(app, payload, refuse)
     try:
