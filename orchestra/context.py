@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from .models.base import Model, ModelRequest, ModelResponse, ToolCall
     from .tools import Tool
 
-__all__ = ("Caller", "GatewayPort", "NodeContext")
+__all__ = ("Caller", "NodeContext")
 
 
 @dataclass(slots=True)
@@ -34,26 +34,27 @@ class Caller:
         return seq
 
 
-class CallResult(Protocol):
-    """What the gateway returns for one tool call."""
+if TYPE_CHECKING:  # (typing only: protocols cost a millisecond at import)
 
-    value: Any
+    class CallResult(Protocol):
+        """What the gateway returns for one tool call."""
 
-    def raise_for_status(self) -> None: ...
+        value: Any
 
+        def raise_for_status(self) -> None: ...
 
-class GatewayPort(Protocol):
-    """The runtime's side of a context: the one door to tools, models and people."""
+    class GatewayPort(Protocol):
+        """The runtime's side of a context: the one door to tools, models and people."""
 
-    async def call(self, caller: Caller, call: ToolCall) -> CallResult: ...
+        async def call(self, caller: Caller, call: ToolCall) -> CallResult: ...
 
-    async def model_call(
-        self, caller: Caller, model: Model, request: ModelRequest
-    ) -> ModelResponse: ...
+        async def model_call(
+            self, caller: Caller, model: Model, request: ModelRequest
+        ) -> ModelResponse: ...
 
-    async def question(
-        self, caller: Caller, prompt: str, schema: Any, expires_in: float | None
-    ) -> Any: ...
+        async def question(
+            self, caller: Caller, prompt: str, schema: Any, expires_in: float | None
+        ) -> Any: ...
 
 
 class NodeContext:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..specs import Effect
 
@@ -22,14 +22,16 @@ __all__ = ("Approvals",)
 LEVELS = ("irreversible", "writes", "all", "none")
 
 
-class Gated(Protocol):
-    """What the policy reads of a tool: its name and its effect."""
+if TYPE_CHECKING:  # (typing only: a protocol costs a millisecond at import)
 
-    @property
-    def name(self) -> str: ...
+    class Gated(Protocol):
+        """What the policy reads of a tool: its name and its effect."""
 
-    @property
-    def effect(self) -> Effect: ...
+        @property
+        def name(self) -> str: ...
+
+        @property
+        def effect(self) -> Effect: ...
 
 
 Rule = bool | Callable[[dict[str, Any]], bool]
