@@ -133,7 +133,7 @@ def report_resumed(settings: Settings, outcome: RunOutcome[Any], from_step: int)
 
 def _refuse_live_owner(record: RunRecord, now: float) -> None:
     """Refuse to resume a run whose owner holds its lease, before importing its app."""
-    if not record.lease_live(now):
+    if not record.owned(now):
         return
     assert record.owner is not None
     assert record.lease_expires_at is not None
@@ -199,7 +199,7 @@ async def wait_until_stopped(
         record = await store.get_run(run_id)
         if record.status != RunStatus.RUNNING:
             return record
-        if not record.lease_live(time.time()):
+        if not record.owned(time.time()):
             return await store.request_abort(run_id, reason)
         await anyio.sleep(poll)
 
@@ -356,7 +356,7 @@ def _refuse_budget_change(record: RunRecord, now: float) -> None:
     """Refuse to change the budget of a completed run, or of one a live owner runs."""
     if record.status == RunStatus.COMPLETED:
         raise RunStatusError(record.run_id, record.status, "raise its budget")
-    if record.status != RunStatus.RUNNING or not record.lease_live(now):
+    if record.status != RunStatus.RUNNING or not record.owned(now):
         return
     assert record.lease_expires_at is not None
     left = format_age(record.lease_expires_at - now)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict
@@ -17,6 +14,7 @@ from rich.text import Text
 
 from ..outcome import RunStatus
 from ..store.base import EventRow, RunRecord
+from ..store.records import owner_gone as owner_gone
 from .budgets import budget_used, format_budget
 from .format import (
     STORED_STYLE,
@@ -69,26 +67,6 @@ def run_status(record: RunRecord, now: float, *, gone: bool = False) -> str:
         if record.abort_requested is not None:
             return "running (aborting)"
     return record.status
-
-
-def owner_gone(owner: str | None) -> bool:
-    """Tell whether a run owner (``host:pid:tag``) was a process of this host that ended.
-
-    Only a local, certainly dead process counts; on another host, or when unsure, False.
-    """
-    if owner is None or sys.platform == "win32":  # os.kill(pid, 0) terminates on Windows
-        return False
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # it exists but belongs to someone else
-        return False
-    return False
 
 
 def format_owner(record: RunRecord, now: float, *, gone: bool = False) -> str:

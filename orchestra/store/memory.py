@@ -281,7 +281,7 @@ class MemoryStore:
             raise RunStatusError(record.run_id, record.status, "abort it")
         if record.status is RunStatus.ABORTED:
             return  # already at rest as aborted: keep its reason and history
-        if record.status is RunStatus.RUNNING and record.lease_live(now):
+        if record.status is RunStatus.RUNNING and record.owned(now):
             record = replace(record, abort_requested=reason)
         else:
             record = replace(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -34,6 +35,7 @@ __all__ = (
     "merge_events",
     "new_owner_id",
     "new_run_id",
+    "owner_gone",
     "refuse_unless_at_rest",
     "stored_member",
 )
@@ -45,10 +47,49 @@ def new_run_id() -> str:
 
 
 def new_owner_id() -> str:
-    """Name this process as a run owner: host, pid and a random tag."""
+    """Name this process as a run owner: host, pid, the process's start time and a random
+    tag (the start time tells a reused pid apart: see :func:`owner_gone`)."""
     import socket  # (with select and selectors: loaded when a run first needs an owner)
 
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_started(pid) or '-'}:{secrets.token_hex(3)}"
+
+
+def owner_gone(owner: str | None) -> bool:
+    """Tell whether a run owner was a process of this host that has ended: its pid is gone,
+    or now names a process that started at another time (a reused pid).
+
+    Only a local, certainly ended process counts; an owner on another host, one whose start
+    time cannot be read, or any doubt, is not gone (its lease is waited out)."""
+    if owner is None or sys.platform == "win32":  # os.kill(pid, 0) terminates on Windows
+        return False
+    import socket
+
+    parts = owner.split(":")
+    if len(parts) < 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists but belongs to someone else
+        return False
+    # alive: the owner's own process only if it started when the owner id says (an id of
+    # the older host:pid:tag form has no start time, and counts as alive)
+    recorded = parts[2] if len(parts) >= 4 else "-"
+    return recorded != "-" and _started(pid) not in (None, recorded)
+
+
+def _started(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
+    # after the command name: state is field 3 of proc(5), starttime field 22
+    return fields[19].decode() if len(fields) > 19 else None
 
 
 _MemberT = TypeVar("_MemberT", bound=StrEnum)
@@ -106,6 +147,12 @@ class RunRecord:
             and self.lease_expires_at is not None
             and self.lease_expires_at > now
         )
+
+    def owned(self, now: float) -> bool:
+        """Tell whether a process that may still be alive holds the run: an unexpired lease
+        whose owner is not a process of this host that has ended (such a run is taken over
+        at once; the epoch moves on, so the dead owner is fenced off all the same)."""
+        return self.lease_live(now) and not owner_gone(self.owner)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -203,7 +250,7 @@ def budget_event(
     """Check that ``record``'s budget may change at ``now``; return the event recording it."""
     if record.status is RunStatus.COMPLETED:
         raise RunStatusError(record.run_id, record.status, "raise its budget")
-    if record.status is RunStatus.RUNNING and record.lease_live(now):
+    if record.status is RunStatus.RUNNING and record.owned(now):
         assert record.owner is not None
         assert record.lease_expires_at is not None
         raise LeaseHeldError(record.run_id, record.owner, record.lease_expires_at - now)
@@ -241,7 +288,7 @@ def refuse_unless_at_rest(record: RunRecord, now: float, doing: str) -> None:
     resume and an answer are refused for)."""
     if record.status is RunStatus.COMPLETED:
         raise RunStatusError(record.run_id, record.status, doing)
-    if record.lease_live(now):
+    if record.owned(now):
         assert record.owner is not None
         assert record.lease_expires_at is not None
         raise LeaseHeldError(record.run_id, record.owner, record.lease_expires_at - now)

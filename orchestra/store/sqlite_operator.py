@@ -120,7 +120,7 @@ class SQLiteOperations(SQLiteDatabase):
         )
         if record.status is RunStatus.ABORTED:
             return  # already at rest as aborted: keep its reason and history
-        if record.status is RunStatus.RUNNING and record.lease_live(now):
+        if record.status is RunStatus.RUNNING and record.owned(now):
             conn.execute(
                 "UPDATE runs SET abort_requested = ? WHERE run_id = ?", (reason, record.run_id)
             )

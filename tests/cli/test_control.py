@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -151,8 +153,8 @@ def test_resume_a_run_another_process_owns_is_refused(filled: Path) -> None:
     )
 
 
-def test_crashed_run_shows_stale_and_resumes(db: Path) -> None:
-    """A run killed at step 3 shows as running with a stale lease, then resumes to the end."""
+def _crash(db: Path) -> Path:
+    """Run cli_app until it dies at step 3 (a real process, ended by a fault point)."""
     script = Path(cli_app.__file__).resolve()
     env = {**os.environ, "ORCHESTRA_FAULTS": "before_commit@3"}
     crash = subprocess.run(
@@ -162,24 +164,40 @@ def test_crashed_run_shows_stale_and_resumes(db: Path) -> None:
         check=False,
     )
     assert crash.returncode == 137, crash.stderr
-    result = cli(db, "resume", "crashy")
-    assert result.exit_code == 1
-    assert only_line(result).startswith("Error: run crashy: its owner ")
-    assert "has ended, but its lease holds for " in result.stderr
+    return script
+
+
+def test_crashed_run_shows_owner_gone_and_is_taken_over_at_once(db: Path) -> None:
+    """A run whose owner died shows as running with its owner gone; resume takes it over at
+    once, while the dead owner's lease would still hold (no waiting it out)."""
+    script = _crash(db)
     (line,) = [line for line in cli(db, "runs").stdout.splitlines() if "crashy" in line]
     assert " running (owner gone) " in line
-    expires = anyio.run(record_of, db, "crashy").lease_expires_at
-    assert expires is not None
-    time.sleep(max(expires - time.time(), 0) + 0.05)
-    (line,) = [line for line in cli(db, "runs").stdout.splitlines() if "crashy" in line]
-    assert line.split()[:6] == ["crashy", "count", "running", "(stale", "lease)", "2"]
-    assert "(process ended; lease expired " in line
+    dead = anyio.run(record_of, db, "crashy")
+    assert dead.lease_expires_at is not None
+    began = time.time()
     result = cli(db, "resume", "crashy")
     assert result.exit_code == 0, result.output
+    assert began < dead.lease_expires_at  # the lease had not lapsed: taken over
     assert result.stdout.splitlines()[0] == (
         f"resuming run crashy (graph count) at step 2 with {script}:app"
     )
     assert result.stdout.splitlines()[2].startswith("steps   7 (5 in this resume, ")
+    assert anyio.run(record_of, db, "crashy").epoch > dead.epoch  # the dead owner is fenced
+
+
+def test_abort_of_a_run_whose_owner_died_is_at_once(db: Path) -> None:
+    """Aborting a run whose owner died marks it aborted at once (well under a second), not
+    after its lease runs out."""
+    _crash(db)
+    began = time.monotonic()
+    result = cli(db, "abort", "crashy", "--reason", "owner died", "--wait")
+    took = time.monotonic() - began
+    assert result.exit_code == 0, result.output
+    assert "marked aborted at once" in result.stdout
+    assert took < 1.0, took
+    record = anyio.run(record_of, db, "crashy")
+    assert (record.status, record.reason) == ("aborted", "owner died")
 
 
 def test_abort_marks_a_run_at_rest_aborted_at_once(filled: Path) -> None:
@@ -333,15 +351,18 @@ async def test_resume_refuses_a_run_a_live_process_owns(db: Path) -> None:
 
 
 def test_abort_wait_marks_a_crashed_run_aborted_once_its_lease_expires(db: Path) -> None:
-    """Nobody acts on an abort for a dead owner: --wait marks the run aborted at expiry."""
+    """Nobody acts on an abort for an owner on another host that died: --wait marks the run
+    aborted when its lease expires (an owner elsewhere cannot be seen to have ended)."""
     script = Path(cli_app.__file__).resolve()
     env = {**os.environ, "ORCHESTRA_FAULTS": "before_commit@3"}
     crash = subprocess.run(
         [sys.executable, str(script), str(db), "5", "1"], env=env, capture_output=True, check=False
     )
     assert crash.returncode == 137, crash.stderr
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE runs SET owner = 'elsewhere.example:1:-:abcdef'")
     result = cli(db, "abort", "crashy", "--reason", "crashed", "--wait", "--timeout", "5")
     assert result.exit_code == 0, result.output
     first, last = result.stdout.splitlines()
-    assert first.startswith("abort requested, but run crashy's owner ")
+    assert first.startswith("abort requested: run crashy is owned by elsewhere.example:1:-:")
     assert last == "run crashy stopped at step 2: aborted: crashed"

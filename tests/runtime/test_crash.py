@@ -562,3 +562,34 @@ def test_crash_frozen_owner_is_fenced_off(
     assert owner.summary is not None, f"the fenced owner crashed:\n{owner.stderr[-3000:]}"
     assert code == 1, owner.stderr
     assert (owner.summary["status"], owner.summary["error_type"]) == ("failed", "LeaseLostError")
+
+
+# -- a dead owner is taken over at once ---------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_crash_sigkilled_owner_is_taken_over_before_its_lease_expires(
+    tmp_path: Path, reference: Reference, backend: str
+) -> None:
+    """A run whose owner was SIGKILLed on this host is resumed at once by app.resume, long
+    before the dead owner's 30 s lease would lapse; the epoch moves on (the dead owner is
+    fenced off) and the run ends like an uninterrupted one."""
+    db = tmp_path / "runs.db"
+    app = App("run", db, "r", backend, CRASH_APP_LEASE="30", CRASH_APP_SLEEP="0.05")
+    app.wait_ready()
+    while read(db, "r").committed < 3:  # killed mid-run, with steps committed
+        time.sleep(0.005)
+    os.kill(app.pid, signal.SIGKILL)
+    assert app.wait() == -signal.SIGKILL, app.stderr
+    dead = read(db, "r").run
+    assert dead is not None
+    assert dead.lease_expires_at is not None
+    began = time.time()
+    resumed = run_app("resume", db, "r", backend, CRASH_APP_LEASE="30")
+    assert resumed.proc.returncode == 0, resumed.stderr
+    assert began + 20 < dead.lease_expires_at  # not waited out: taken over
+    stored = read(db, "r", states=True)
+    assert stored.run is not None
+    assert stored.run.status == "completed"
+    assert stored.run.epoch > dead.epoch
+    assert stored.states[-1] == reference.states[-1]

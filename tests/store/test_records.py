@@ -9,6 +9,9 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +34,7 @@ from orchestra.store.records import (
     merge_events,
     new_owner_id,
     new_run_id,
+    owner_gone,
     refuse_unless_at_rest,
     stored_member,
 )
@@ -87,12 +91,50 @@ def test_new_run_id_is_new_each_time() -> None:
     assert len({new_run_id() for _ in range(1000)}) == 1000
 
 
-def test_new_owner_id_names_host_pid_and_a_tag() -> None:
-    """An owner id is ``host:pid:tag``, the tag six hex digits."""
-    host, pid, tag = new_owner_id().rsplit(":", 2)
+def test_new_owner_id_names_host_pid_start_time_and_a_tag() -> None:
+    """An owner id is ``host:pid:start:tag``: the process's start time (clock ticks since
+    boot, from /proc) and a tag of six hex digits."""
+    host, pid, start, tag = new_owner_id().rsplit(":", 3)
     assert host == socket.gethostname()
     assert pid == str(os.getpid())
+    assert start.isdigit() or (start == "-" and not os.path.exists("/proc/self/stat"))
     assert re.fullmatch(r"[0-9a-f]{6}", tag)
+
+
+def _ended_process() -> tuple[int, str]:
+    """The pid and start time of a process of this host that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    start = Path(f"/proc/{child.pid}/stat").read_bytes().rpartition(b")")[2].split()[19]
+    child.kill()
+    child.wait()
+    return child.pid, start.decode()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
+def test_owner_gone_for_an_ended_local_process() -> None:
+    """An owner whose process on this host has ended is gone."""
+    pid, start = _ended_process()
+    assert owner_gone(f"{socket.gethostname()}:{pid}:{start}:abcdef")
+
+
+def test_owner_gone_not_for_a_live_owner_or_another_host() -> None:
+    """This process's own id, an owner on another host, or no owner are not gone."""
+    assert not owner_gone(new_owner_id())
+    assert not owner_gone(f"elsewhere.example:{os.getpid()}:1:abcdef")
+    assert not owner_gone(None)
+    assert not owner_gone("not an owner id")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
+def test_owner_gone_for_a_reused_pid() -> None:
+    """A live pid that started at another time than the owner id says is a reused pid: the
+    owner is gone."""
+    assert owner_gone(f"{socket.gethostname()}:{os.getpid()}:1:abcdef")
+
+
+def test_owner_gone_not_for_an_old_id_of_a_live_pid() -> None:
+    """An id of the older ``host:pid:tag`` form has no start time: a live pid counts."""
+    assert not owner_gone(f"{socket.gethostname()}:{os.getpid()}:abcdef")
 
 
 def test_new_owner_id_differs_between_calls_in_one_process() -> None:
