@@ -47,26 +47,35 @@ def new_run_id() -> str:
 
 
 def new_owner_id() -> str:
-    """Name this process as a run owner: host, pid, the process's start time and a random
-    tag (the start time tells a reused pid apart: see :func:`owner_gone`)."""
+    """Name this process as a run owner: ``host:pid:start:place:tag``. ``start`` is the
+    process's start time and ``place`` names this boot of this machine and this PID
+    namespace, so :func:`owner_gone` can tell a reused pid, or a pid of a container or of
+    another machine with the same host name, from the owner's own process."""
     import socket  # (with select and selectors: loaded when a run first needs an owner)
 
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_started(pid) or '-'}:{secrets.token_hex(3)}"
+    process = _process(pid)
+    start = process[1] if process is not None else "-"
+    return f"{socket.gethostname()}:{pid}:{start}:{_place() or '-'}:{secrets.token_hex(3)}"
 
 
 def owner_gone(owner: str | None) -> bool:
-    """Tell whether a run owner was a process of this host that has ended: its pid is gone,
-    or now names a process that started at another time (a reused pid).
+    """Tell whether a run owner was a process of this machine, this boot and this PID
+    namespace that has ended: its pid is gone, is a zombie, or now names a process that
+    started at another time (a reused pid).
 
-    Only a local, certainly ended process counts; an owner on another host, one whose start
-    time cannot be read, or any doubt, is not gone (its lease is waited out)."""
+    Only a certainly ended process counts. An owner elsewhere (another host, another boot,
+    another container's PID namespace), an id without a start time or a place (such as the
+    older ``host:pid:tag`` ids), or any doubt, is not gone: its lease is waited out."""
     if owner is None or sys.platform == "win32":  # os.kill(pid, 0) terminates on Windows
         return False
     import socket
 
     parts = owner.split(":")
-    if len(parts) < 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+    if len(parts) != 5 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    place = _place()
+    if place is None or parts[2] == "-" or parts[3] != place:
         return False
     pid = int(parts[1])
     try:
@@ -75,21 +84,38 @@ def owner_gone(owner: str | None) -> bool:
         return True
     except OSError:  # it exists but belongs to someone else
         return False
-    # alive: the owner's own process only if it started when the owner id says (an id of
-    # the older host:pid:tag form has no start time, and counts as alive)
-    recorded = parts[2] if len(parts) >= 4 else "-"
-    return recorded != "-" and _started(pid) not in (None, recorded)
+    process = _process(pid)
+    if process is None:
+        return False  # alive a moment ago, unreadable now: not certain
+    state, start = process
+    return state in ("Z", "X") or start != parts[2]
 
 
-def _started(pid: int) -> str | None:
-    """The start time of process ``pid`` in clock ticks since boot (Linux), or None."""
+def _process(pid: int) -> tuple[str, str] | None:
+    """The state and start time (clock ticks since boot) of process ``pid`` (Linux), or
+    None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             fields = stat.read().rpartition(b")")[2].split()
     except OSError:
         return None
-    # after the command name: state is field 3 of proc(5), starttime field 22
-    return fields[19].decode() if len(fields) > 19 else None
+    # after the command name, fields[0] is proc(5)'s field 3 (state), fields[19] field 22
+    if len(fields) <= 19:
+        return None
+    return fields[0].decode(), fields[19].decode()
+
+
+def _place() -> str | None:
+    """This boot of this machine and this PID namespace, as 8 hex digits (Linux), or None."""
+    import hashlib
+
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            boot_id = boot.read().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    return hashlib.sha256(f"{boot_id}:{namespace}".encode()).hexdigest()[:8]
 
 
 _MemberT = TypeVar("_MemberT", bound=StrEnum)

@@ -154,11 +154,12 @@ def test_resume_a_run_another_process_owns_is_refused(filled: Path) -> None:
 
 
 def _crash(db: Path) -> Path:
-    """Run cli_app until it dies at step 3 (a real process, ended by a fault point)."""
+    """Run cli_app until it dies at step 3 (a real process, ended by a fault point) holding
+    a 30 s lease."""
     script = Path(cli_app.__file__).resolve()
     env = {**os.environ, "ORCHESTRA_FAULTS": "before_commit@3"}
     crash = subprocess.run(
-        [sys.executable, str(script), str(db), "5", "1.5"],
+        [sys.executable, str(script), str(db), "5", "30"],
         env=env,
         capture_output=True,
         check=False,
@@ -175,10 +176,9 @@ def test_crashed_run_shows_owner_gone_and_is_taken_over_at_once(db: Path) -> Non
     assert " running (owner gone) " in line
     dead = anyio.run(record_of, db, "crashy")
     assert dead.lease_expires_at is not None
-    began = time.time()
     result = cli(db, "resume", "crashy")
     assert result.exit_code == 0, result.output
-    assert began < dead.lease_expires_at  # the lease had not lapsed: taken over
+    assert time.time() < dead.lease_expires_at  # done before the lease lapsed: taken over
     assert result.stdout.splitlines()[0] == (
         f"resuming run crashy (graph count) at step 2 with {script}:app"
     )

@@ -8,9 +8,11 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,18 +93,20 @@ def test_new_run_id_is_new_each_time() -> None:
     assert len({new_run_id() for _ in range(1000)}) == 1000
 
 
-def test_new_owner_id_names_host_pid_start_time_and_a_tag() -> None:
-    """An owner id is ``host:pid:start:tag``: the process's start time (clock ticks since
-    boot, from /proc) and a tag of six hex digits."""
-    host, pid, start, tag = new_owner_id().rsplit(":", 3)
+def test_new_owner_id_names_host_pid_start_place_and_a_tag() -> None:
+    """An owner id is ``host:pid:start:place:tag``: the process's start time (clock ticks
+    since boot, from /proc), this boot and PID namespace as 8 hex digits, and a tag."""
+    host, pid, start, place, tag = new_owner_id().split(":")
     assert host == socket.gethostname()
     assert pid == str(os.getpid())
-    assert start.isdigit() or (start == "-" and not os.path.exists("/proc/self/stat"))
+    if os.path.exists("/proc/self/stat"):
+        assert start.isdigit()
+        assert re.fullmatch(r"[0-9a-f]{8}", place)
     assert re.fullmatch(r"[0-9a-f]{6}", tag)
 
 
 def _ended_process() -> tuple[int, str]:
-    """The pid and start time of a process of this host that has ended."""
+    """The pid and start time of a process of this host that has ended (and was reaped)."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
     start = Path(f"/proc/{child.pid}/stat").read_bytes().rpartition(b")")[2].split()[19]
     child.kill()
@@ -110,31 +114,61 @@ def _ended_process() -> tuple[int, str]:
     return child.pid, start.decode()
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
+def _here(pid: int, start: str) -> str:
+    """An owner id of process ``pid`` in this boot and PID namespace."""
+    place = new_owner_id().split(":")[3]
+    return f"{socket.gethostname()}:{pid}:{start}:{place}:abcdef"
+
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
+
+
+@needs_proc
 def test_owner_gone_for_an_ended_local_process() -> None:
-    """An owner whose process on this host has ended is gone."""
+    """An owner whose process (this host, boot and PID namespace) has ended is gone."""
+    assert owner_gone(_here(*_ended_process()))
+
+
+@needs_proc
+def test_owner_gone_for_a_zombie() -> None:
+    """An owner killed but not yet reaped by its parent (a zombie) is gone."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    start = Path(f"/proc/{child.pid}/stat").read_bytes().rpartition(b")")[2].split()[19]
+    owner = _here(child.pid, start.decode())
+    assert not owner_gone(owner)
+    os.kill(child.pid, signal.SIGKILL)
+    for _ in range(200):  # until the kernel has made it a zombie (not reaped: no wait yet)
+        if Path(f"/proc/{child.pid}/stat").read_bytes().rpartition(b")")[2].split()[0] == b"Z":
+            break
+        time.sleep(0.01)
+    try:
+        assert owner_gone(owner)
+    finally:
+        child.wait()
+
+
+@needs_proc
+def test_owner_gone_for_a_reused_pid() -> None:
+    """A live pid that started at another time than the owner id says is a reused pid."""
+    assert owner_gone(_here(os.getpid(), "1"))
+
+
+@needs_proc
+def test_owner_gone_not_in_another_pid_namespace_or_boot() -> None:
+    """An ended pid with another place (another container's PID namespace, another boot or
+    machine of the same host name) is not known to be gone: its lease is waited out."""
     pid, start = _ended_process()
-    assert owner_gone(f"{socket.gethostname()}:{pid}:{start}:abcdef")
+    assert not owner_gone(f"{socket.gethostname()}:{pid}:{start}:00000000:abcdef")
 
 
-def test_owner_gone_not_for_a_live_owner_or_another_host() -> None:
-    """This process's own id, an owner on another host, or no owner are not gone."""
+def test_owner_gone_not_for_a_live_owner_another_host_or_an_older_id() -> None:
+    """This process's own id, an owner on another host, an id of the older ``host:pid:tag``
+    form (no start time, no place), or no owner: not gone."""
     assert not owner_gone(new_owner_id())
-    assert not owner_gone(f"elsewhere.example:{os.getpid()}:1:abcdef")
+    assert not owner_gone(f"elsewhere.example:{os.getpid()}:1:00000000:abcdef")
+    assert not owner_gone(f"{socket.gethostname()}:999999999:abcdef")
     assert not owner_gone(None)
     assert not owner_gone("not an owner id")
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
-def test_owner_gone_for_a_reused_pid() -> None:
-    """A live pid that started at another time than the owner id says is a reused pid: the
-    owner is gone."""
-    assert owner_gone(f"{socket.gethostname()}:{os.getpid()}:1:abcdef")
-
-
-def test_owner_gone_not_for_an_old_id_of_a_live_pid() -> None:
-    """An id of the older ``host:pid:tag`` form has no start time: a live pid counts."""
-    assert not owner_gone(f"{socket.gethostname()}:{os.getpid()}:abcdef")
 
 
 def test_new_owner_id_differs_between_calls_in_one_process() -> None:
