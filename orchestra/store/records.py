@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import sys
 from collections.abc import Sequence
@@ -72,7 +73,8 @@ def owner_gone(owner: str | None) -> bool:
     import socket
 
     parts = owner.split(":")
-    if len(parts) != 5 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+    # (read back from a database file: anything but a plausible pid is not ours to judge)
+    if len(parts) != 5 or parts[0] != socket.gethostname() or not _PID.fullmatch(parts[1]):
         return False
     place = _place()
     if place is None or parts[2] == "-" or parts[3] != place:
@@ -89,6 +91,9 @@ def owner_gone(owner: str | None) -> bool:
         return False  # alive a moment ago, unreadable now: not certain
     state, start = process
     return state in ("Z", "X") or start != parts[2]
+
+
+_PID = re.compile(r"[1-9][0-9]{0,6}")  # ASCII digits; Linux pids stay under 2**22
 
 
 def _process(pid: int) -> tuple[str, str] | None:

@@ -450,3 +450,13 @@ def test_pending_write_is_frozen() -> None:
     write = PendingWrite(step=1, task="a", result="{}")
     with pytest.raises(dataclasses.FrozenInstanceError):
         write.result = "[]"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "pid", ["99999999999999999999999", "9999999999", "²", "0", "-1", "12a", ""]
+)
+def test_owner_gone_not_for_a_pid_that_is_no_pid(pid: str) -> None:
+    """An owner id read back from a database with a pid that is not one (too large for
+    os.kill, not ASCII digits, zero) is not gone, and raises nothing."""
+    place = new_owner_id().split(":")[3]
+    assert not owner_gone(f"{socket.gethostname()}:{pid}:1:{place}:abcdef")
