@@ -180,8 +180,14 @@ class NodeContext:
     async def call_model(self, model: Model, request: ModelRequest) -> ModelResponse:
         """Call a model through the ledger: a re-run of this step replays its answer, and
         the call is metered and held to the run's budgets (what an Agent's turn uses)."""
+        from .models.base import ModelRequest
+
         if self._gateway is None:
             raise RuntimeError("ctx.call_model works only inside a running node")
+        if not callable(getattr(model, "complete", None)):
+            raise TypeError(f"ctx.call_model needs a Model (with complete()), got {model!r:.80}")
+        if not isinstance(request, ModelRequest):
+            raise TypeError(f"ctx.call_model needs a ModelRequest, got {type(request).__name__}")
         return await self._gateway.model_call(self._get_caller(), model, request)
 
     def _get_caller(self) -> Caller:

@@ -101,3 +101,27 @@ async def test_context_outside_a_run_refuses_calls() -> None:
     with pytest.raises(RuntimeError, match="only inside a running node"):
         await ctx.call_tool("anything")
     assert ctx.label == "n"
+
+
+async def test_context_call_model_refuses_what_is_not_a_model_or_a_request() -> None:
+    """ctx.call_model says what is wrong with its arguments, and calls nothing."""
+    model = ScriptedModel(["never used"])
+    seen: list[str] = []
+
+    async def node(state: Notes, ctx: NodeContext) -> dict[str, Any]:
+        request = ModelRequest(messages=(Message(role="user", content="hi"),))
+        for args in (("not a model", request), (model, {"messages": []})):
+            with pytest.raises(TypeError) as info:
+                await ctx.call_model(*args)
+            seen.append(str(info.value))
+        return {}
+
+    graph = Graph(Notes)
+    graph.add_node("n", node)
+    graph.add_edge(START, "n")
+    graph.add_edge("n", END)
+    outcome = await graph.compile().run(Notes())
+    assert outcome.status is RunStatus.COMPLETED
+    assert seen[0].startswith("ctx.call_model needs a Model")
+    assert seen[1] == "ctx.call_model needs a ModelRequest, got dict"
+    assert outcome.usage.model_calls == 0

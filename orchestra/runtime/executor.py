@@ -446,11 +446,11 @@ class Execution:
         self.ledger.forget(step)
         self.gateway.forget(step)
         if self.loops is not None:
-            halt = self.loops.after_step(
-                step, state, deltas, following, tasks, results, agents=self._agents
+            self._halt_at(
+                self.loops.after_step(
+                    step, state, deltas, following, tasks, results, agents=self._agents
+                )
             )
-            if halt is not None:
-                self._halt_at(halt)
         if self.graph.interrupt_after and following and self.status is RunStatus.RUNNING:
             # an agent between turns has not finished its visit: it is stopped after its answer
             answered = [t for t, r in zip(tasks, results, strict=True) if not r.again]
